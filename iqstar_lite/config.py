@@ -20,6 +20,7 @@ from iqstar_lite.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+TINY_MODEL = "embedded:tiny-random"
 
 
 @dataclass

@@ -16,6 +16,7 @@ gradients off by ~9), so the fast path stays off: mode-independent and robust.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from iqstar_lite.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
+from iqstar_lite.config import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, ModelConfig
 from iqstar_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,46 @@ def convert_embedded(target: Path) -> Path:
     return target
 
 
+def build_tiny(target: Path) -> Path:
+    """A 2-layer random Llama with the embedded SmolLM2 tokenizer (chat template included), for tests and tiny_cpu."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gguf = _embedded_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.eos_token = tok.pad_token = "<|im_end|>"
+        eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=eos_id, pad_token_id=eos_id,
+            tie_word_embeddings=True, rope_theta=100000.0,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+EMBEDDED_BUILDERS = {EMBEDDED_MODEL: ("smollm2-135m-instruct", convert_embedded), TINY_MODEL: ("tiny-random-llama", build_tiny)}
+
+
 def resolve_model_path(path: str) -> str:
-    """Embedded id -> cached local dir (converted once); local dir -> itself; else a hub id."""
-    if path == EMBEDDED_MODEL:
-        target = cache_dir() / "models" / "smollm2-135m-instruct"
+    """Embedded id -> cached local dir (built once); local dir -> itself; else a hub id."""
+    if path in EMBEDDED_BUILDERS:
+        name, builder = EMBEDDED_BUILDERS[path]
+        target = cache_dir() / "models" / name
         if not (target / "config.json").is_file():
-            convert_embedded(target)
+            builder(target)
         return str(target)
     p = Path(path).expanduser()
     if p.exists():
@@ -103,7 +138,14 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+KNOWN_CONFIGS = Path(__file__).resolve().parent / "known_configs"
+
+
 def load_model_config(path: str):
+    """The model's config without loading weights. For shipped hub ids (known_configs/) no network is needed."""
+    known = KNOWN_CONFIGS / (path.replace("/", "--") + ".json")
+    if not Path(path).exists() and known.is_file():
+        return AutoConfig.for_model(**json.loads(known.read_text()))
     try:
         return AutoConfig.from_pretrained(resolve_model_path(path))
     except OSError as e:

@@ -1,0 +1,211 @@
+"""Parity gate: the ONNX export must compute what the merged PyTorch model computes.
+
+For each check prompt (chat template applied):
+
+* fp32 ONNX vs merged model (fp32): max |logit diff| over the prompt positions and over the greedy
+  decode steps (which exercise the KV cache), gated by ``export.max_logit_diff``; the greedy
+  continuations (``export.check_new_tokens``, KV cache on both sides) must be identical.
+* int8 ONNX: top-1 agreement with the merged model, teacher-forced on the merged model's greedy
+  continuation, and the first position where it differs; gated by ``export.min_int8_agreement``.
+
+The ONNX side runs through ``ort_generate.OrtGenerator`` (the same loop ``chat`` uses).
+
+    python -m iqstar_lite.check RUN_DIR/onnx [--against RUN_DIR/merged]
+
+exits 1 when the gate fails (naming the prompt and position that diverged), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from iqstar_lite.config import ExportConfig, RecipeConfig, load_run_config
+from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.merge import pick_prompts
+from iqstar_lite.ort_generate import OrtGenerator, render_chat
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+class TorchSide:
+    """The merged checkpoint in fp32: teacher-forced logits and greedy generation with KV cache."""
+
+    def __init__(self, merged_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if not (Path(merged_dir) / "config.json").is_file():
+            raise UserError(f"no merged checkpoint at {str(merged_dir)!r}; run the export stage first or pass --against MERGED_DIR")
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model(input_ids=self.torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+    def greedy(self, ids: list[int], new_tokens: int, eos: list[int]) -> tuple[list[int], float]:
+        from transformers import GenerationConfig
+
+        cfg = self.model.config
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos or None, pad_token_id=(eos or [0])[0], bos_token_id=cfg.bos_token_id)
+        x = self.torch.tensor([ids])
+        start = time.perf_counter()
+        with self.torch.no_grad():
+            out = self.model.generate(x, attention_mask=self.torch.ones_like(x), generation_config=gen_cfg)
+        return out[0, len(ids) :].tolist(), time.perf_counter() - start
+
+
+def _check_prompt(i: int, text: str, torch_side: TorchSide, onnx: OrtGenerator, int8: OrtGenerator | None, new_tokens: int) -> dict:
+    ids = render_chat(onnx.tokenizer, text)
+    n = len(ids)
+    ref_tokens, ref_s = torch_side.greedy(ids, new_tokens, onnx.eos_ids)
+    ref = torch_side.logits(ids + ref_tokens)  # [n + len(ref_tokens), V]; row n-1+k predicts ref_tokens[k]
+    prompt_diff = np.abs(onnx.logits(ids) - ref[:n]).max(axis=-1)
+    gen = onnx.generate(ids, new_tokens, keep_logits=True)
+    div = _first_diff(gen.tokens, ref_tokens)
+    steps = len(gen.tokens) if div is None else min(div + 1, len(ref_tokens))  # same prefix up to the divergence
+    decode_diff = [float(np.abs(gen.step_logits[k] - ref[n - 1 + k]).max()) for k in range(steps)]
+    row = {
+        "prompt": text,
+        "prompt_tokens": n,
+        "max_logit_diff": float(prompt_diff.max()),
+        "worst_position": int(prompt_diff.argmax()),
+        "decode_max_logit_diff": max(decode_diff, default=0.0),
+        "worst_decode_step": int(np.argmax(decode_diff)) if decode_diff else None,
+        "torch_tokens": ref_tokens,
+        "onnx_tokens": gen.tokens,
+        "greedy_equal": div is None,
+        "first_divergence": div,
+        "torch_seconds": ref_s,
+        "onnx_seconds": gen.seconds,
+    }
+    if div is not None and div < len(ref_tokens):
+        top2 = np.sort(ref[n - 1 + div])[-2:]
+        row["torch_top2_margin_at_divergence"] = float(top2[1] - top2[0])
+    if int8 is not None:
+        q = int8.logits(ids + ref_tokens)
+        top1 = q[n - 1 : n - 1 + len(ref_tokens)].argmax(axis=-1).tolist()
+        q_gen = int8.generate(ids, new_tokens)
+        row["int8"] = {
+            "agree": sum(a == b for a, b in zip(top1, ref_tokens)),
+            "total": len(ref_tokens),
+            "first_divergence": _first_diff(top1, ref_tokens),
+            "max_logit_diff": float(np.abs(q[:n] - ref[:n]).max()),
+            "greedy_tokens": q_gen.tokens,
+            "seconds": q_gen.seconds,
+        }
+    return row
+
+
+def _tokens_per_s(rows: list[dict], tokens_key: str, seconds_key: str) -> float:
+    tokens = sum(len(r[tokens_key]) for r in rows)
+    return tokens / max(sum(r[seconds_key] for r in rows), 1e-9)
+
+
+def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: list[str] | None = None, int8_dir: Path | None = None) -> dict:
+    """Compare ``onnx_dir`` (and ``int8_dir``) with ``merged_dir``; return the report (``passed``, ``failures``)."""
+    onnx = OrtGenerator(onnx_dir)
+    int8 = OrtGenerator(int8_dir) if int8_dir is not None else None
+    torch_side = TorchSide(merged_dir)
+    texts = pick_prompts(prompts, export.check_prompts)
+    rows = [_check_prompt(i, t, torch_side, onnx, int8, export.check_new_tokens) for i, t in enumerate(texts)]
+
+    failures = []
+    for i, r in enumerate(rows):
+        where = f"prompt {i} ({r['prompt'][:40]!r})"
+        if r["max_logit_diff"] > export.max_logit_diff:
+            failures.append(f"{where} position {r['worst_position']}: |logit diff| {r['max_logit_diff']:.3g} > export.max_logit_diff {export.max_logit_diff:g}")
+        if r["decode_max_logit_diff"] > export.max_logit_diff:
+            failures.append(f"{where} new token {r['worst_decode_step']} (position {r['prompt_tokens'] + r['worst_decode_step']}): |logit diff| {r['decode_max_logit_diff']:.3g} > export.max_logit_diff {export.max_logit_diff:g}")
+        if not r["greedy_equal"]:
+            k = r["first_divergence"]
+            a, b = (r["onnx_tokens"] + [None])[k], (r["torch_tokens"] + [None])[k]
+            failures.append(f"{where} new token {k} (position {r['prompt_tokens'] + k}): greedy onnx {a} != pytorch {b}")
+    report = {
+        "onnx_dir": str(onnx_dir),
+        "merged_dir": str(merged_dir),
+        "int8_dir": str(int8_dir) if int8_dir else None,
+        "thresholds": dataclasses.asdict(export),
+        "max_logit_diff": max(max(r["max_logit_diff"], r["decode_max_logit_diff"]) for r in rows),
+        "greedy_equal": all(r["greedy_equal"] for r in rows),
+        "torch_tokens_per_s": _tokens_per_s(rows, "torch_tokens", "torch_seconds"),
+        "onnx_tokens_per_s": _tokens_per_s(rows, "onnx_tokens", "onnx_seconds"),
+        "prompts": rows,
+    }
+    if int8 is not None:
+        agree, total = sum(r["int8"]["agree"] for r in rows), sum(r["int8"]["total"] for r in rows)
+        report["int8_agreement"] = agree / max(total, 1)
+        report["int8_tokens_per_s"] = sum(len(r["int8"]["greedy_tokens"]) for r in rows) / max(sum(r["int8"]["seconds"] for r in rows), 1e-9)
+        if report["int8_agreement"] < export.min_int8_agreement:
+            first = next(((i, r["int8"]["first_divergence"]) for i, r in enumerate(rows) if r["int8"]["first_divergence"] is not None), None)
+            at = f"; first divergence: prompt {first[0]} new token {first[1]}" if first else ""
+            failures.append(f"int8 top-1 agreement {report['int8_agreement']:.3f} < export.min_int8_agreement {export.min_int8_agreement:g}{at}")
+    report["failures"] = failures
+    report["passed"] = not failures
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A compact, human summary of a ``check_onnx`` report."""
+    lines = [f"{'#':>2}  {'prompt':<36} {'tok':>4}  {'max|dlogit|':>11}  {'greedy':<16} int8 top-1"]
+    for i, r in enumerate(report["prompts"]):
+        d = max(r["max_logit_diff"], r["decode_max_logit_diff"])
+        greedy = f"{len(r['onnx_tokens'])} same" if r["greedy_equal"] else f"differs @{r['first_divergence']}"
+        q = r.get("int8")
+        int8 = "-" if q is None else f"{q['agree']}/{q['total']}" + ("" if q["first_divergence"] is None else f" (first diff @{q['first_divergence']})")
+        lines.append(f"{i:>2}  {repr(r['prompt'][:34]):<36} {r['prompt_tokens']:>4}  {d:>11.3g}  {greedy:<16} {int8}")
+    speed = f"greedy tokens/s: pytorch {report['torch_tokens_per_s']:.1f}, onnxruntime {report['onnx_tokens_per_s']:.1f}"
+    if "int8_agreement" in report:
+        speed += f", onnxruntime-int8 {report['int8_tokens_per_s']:.1f}; int8 agreement {report['int8_agreement']:.3f}"
+    lines += [speed, "PASSED" if report["passed"] else "FAILED:\n  " + "\n  ".join(report["failures"])]
+    return "\n".join(lines)
+
+
+def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None) -> dict:
+    """Check ``RUN_DIR/onnx`` (+ ``onnx-int8`` when ``export.int8``) against ``RUN_DIR/merged``; write check.json."""
+    run_dir = Path(run_dir)
+    if not cfg.export.onnx:
+        report = {"passed": True, "failures": [], "skipped": "export.onnx=false: nothing to check"}
+    else:
+        int8_dir = run_dir / "onnx-int8" if cfg.export.int8 else None
+        report = check_onnx(run_dir / "onnx", run_dir / "merged", cfg.export, prompts, int8_dir)
+    (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.check", description="ONNX vs merged PyTorch parity gate.")
+    ap.add_argument("onnx_dir", type=Path, help="RUN_DIR/onnx (or RUN_DIR)")
+    ap.add_argument("--against", type=Path, help="merged checkpoint (default: the onnx folder's sibling 'merged')")
+    ap.add_argument("--int8", type=Path, help="int8 export to check too (default: sibling 'onnx-int8' if present)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 export")
+    args = ap.parse_args(argv)
+    onnx_dir = args.onnx_dir
+    if (onnx_dir / "config.yaml").is_file() and (onnx_dir / "onnx").is_dir():
+        onnx_dir = onnx_dir / "onnx"  # a run dir was given
+    if not onnx_dir.is_dir():
+        raise UserError(f"{str(onnx_dir)!r} does not exist; pass RUN_DIR/onnx written by 'python -m iqstar_lite.export RUN_DIR'")
+    run_dir = onnx_dir.parent
+    is_run = (run_dir / "config.yaml").is_file()
+    export = load_run_config(run_dir).export if is_run else ExportConfig()
+    int8_dir = None if args.no_int8 else (args.int8 or (run_dir / "onnx-int8" if (run_dir / "onnx-int8").is_dir() else None))
+    report = check_onnx(onnx_dir, args.against or run_dir / "merged", export, None, int8_dir)
+    if is_run:
+        (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

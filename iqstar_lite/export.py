@@ -1,0 +1,151 @@
+"""Export stage: adapter card, merge, ONNX with KV cache, int8. Reads a training run directory.
+
+    python -m iqstar_lite.export RUN_DIR [export.key=value ...]     e.g. export.int8=false export.dtype=bf16
+
+Writes, next to ``RUN_DIR/adapter/`` (left loadable by ``PeftModel.from_pretrained``):
+
+    adapter/README.md   card: base model, principle, recipe, beta, alpha, last metrics
+    merged/             plain transformers checkpoint (merge.py) + merge.json
+    onnx/               decoder with past key/values (onnx_export.py)
+    onnx-int8/          dynamic int8 twin (export.int8)
+    export.json         what was written, sizes, timings
+
+Then ``python -m iqstar_lite.check RUN_DIR/onnx`` gates the export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from iqstar_lite.config import RecipeConfig, config_from_dict, load_run_config, parse_overrides
+from iqstar_lite.errors import UserError, run_cli
+
+
+def last_metrics(run_dir: Path) -> dict:
+    """The last JSON line of ``metrics.jsonl`` ({} when absent or unreadable)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            return row
+    return {}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
+    metrics = last_metrics(run_dir)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    lines = [
+        "---",
+        "library_name: peft",
+        *([f"base_model: {cfg.model.path}"] if cfg.model.path.count("/") == 1 and not Path(cfg.model.path).exists() else []),
+        "tags: [lora, iqstar_lite, inverse-q-star]",
+        "---",
+        "",
+        f"# LoRA adapter: {cfg.name}",
+        "",
+        "Aligned with Inverse-Q* (token-level RL without preference data) by `iqstar_lite`.",
+        "",
+        f"- **Base model:** `{cfg.model.path}` (trained on the {cfg.model.quantize} base, compute dtype {cfg.model.dtype})",
+        f"- **Principle:** {cfg.data.principle}",
+        f"- **Recipe:** `{cfg.name}`: loss `{cfg.loss.type}`, beta = {cfg.loss.beta:g}; estimator `{cfg.estimator.kind}`, alpha = {cfg.estimator.alpha:g}",
+        f"- **LoRA:** r = {cfg.lora.r}, alpha = {cfg.lora.alpha}, targets `{cfg.lora.target_modules}`; {cfg.train.steps} steps, lr {cfg.train.lr:g}",
+        "- **Last metrics:** " + (", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()) if scalars else "(no metrics.jsonl)"),
+    ]
+    eval_after = Path(run_dir) / "eval_after.json"
+    if eval_after.is_file():
+        lines.append(f"- **Evaluation after training:** see `../eval_after.json`")
+    lines += [
+        "",
+        "Load it on the same base (quantize it as in training to reproduce the trained model exactly):",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, 'adapter')",
+        "```",
+        "",
+        "A merged checkpoint is in `../merged/`, ONNX exports in `../onnx/` and `../onnx-int8/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_adapter_card(run_dir: Path, cfg: RecipeConfig) -> Path:
+    path = Path(run_dir) / "adapter" / "README.md"
+    path.write_text(adapter_card(run_dir, cfg))
+    return path
+
+
+def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None) -> dict:
+    """Card, merge, ONNX, int8 per ``cfg.export``; writes export.json and returns the same dict.
+
+    ``prompts``: user messages for the merge logit comparison (e.g. held-out prompts); default generic ones.
+    """
+    from iqstar_lite.merge import adapter_dir, merge_run
+    from iqstar_lite.onnx_export import dir_size, export_onnx, quantize_int8
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    adapter_dir(run_dir)  # fail early, before any model is loaded
+    report: dict = {"adapter_card": str(write_adapter_card(run_dir, cfg))}
+    report["merge"] = merge_run(run_dir, cfg, prompts)
+    report["merged_bytes"] = dir_size(run_dir / "merged")
+    if cfg.export.onnx:
+        report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx")
+        if cfg.export.int8:
+            report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8")
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def apply_export_overrides(cfg: RecipeConfig, items: list[str]) -> RecipeConfig:
+    """``["export.int8=false", ...]`` on top of a run's config; only ``export.*`` keys are accepted."""
+    overrides = parse_overrides(items)
+    other = [k for k in overrides if k != "export"]
+    if other:
+        raise UserError(f"only export.* keys can be overridden when exporting a finished run, got {', '.join(other)}; e.g. export.dtype=bf16")
+    data = cfg.to_dict()
+    data["export"].update(overrides.get("export", {}))
+    return config_from_dict(data, name=cfg.name)
+
+
+def summary(report: dict) -> str:
+    m = report["merge"]
+    lines = [
+        f"merged ({m['merge_base']}, {m['dtype']}): {report['merged_bytes'] / 1e6:.1f} MB; max |logit diff| "
+        f"vs 4-bit+LoRA fp32 compute {m['max_abs_logit_diff_vs_fp32_compute']:.3g} (merge exactness), "
+        f"vs trained ({m['trained_compute_dtype']} compute) {m['max_abs_logit_diff_vs_trained']:.3g}"
+    ]
+    for key in ("onnx", "onnx_int8"):
+        if key in report:
+            lines.append(f"{key.replace('_', '-')}: {report[key]['dir']} ({report[key]['bytes'] / 1e6:.1f} MB, {report[key]['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.export", description="Merge and export a training run.")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("overrides", nargs="*", help="export.KEY=VALUE, e.g. export.int8=false")
+    args = ap.parse_args(argv)
+    cfg = apply_export_overrides(load_run_config(args.run_dir), args.overrides)
+    report = export_run(args.run_dir, cfg)
+    print(summary(report))
+    if cfg.export.onnx:
+        print(f"next: python -m iqstar_lite.check {args.run_dir / 'onnx'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

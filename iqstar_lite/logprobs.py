@@ -1,0 +1,73 @@
+"""Token log-probs from logits, chunked over positions: never more than one chunk of [T, V] in fp32.
+
+Used for policy, reference and estimator alike (one shape-checked function, style item 4).
+With autograd on, each chunk is recomputed in backward (activation checkpointing), so the fp32
+log-softmax of the whole [B, T, V] is never stored either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def chunked_over_time(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Apply ``fn`` to time-chunks ``t[:, s:e]`` of every tensor and concatenate the [B, t] results."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    T = tensors[0].shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for s in range(0, T, chunk_size):
+        parts = [t[:, s : s + chunk_size] for t in tensors]
+        outs.append(checkpoint(fn, *parts, use_reentrant=False) if needs_grad else fn(*parts))
+    return torch.cat(outs, dim=1) if outs else tensors[0].new_zeros(tensors[0].shape[:2], dtype=torch.float32)
+
+
+def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """log softmax(logits)[..., tokens] in fp32.
+
+    Args:
+        logits: [B, T, V] logits predicting ``tokens`` (already shifted), any float dtype.
+        tokens: [B, T] token ids.
+        chunk_size: positions per chunk.
+    Returns:
+        [B, T] float32 log-probs.
+    """
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [B, T, V] and tokens [B, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    return chunked_over_time(_gather_logprobs, logits, tokens, chunk_size=chunk_size)
+
+
+def _kl_rows(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    p = target_logp.float().exp()
+    terms = torch.where(p > 0, p * (target_logp.float() - logq), torch.zeros_like(logq))
+    return terms.sum(-1)
+
+
+def kl_to_logits(target_logp: torch.Tensor, logits: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """Per-position KL( p || softmax(logits) ) over the vocabulary, [B, T] fp32.
+
+    ``target_logp`` are log-probs of p ([B, T, V]; -inf allowed where p = 0).
+    """
+    if target_logp.shape != logits.shape:
+        raise ValueError(f"target_logp and logits must have the same shape, got {tuple(target_logp.shape)} and {tuple(logits.shape)}")
+    return chunked_over_time(_kl_rows, target_logp, logits, chunk_size=chunk_size)
+
+
+def _kl_logits_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    return _kl_rows(torch.log_softmax(p_logits.float(), dim=-1), q_logits)
+
+
+def kl_between_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """Per-position KL( softmax(p_logits) || softmax(q_logits) ), [B, T] fp32 (e.g. KL(pi_theta || pi_ref))."""
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"logits must have the same shape, got {tuple(p_logits.shape)} and {tuple(q_logits.shape)}")
+    return chunked_over_time(_kl_logits_rows, p_logits, q_logits, chunk_size=chunk_size)

@@ -1,0 +1,80 @@
+"""Inverse-Q* policy losses: pure functions of [B, T] tensors and a response mask.
+
+Each returns ``(loss, metrics)`` with detached float metrics. Token means are over unmasked
+tokens only; masked positions change neither the loss nor the gradient (they are zeroed with
+``torch.where`` before any arithmetic, so even inf/nan there cannot leak).
+
+- ``pg``: token-level RL (PPO-style clipped surrogate with A_t = r_t, plus a k3 KL penalty to pi_ref).
+- ``imitation``: reward imitation, (beta (log pi_theta - log pi_ref) - r_t)^2.
+- ``distill``: KL(pi* || pi_theta) over the vocabulary (per-token values computed by logprobs.kl_to_logits).
+All three have the fixed point pi_theta = pi* on visited states (Xia et al. 2024, arXiv 2408.14874).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask == 1 (0 when the mask is empty)."""
+    m = mask.to(torch.float32)
+    return _clean(x, mask).sum() / m.sum().clamp(min=1.0)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over unmasked entries; masked entries become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return _clean((x - mean) * torch.rsqrt(var + eps), mask)
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per sampled token: exp(q) - q - 1, q = log pi_ref - log pi_theta."""
+    q = logp_ref - logp
+    return torch.exp(q) - q - 1.0
+
+
+def pg_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    logp_ref: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    clip_eps: float = 0.2,
+    whiten_advantages: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate with dense advantages A_t = r_t and a k3 KL penalty with weight beta.
+
+    L = mean_t [ -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + beta k3_t ],  rho_t = pi_theta/pi_old.
+    """
+    logp, logp_old, logp_ref = _clean(logp, mask), _clean(logp_old, mask), _clean(logp_ref, mask)
+    adv = whiten(rewards, mask) if whiten_advantages else _clean(rewards, mask)
+    adv = adv.detach()
+    ratio = torch.exp(logp - logp_old.detach())
+    surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    kl = k3_kl(logp, logp_ref.detach())
+    loss = masked_mean(-surr + beta * kl, mask)
+    clipped = ((ratio - 1.0).abs() > clip_eps).float()
+    metrics = {"kl": masked_mean(kl, mask).item(), "clip_frac": masked_mean(clipped, mask).item()}
+    return loss, metrics
+
+
+def imitation_loss(
+    logp: torch.Tensor, logp_ref: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = mean_t ( beta (log pi_theta(a_t) - log pi_ref(a_t)) - r_t )^2 : the implicit reward imitates r_t."""
+    implicit = beta * (_clean(logp, mask) - _clean(logp_ref, mask).detach())
+    err = implicit - _clean(rewards, mask).detach()
+    loss = masked_mean(err**2, mask)
+    return loss, {"kl": masked_mean(k3_kl(_clean(logp, mask), _clean(logp_ref, mask)), mask).item(), "clip_frac": 0.0}
+
+
+def distill_loss(per_token_kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = mean_t KL(pi*(.|s_t) || pi_theta(.|s_t)); ``per_token_kl`` from logprobs.kl_to_logits."""
+    loss = masked_mean(per_token_kl, mask)
+    return loss, {"clip_frac": 0.0}

@@ -1,0 +1,82 @@
+"""Parameter count (meta device, nothing loaded) and a peak-memory estimate for one RL step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from iqstar_lite.config import RecipeConfig
+
+GIB = 2**30
+RUNTIME_OVERHEAD = 0.6 * GIB  # torch + transformers + tokenizer in a CPU process, measured ~0.5-0.7 GiB
+
+
+@dataclass
+class Estimate:
+    params_total: int
+    params_quantized: int
+    params_lora: int
+    parts: dict[str, float]  # bytes
+
+    @property
+    def peak(self) -> float:
+        return sum(self.parts.values())
+
+
+def count_params(model_config, lora_r: int, targets: str):
+    """Total / quantizable (linear layers in the blocks) / LoRA parameter counts, on the meta device."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)
+    total = sum(p.numel() for p in model.parameters())
+    wanted = None if targets == "all-linear" else {t.strip() for t in targets.split(",")}
+    quant, lora = 0, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            quant += mod.weight.numel()
+            if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+                lora += lora_r * (mod.in_features + mod.out_features)
+    return total, quant, lora
+
+
+def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
+    total, quant, lora = count_params(model_config, cfg.lora.r, cfg.lora.target_modules)
+    on_gpu = cfg.model.device == "cuda"
+    act_bytes = 2 if (on_gpu or cfg.model.dtype in ("bf16", "fp16")) else 4
+    if cfg.model.quantize == "nf4":
+        per_param = 0.5 + (4.0 / 64 if not cfg.model.double_quant else 1.0 / 64 + 4.0 / (64 * 256))
+        weights = quant * per_param + (total - quant) * (2 if on_gpu else 4)
+    else:
+        weights = total * act_bytes
+    opt_state = 2 if cfg.train.optimizer == "adamw8bit" else 8
+    lora_bytes = lora * (4 + 4 + opt_state)
+    h = model_config.hidden_size
+    L = model_config.num_hidden_layers
+    V = model_config.vocab_size
+    inter = getattr(model_config, "intermediate_size", 4 * h)
+    kv_heads = getattr(model_config, "num_key_value_heads", model_config.num_attention_heads)
+    head_dim = getattr(model_config, "head_dim", None) or h // model_config.num_attention_heads
+    n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    mb = min(cfg.train.micro_batch, n)
+    T = cfg.rollout.max_new_tokens
+    seq = cfg.data.max_prompt_tokens // 2 + T  # typical prompt length ~ half the cap
+    kv = 2 * L * kv_heads * head_dim * n * (seq + 64) * act_bytes  # rollout; +64 for the principle in the estimator
+    per_token_layer = (h * 8 + inter * 3) * act_bytes  # activations one block keeps for backward
+    if cfg.model.gradient_checkpointing:
+        acts = mb * seq * (L * h * act_bytes + per_token_layer)
+    else:
+        acts = mb * seq * L * per_token_layer
+    logits = mb * T * V * 4 * (2 + 2)  # estimator: two stacked contexts; update: logits + grad
+    if cfg.loss.type == "distill":
+        logits += n * T * V * 4  # the pi* target distribution
+    parts = {"weights": weights, "lora+grad+optimizer": lora_bytes, "kv_cache": kv, "activations": acts, "logits": logits, "runtime": RUNTIME_OVERHEAD}
+    return Estimate(total, quant, lora, parts)
+
+
+def format_estimate(est: Estimate) -> str:
+    rows = [f"parameters: {est.params_total / 1e6:,.1f}M total, {est.params_quantized / 1e6:,.1f}M in linear layers, {est.params_lora / 1e6:,.2f}M LoRA"]
+    rows.append(f"estimated peak memory per step: {est.peak / GIB:.2f} GiB")
+    rows += [f"  {k:<22}{v / GIB:8.3f} GiB" for k, v in est.parts.items()]
+    return "\n".join(rows)

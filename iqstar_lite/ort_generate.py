@@ -1,0 +1,193 @@
+"""Torch-free text generation with an exported decoder: numpy + onnxruntime + a tokenizer.
+
+This module never imports torch, so a deployment needs only ``onnxruntime``, ``numpy`` and
+``transformers``/``tokenizers`` for the chat template. It drives the decoder exported by
+``onnx_export.py`` (optimum's ``text-generation-with-past`` layout)::
+
+    inputs:  input_ids [B, T], attention_mask [B, P+T], position_ids [B, T],
+             past_key_values.{i}.key / .value [B, kv_heads, P, head_dim]
+    outputs: logits [B, T, V], present.{i}.key / .value [B, kv_heads, P+T, head_dim]
+
+The first call feeds the prompt with an empty (P = 0) cache; every later call feeds one token
+and the ``present.*`` tensors of the previous call as ``past_key_values.*``. Names, cache shapes
+and dtypes are read from the session, not hard-coded. Batch size is 1.
+
+    gen = OrtGenerator("runs/x/onnx")
+    print(gen.chat("Name three colours."))                           # greedy
+    print(gen.chat("Name three colours.", sample=True, top_p=0.9))  # nucleus sampling
+
+The parity check (``check.py``) uses this same loop for the ONNX side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from iqstar_lite.errors import UserError
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+
+
+def find_onnx_file(onnx_dir: Path) -> Path:
+    """``model.onnx`` in ``onnx_dir`` (or the only ``*.onnx`` file there)."""
+    onnx_dir = Path(onnx_dir)
+    if (onnx_dir / "model.onnx").is_file():
+        return onnx_dir / "model.onnx"
+    found = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
+    if len(found) != 1:
+        raise UserError(f"{str(onnx_dir)!r} is not an ONNX export (no model.onnx); pass RUN_DIR/onnx as written by 'python -m iqstar_lite.export RUN_DIR'")
+    return found[0]
+
+
+def eos_token_ids(model_dir: Path, tokenizer=None) -> list[int]:
+    """End-of-turn ids: generation_config.json, else config.json, else the tokenizer's eos."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return [int(tokenizer.eos_token_id)]
+    return []
+
+
+def render_chat(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """One user turn (optionally after a system turn) + the assistant header, as token ids."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0) -> int:
+    """Draw one id from softmax(logits / temperature), restricted to the top-p nucleus."""
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]  # smallest set with mass >= top_p
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    """New token ids (the eos that stopped generation included)."""
+    seconds: float
+    step_logits: list[np.ndarray] = field(default_factory=list)
+    """Per new token, the [V] logits it was chosen from (only with ``keep_logits=True``)."""
+
+
+class OrtGenerator:
+    """Greedy / sampled decoding with the KV cache of an exported decoder (batch size 1)."""
+
+    def __init__(self, onnx_dir: str | Path, threads: int = 0, load_tokenizer: bool = True):
+        self.dir = Path(onnx_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(find_onnx_file(self.dir)), opts, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        if "input_ids" not in inputs:
+            raise UserError(f"{str(self.dir)!r}: the ONNX model has no input_ids input; export it with task text-generation-with-past")
+        past = sorted((int(m[1]), m[2] != "key", name) for name in inputs if (m := _PAST.match(name)))
+        self.past_names = [name for _, _, name in past]
+        self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
+        self.cache_shapes: dict[str, tuple[int, int]] = {}
+        self.cache_dtype = np.float32
+        for name in self.past_names:
+            shape = inputs[name].shape  # [batch, kv_heads, past_len, head_dim]
+            if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+                raise UserError(f"{str(self.dir)!r}: cannot read the KV cache shape of {name} ({shape})")
+            self.cache_shapes[name] = (shape[1], shape[3])
+            self.cache_dtype = _NP_DTYPES.get(inputs[name].type, np.float32)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.tokenizer = None
+        if load_tokenizer:
+            from transformers import AutoTokenizer  # tokenizers + chat template; works without torch
+
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{str(self.dir)!r} has no usable tokenizer ({str(e).splitlines()[0]}); export with 'python -m iqstar_lite.export' (it copies the tokenizer)") from None
+        self.eos_ids = eos_token_ids(self.dir, self.tokenizer)
+
+    # ------------------------------------------------------------------------- forward
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros((1, h, 0, d), dtype=self.cache_dtype) for name, (h, d) in self.cache_shapes.items()}
+
+    def forward(self, ids: list[int] | np.ndarray, cache: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Feed ``ids`` after ``cache`` (None = empty); return float32 logits [T, V] and the new cache."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        cache = cache if cache is not None else self.empty_cache()
+        past_len = next(iter(cache.values())).shape[2] if cache else 0
+        total = past_len + ids.shape[1]
+        feed = {"input_ids": ids, **cache}
+        if "attention_mask" in self.input_names:
+            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = np.arange(past_len, total, dtype=np.int64).reshape(1, -1)
+        if "use_cache_branch" in self.input_names:  # older optimum "merged" decoders
+            feed["use_cache_branch"] = np.array([past_len > 0])
+        outputs = dict(zip(self.output_names, self.session.run(None, feed)))
+        new_cache = {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+        return outputs["logits"][0].astype(np.float32), new_cache
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Teacher-forced logits [T, V] for a whole sequence (one forward, empty cache)."""
+        return self.forward(ids)[0]
+
+    # ------------------------------------------------------------------------- decoding
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        keep_logits: bool = False,
+    ) -> Generation:
+        """Greedy (default) or sampled continuation of ``prompt_ids`` with the KV cache."""
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        logits, cache = self.forward(prompt_ids)
+        last = logits[-1]
+        tokens: list[int] = []
+        kept: list[np.ndarray] = []
+        for _ in range(max_new_tokens):
+            token = sample_token(last, rng, temperature, top_p) if sample else int(np.argmax(last))
+            tokens.append(token)
+            if keep_logits:
+                kept.append(last)
+            if (stop_at_eos and token in self.eos_ids) or len(tokens) == max_new_tokens:
+                break
+            logits, cache = self.forward([token], cache)
+            last = logits[-1]
+        return Generation(tokens, time.perf_counter() - start, kept)
+
+    def chat(self, prompt: str, max_new_tokens: int = 128, system: str | None = None, **kwargs) -> str:
+        """Answer one user message (chat template applied); ``kwargs`` go to ``generate``."""
+        if self.tokenizer is None:
+            raise ValueError("OrtGenerator was created with load_tokenizer=False")
+        out = self.generate(render_chat(self.tokenizer, prompt, system), max_new_tokens, **kwargs)
+        return self.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()

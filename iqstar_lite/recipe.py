@@ -1,0 +1,170 @@
+"""``python -m iqstar_lite.recipe NAME [key=value ...] [--dry-run] [--list]``
+
+NAME is a file in recipes/ or a path to a .yaml. Stages (``stages=train,export,check``): train
+(with before/after evaluation), export (adapter card, merge, ONNX), check (ONNX parity gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from iqstar_lite.config import RecipeConfig, list_recipes, load_recipe, load_run_config, save_config
+from iqstar_lite.errors import UserError, run_cli
+
+log = logging.getLogger("iqstar_lite")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m iqstar_lite.recipe", description="Inverse-Q* alignment from a recipe.")
+    p.add_argument("name", nargs="?", help="recipe name (see --list) or path to a .yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20 loss.type=pg")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter count and memory estimate; load nothing heavy")
+    return p
+
+
+def dry_run(cfg: RecipeConfig) -> None:
+    from iqstar_lite.memory import estimate_memory, format_estimate
+    from iqstar_lite.model import load_model_config
+
+    estimate = format_estimate(estimate_memory(cfg, load_model_config(cfg.model.path)))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    print("---")
+    print(estimate)
+
+
+def heldout_for_eval(heldout, n: int):
+    """Interleave kinds (harmful, benign, ...) so the first n are balanced."""
+    by_kind: dict[str, list] = {}
+    for ex in heldout:
+        by_kind.setdefault(ex.kind, []).append(ex)
+    mixed = [ex for group in zip(*by_kind.values()) for ex in group] if len(by_kind) > 1 else list(heldout)
+    used = {id(e) for e in mixed}
+    mixed += [e for e in heldout if id(e) not in used]
+    return mixed[:n]
+
+
+def print_eval_table(rows: dict[str, dict]) -> None:
+    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_per_token", "mean_tokens", "seconds"]
+    keys = [k for k in keys if any(k in r for r in rows.values())]
+    judge = next((r.get("judge") for r in rows.values() if r.get("judge")), None)
+    print(f"\nheld-out evaluation, principle absent at inference (judge: {judge})")
+    print(f"{'':<34}" + "".join(f"{k:>20}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>20}" for k in keys))
+
+
+def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
+    import torch
+
+    from iqstar_lite.data import Formatter, load_prompts
+    from iqstar_lite.evaluate import evaluate
+    from iqstar_lite.judges import pick_judge
+    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.train import train
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    prompts = load_prompts(cfg.data)
+    device = pick_device(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.path)
+    model = load_policy(cfg.model, cfg.lora, device)
+    fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
+    too_long = [e for e in prompts.train if len(fmt.ids(fmt.conditioned(e))) > cfg.data.max_prompt_tokens]
+    train_set = [e for e in prompts.train if e not in too_long]
+    if too_long:
+        log.info("dropped %d prompts longer than data.max_prompt_tokens=%d", len(too_long), cfg.data.max_prompt_tokens)
+    if not train_set:
+        raise UserError(f"every training prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it")
+    log.info("%d training prompts, %d held out; device %s; model %s (%s)", len(train_set), len(prompts.heldout), device, cfg.model.path, cfg.model.quantize)
+    judge = pick_judge(cfg.eval.judge, cfg.data.principle)
+    heldout = heldout_for_eval(prompts.heldout, cfg.eval.max_prompts)
+    rows: dict[str, dict] = {}
+    if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
+        before = evaluate(model, tokenizer, fmt, heldout, cfg, judge)
+        (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+        if cfg.eval.contrastive_row:
+            cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
+            (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
+    t0 = time.time()
+    last = train(cfg, run_dir, model, tokenizer, train_set, device)
+    log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
+    if cfg.eval.enabled:
+        after = evaluate(model, tokenizer, fmt, heldout, cfg, judge)
+        (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
+        for label, fname in (("before (untrained, no principle)", "eval_before.json"),
+                             ("contrastive decoding (untrained)", "eval_contrastive.json"),
+                             ("after (trained, no principle)", "eval_after.json")):
+            if (run_dir / fname).exists():
+                rows[label] = json.loads((run_dir / fname).read_text())["summary"]
+        print_eval_table(rows)
+
+
+def heldout_texts(cfg: RecipeConfig, n: int) -> list[str]:
+    from iqstar_lite.data import load_prompts
+
+    return [e.text for e in heldout_for_eval(load_prompts(cfg.data).heldout, n)]
+
+
+def run(cfg: RecipeConfig, run_dir: Path) -> int:
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if "train" in stages:
+        save_config(cfg, run_dir / "config.yaml")
+        stage_train(cfg, run_dir)
+    elif not (run_dir / "adapter").is_dir():
+        raise UserError(f"{str(run_dir)!r} has no adapter/; run the train stage first (stages=train,...) or point out_dir at a trained run")
+    code = 0
+    if "export" in stages:
+        from iqstar_lite.export import export_run
+
+        export_run(run_dir, cfg, heldout_texts(cfg, cfg.export.check_prompts))
+    if "check" in stages:
+        from iqstar_lite.check import check_run
+
+        report = check_run(run_dir, cfg, heldout_texts(cfg, cfg.export.check_prompts))
+        code = 0 if report.get("passed") else 1
+    print(f"\nrun directory: {run_dir}")
+    return code
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    if args.list:
+        for name in list_recipes():
+            print(name)
+        return 0
+    if not args.name:
+        raise UserError(f"name a recipe: python -m iqstar_lite.recipe NAME (one of: {', '.join(list_recipes())})")
+    cfg = load_recipe(args.name, args.overrides)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_dir = Path(cfg.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if "train" not in cfg.stages.split(",") and not cfg.out_dir:
+        raise UserError("export/check alone need an existing run: pass out_dir=RUN_DIR")
+    if "train" not in cfg.stages.split(","):
+        cfg = _with_stages(load_run_config(run_dir), cfg)
+    cfg.out_dir = str(run_dir)
+    return run(cfg, run_dir)
+
+
+def _with_stages(saved: RecipeConfig, given: RecipeConfig) -> RecipeConfig:
+    """Export/check an existing run with its own training config, the given stages and export settings."""
+    saved.stages, saved.export, saved.out_dir = given.stages, given.export, given.out_dir
+    return saved
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,171 @@
+"""The Inverse-Q* loop: rollout -> estimator (2 reference passes, batched) -> policy update.
+
+One 4-bit base serves policy (adapters on), reference and estimator (adapters off).
+Driven by accelerate's ``Accelerator`` (single process here; ``accelerate launch`` for more).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from iqstar_lite.checkpoint import latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint
+from iqstar_lite.config import RecipeConfig
+from iqstar_lite.data import Example, Formatter
+from iqstar_lite.logprobs import kl_to_logits, token_logprobs
+from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, masked_mean, pg_loss, whiten
+from iqstar_lite.model import assert_trainable_layout
+from iqstar_lite.rollout import pack, response_logits, sample
+from iqstar_lite.scoring import estimator_pass
+
+log = logging.getLogger("iqstar_lite")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: RecipeConfig):
+    if cfg.train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), "bitsandbytes AdamW8bit"
+        except Exception as e:  # pragma: no cover - depends on the bnb build
+            log.warning("8-bit AdamW unavailable (%s); using torch AdamW", e)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), "torch AdamW"
+
+
+def make_scheduler(optimizer, cfg: RecipeConfig):
+    from transformers import get_scheduler
+
+    total = max(1, cfg.train.steps * cfg.loss.epochs)
+    return get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
+
+
+def prompt_batch(examples: list[Example], step: int, n: int, seed: int) -> list[Example]:
+    """Deterministic epoch-wise shuffled cycling: the same step always gets the same prompts (resume)."""
+    out = []
+    for j in range(step * n, step * n + n):
+        epoch, i = divmod(j, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(examples[order[i]])
+    return out
+
+
+def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params, optimizer, scheduler, accelerator) -> dict:
+    """``loss.epochs`` optimizer steps over one rollout batch, micro-batched with token-weighted accumulation."""
+    n, T = resp.shape
+    lc, chunk = cfg.loss, cfg.train.logprob_chunk
+    total_tokens = mask.sum().clamp(min=1.0)
+    adv = whiten(est["rewards"], mask) if lc.whiten else est["rewards"]
+    logp_old: dict[int, torch.Tensor] = {}
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    model.train()
+    assert_trainable_layout(model)
+    for epoch in range(lc.epochs):
+        for s in range(0, n, cfg.train.micro_batch):
+            sl = slice(s, min(n, s + cfg.train.micro_batch))
+            m, r = mask[sl], resp[sl]
+            logits = response_logits(model, pack(plain_ids[sl], r, pad_id), T)
+            logp = token_logprobs(logits, r, chunk)
+            if epoch == 0:
+                logp_old[s] = logp.detach()
+            if lc.type == "distill":
+                loss, met = distill_loss(kl_to_logits(est["logp_star_full"][sl], logits, chunk), m)
+                met["kl"] = masked_mean(k3_kl(logp.detach(), est["logp_ref"][sl]), m).item()
+            elif lc.type == "pg":
+                loss, met = pg_loss(logp, logp_old[s], est["logp_ref"][sl], adv[sl], m, lc.beta, lc.clip_eps, whiten_advantages=False)
+            else:
+                loss, met = imitation_loss(logp, est["logp_ref"][sl], est["rewards"][sl], m, lc.beta)
+            w = float(m.sum() / total_tokens)
+            accelerator.backward(loss * w)
+            sums["loss"] += loss.item() * w / lc.epochs
+            sums["kl"] += met["kl"] * w / lc.epochs
+            sums["clip_frac"] += met["clip_frac"] * w / lc.epochs
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        sums["grad_norm"] += float(grad_norm) / lc.epochs
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Example], device: torch.device) -> dict:
+    """Run ``cfg.train.steps`` Inverse-Q* steps; writes metrics.jsonl, checkpoints/ and adapter/."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, opt_name = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    log.info("optimizer: %s on %d LoRA tensors (%.2fM params)", opt_name, len(params), sum(p.numel() for p in params) / 1e6)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.train.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", ckpt, start)
+        if metrics_path.exists():
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
+    rc, pad = cfg.rollout, tokenizer.pad_token_id
+    last: dict = {}
+    bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps)
+    for step in bar:
+        t0 = time.time()
+        batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)
+        roll = sample(model, tokenizer, [fmt.plain(e) for e in batch], rc.samples_per_prompt, rc.max_new_tokens, rc.temperature, rc.top_p)
+        rows = roll.prompt_index.tolist()
+        plain_ids = [fmt.ids(fmt.plain(batch[i])) for i in rows]
+        cond_ids = [fmt.ids(fmt.conditioned(batch[i])) for i in rows]
+        t1 = time.time()
+        est = estimator_pass(
+            model, plain_ids, cond_ids, roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta, cfg.estimator.top_p,
+            cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=cfg.loss.type == "distill",
+        )
+        t2 = time.time()
+        sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator)
+        t3 = time.time()
+        n_tok = float(roll.response_mask.sum())
+        last = {
+            "step": step + 1,
+            **{k: round(v, 6) for k, v in sums.items()},
+            "reward_mean": round(masked_mean(est["rewards"], roll.response_mask).item(), 6),
+            "principle_gap": round(masked_mean(est["principle_gap"], roll.response_mask).item(), 6),
+            "response_len": round(n_tok / roll.response_mask.shape[0], 2),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": round(n_tok / max(t3 - t0, 1e-9), 2),
+            "seconds": round(t3 - t0, 3),
+            "t_rollout": round(t1 - t0, 3),
+            "t_estimator": round(t2 - t1, 3),
+            "t_update": round(t3 - t2, 3),
+            "peak_mem_gib": round(peak_memory_gib(device), 3),
+        }
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{last['loss']:.4f}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
+        every = cfg.train.checkpoint_every
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
+            save_checkpoint(run_dir, step + 1, model, optimizer, scheduler)
+    bar.close()
+    save_adapter_atomic(model, run_dir / "adapter")
+    return last

@@ -1,0 +1,102 @@
+"""The real entry point on CPU with the tiny model: files written, adapter reloads, bad input -> one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, module: str = "iqstar_lite.recipe") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["no_such_recipe"], ["unknown recipe", "tiny_cpu"]),
+        (["tiny_cpu", "train.stpes=3"], ["unknown key", "did you mean", "steps"]),
+        (["tiny_cpu", "train.steps=many"], ["'train.steps' must be int"]),
+        (["tiny_cpu", "loss.type=ppo"], ["'loss.type' must be one of"]),
+        (["tiny_cpu", "train.lr=-1", "rollout.top_p=2"], ["2 problems", "train.lr", "rollout.top_p"]),
+        (["tiny_cpu", "steps"], ["not key=value"]),
+        (["tiny_cpu", "model.path=/no/such/model", "--dry-run"], ["does not exist", "model.path"]),
+    ],
+)
+def test_bad_input_gives_one_line(args, needles):
+    assert_one_line_error(cli(*args), *needles)
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [("", ["is empty"]), ('{"prompt": "ok"}\n{not json\n', ["line 2", "not valid JSON"]), ('{"text": "x"}\n', ["'prompt'", "columns found: text"])],
+)
+def test_bad_prompt_file(tmp_path, tiny_path, content, needles):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(content)
+    out = tmp_path / "run"
+    res = cli("tiny_cpu", f"data.prompts={f}", f"out_dir={out}", f"model.path={tiny_path}", "stages=train")
+    assert_one_line_error(res, *needles)
+
+
+def test_missing_prompt_file(tmp_path):
+    assert_one_line_error(cli("tiny_cpu", f"data.prompts={tmp_path / 'nope.jsonl'}", f"out_dir={tmp_path / 'r'}"), "not found", "data.prompts")
+
+
+def test_list_and_dry_run(tiny_path):
+    res = cli("--list")
+    assert res.returncode == 0 and {"tiny_cpu", "smollm2_cpu", "laptop_7b"} <= set(res.stdout.split())
+    res = cli("laptop_7b", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "estimated peak memory per step" in res.stdout and "7,615.6M total" in res.stdout
+
+
+def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from iqstar_lite.config import ModelConfig
+    from iqstar_lite.model import load_base
+
+    out = tmp_path / "run"
+    res = cli("tiny_cpu", f"out_dir={out}", "stages=train")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("config.yaml", "metrics.jsonl", "eval_before.json", "eval_after.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / name).exists(), name
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2]
+    for key in ("loss", "reward_mean", "kl", "response_len", "clip_frac", "tokens_per_s", "peak_mem_gib"):
+        assert key in steps[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    after = json.loads((out / "eval_after.json").read_text())["summary"]
+    assert after["n"] == 4 and after["principle_score"] is not None
+
+    # Training changed the LoRA B matrices (they start at zero) and the adapter reloads with peft.
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    model = PeftModel.from_pretrained(load_base(ModelConfig(path=tiny_path, device="cpu")), out / "adapter")
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0
+
+    # Resume: two more steps continue from the last checkpoint, metrics keep steps 1..4.
+    res = cli("tiny_cpu", f"out_dir={out}", "stages=train", "train.steps=4", "train.resume=true", "eval.enabled=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from iqstar_lite.config import DataConfig
+from iqstar_lite.data import Example, Formatter, load_prompts, with_instruction
+from iqstar_lite.errors import UserError
+
+
+def test_builtin_set_is_big_mixed_and_split():
+    ps = load_prompts(DataConfig())
+    assert len(ps.train) + len(ps.heldout) >= 200
+    assert {e.kind for e in ps.heldout} == {"harmful", "benign"}
+    assert not {e.text for e in ps.train} & {e.text for e in ps.heldout}
+    assert [e.text for e in load_prompts(DataConfig()).heldout] == [e.text for e in ps.heldout]  # fixed
+
+
+def _rows():
+    return [{"prompt": f"Question number {i}?"} for i in range(40)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf"])
+def test_loaders(tmp_path, fmt):
+    import datasets
+
+    ds = datasets.Dataset.from_list(_rows())
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    elif fmt == "csv":
+        ds.to_csv(str(path))
+    elif fmt == "parquet":
+        ds.to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        ds.save_to_disk(str(path))
+    ps = load_prompts(DataConfig(prompts=str(path)))
+    assert len(ps.train) + len(ps.heldout) == 40 and ps.heldout and ps.train
+
+
+def test_messages_column_and_reference(tmp_path):
+    path = tmp_path / "m.jsonl"
+    row = {"messages": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi there."}]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({"prompt": "Second?", "split": "heldout"}) + "\n")
+    ps = load_prompts(DataConfig(prompts=str(path)))
+    assert ps.train[0].messages == [{"role": "user", "content": "Hello?"}] and ps.train[0].reference == "Hi there."
+    assert ps.heldout[0].text == "Second?"
+
+
+def test_bad_messages_row(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match="end with a user turn"):
+        load_prompts(DataConfig(prompts=str(path)))
+
+
+def test_principle_as_system_message_or_prefix(tokenizer):
+    fmt = Formatter(tokenizer, DataConfig(principle="Be brief."))
+    ex = Example([{"role": "user", "content": "What is rain?"}])
+    assert fmt.system_ok
+    cond = fmt.conditioned(ex)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in cond and "Be brief." not in fmt.plain(ex)
+    msgs = with_instruction(ex.messages, "Be brief.", "auto", system_ok=False)
+    assert msgs == [{"role": "user", "content": "Be brief.\n\nWhat is rain?"}]
+    fmt_prefix = Formatter(tokenizer, DataConfig(principle="Be brief.", principle_placement="prefix"))
+    assert "<|im_start|>user\nBe brief.\n\nWhat is rain?" in fmt_prefix.conditioned(ex)
+
+
+def test_hindsight_needs_reference(tokenizer):
+    fmt = Formatter(tokenizer, DataConfig(), kind="hindsight")
+    with pytest.raises(UserError, match="reference"):
+        fmt.conditioned(Example([{"role": "user", "content": "x"}]))
+    assert "excellent answer" in fmt.conditioned(Example([{"role": "user", "content": "x"}], reference="Yes."))

@@ -1,0 +1,280 @@
+"""Deployment half on a tiny random Llama: adapter card, merge, ONNX (+int8), parity gate, torch-free chat.
+
+The fixtures build everything offline: a byte-level BPE tokenizer (vocab 320) with a ChatML template,
+a 2-layer Llama (hidden 64), and a fake run directory whose adapter was made by ``load_policy`` on
+the NF4 base with non-zero random ``lora_B`` (so the merge changes the weights). The export runs
+once per module; tests that break things work on copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iqstar_lite.config import ExportConfig, LoraSettings, ModelConfig, RecipeConfig, save_config
+from iqstar_lite.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROMPTS = ["What is the capital of Japan?", "Write a haiku about rain."]
+
+
+def _run(*args: str, block_torch: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if block_torch:  # prove the module never needs torch: any "import torch" raises ImportError
+        code = "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
+        cmd = [sys.executable, "-c", code, *args]
+    else:
+        cmd = [sys.executable, "-m", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["The capital of Japan is Tokyo.", "Rain falls softly on the roof.", "Write a short answer, please."] * 20
+    bpe.train_from_iterator(corpus, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=256, rope_theta=12345.0, initializer_range=0.1,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _tiny_cfg(model_dir: Path) -> RecipeConfig:
+    return RecipeConfig(
+        name="tiny",
+        model=ModelConfig(path=str(model_dir), quantize="nf4", dtype="auto", device="cpu"),
+        lora=LoraSettings(r=4, alpha=8),
+        export=ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5),
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished 'training run': config.yaml, adapter/ (random non-zero LoRA), metrics.jsonl."""
+    from iqstar_lite.model import load_policy
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = _tiny_cfg(tiny_model_dir)
+    policy = load_policy(cfg.model, cfg.lora)
+    torch.manual_seed(1)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    policy.save_pretrained(run / "adapter")
+    save_config(cfg, run / "config.yaml")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25, "kl": 0.01}\n')
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir) -> tuple[Path, dict]:
+    from iqstar_lite.config import load_run_config
+    from iqstar_lite.export import export_run
+
+    return run_dir, export_run(run_dir, load_run_config(run_dir), PROMPTS)
+
+
+def _prompt_ids(tok, text: str) -> list[int]:
+    from iqstar_lite.ort_generate import render_chat
+
+    return render_chat(tok, text)
+
+
+# ----------------------------------------------------------------------------- adapter + merge
+
+
+def test_adapter_card_written_and_adapter_reloads(exported, tiny_model_dir):
+    from peft import PeftModel
+
+    from iqstar_lite.model import load_base
+
+    run, _ = exported
+    card = (run / "adapter" / "README.md").read_text()
+    for needle in ("Always answer in French.", "beta = 0.1", "alpha = 1", "tiny", "loss 0.25", "kl 0.01"):
+        assert needle in card
+    cfg = _tiny_cfg(tiny_model_dir)
+    model = PeftModel.from_pretrained(load_base(cfg.model), str(run / "adapter"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_merged_checkpoint_reloads_and_matches_fp32_compute_model(exported, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from iqstar_lite.merge import load_trained, prompt_logits
+
+    run, report = exported
+    merged_dir = run / "merged"
+    saved = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["rope_theta"] == 12345.0
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "generation_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.chat_template == CHATML
+
+    merge = json.loads((run / "merge.json").read_text())
+    assert merge == report["merge"]
+    assert merge["max_abs_logit_diff_vs_fp32_compute"] < 1e-4
+    assert merge["trained_compute_dtype"] in ("bfloat16", "float32")
+
+    # Independently: reload both and compare on a prompt the export did not see.
+    cfg = _tiny_cfg(tiny_model_dir)
+    ids = [_prompt_ids(tok, "Rain on the roof of Tokyo?")]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    trained32 = load_trained(ModelConfig(path=cfg.model.path, dtype="fp32", device="cpu"), run / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    a, b, c = prompt_logits(merged, ids)[0], prompt_logits(trained32, ids)[0], prompt_logits(base, ids)[0]
+    assert (a - b).abs().max() < 1e-4
+    assert (a - c).abs().max() > 1e-2  # the adapter did change the model
+
+
+# ----------------------------------------------------------------------------- ONNX + parity
+
+
+def test_export_passes_parity_check(exported):
+    from iqstar_lite.check import check_run, format_table
+    from iqstar_lite.config import load_run_config
+
+    run, report = exported
+    assert (run / "onnx" / "model.onnx").is_file() and (run / "onnx-int8" / "model.onnx").is_file()
+    assert report["onnx_int8"]["bytes"] < report["onnx"]["bytes"]
+    for name in ("tokenizer.json", "generation_config.json", "config.json"):
+        assert (run / "onnx" / name).is_file() and (run / "onnx-int8" / name).is_file()
+
+    result = check_run(run, load_run_config(run), PROMPTS)
+    assert result["passed"], result["failures"]
+    assert result["greedy_equal"] and result["max_logit_diff"] < 1e-4
+    assert 0.5 <= result["int8_agreement"] <= 1.0
+    assert all(len(r["torch_tokens"]) > 0 for r in result["prompts"])
+    assert json.loads((run / "check.json").read_text())["passed"] is True
+    assert "PASSED" in format_table(result)
+
+
+def test_ort_model_for_causal_lm_generates_like_transformers(exported):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = exported
+    tok = AutoTokenizer.from_pretrained(run / "onnx")
+    x = torch.tensor([_prompt_ids(tok, PROMPTS[0])])
+    kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    ort_out = ORTModelForCausalLM.from_pretrained(run / "onnx", use_cache=True).generate(x, **kwargs)
+    pt_out = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).generate(x, **kwargs)
+    assert ort_out.shape[1] == x.shape[1] + 10
+    assert ort_out.tolist() == pt_out.tolist()
+
+
+def test_corrupted_onnx_weight_fails_check_naming_prompt_and_position(exported, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    run, _ = exported
+    bad = tmp_path / "run"
+    bad.mkdir()
+    shutil.copy2(run / "config.yaml", bad / "config.yaml")
+    for name in ("merged", "onnx"):
+        shutil.copytree(run / name, bad / name)
+    model = onnx.load(str(bad / "onnx" / "model.onnx"))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # embedding or lm_head
+    w = numpy_helper.to_array(init) + 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(bad / "onnx" / "model.onnx"))
+
+    proc = _run("iqstar_lite.check", str(bad / "onnx"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED" in proc.stdout
+    assert "prompt 0" in proc.stdout and "position" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert json.loads((bad / "check.json").read_text())["passed"] is False
+
+
+def test_int8_with_external_data(exported, tmp_path):
+    from iqstar_lite.onnx_export import quantize_int8, uses_external_data
+    from iqstar_lite.ort_generate import OrtGenerator
+
+    run, _ = exported
+    out = quantize_int8(run / "onnx", tmp_path / "onnx-int8-ext", external_data=True)
+    assert out["external_data"] and uses_external_data(tmp_path / "onnx-int8-ext" / "model.onnx")
+    ids = [1, 5, 9, 12]
+    ref = OrtGenerator(run / "onnx-int8", load_tokenizer=False).logits(ids)
+    np.testing.assert_allclose(OrtGenerator(tmp_path / "onnx-int8-ext", load_tokenizer=False).logits(ids), ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- torch-free generation
+
+
+def test_ort_generator_kv_cache_matches_full_forward(exported):
+    from iqstar_lite.ort_generate import OrtGenerator
+
+    run, _ = exported
+    gen = OrtGenerator(run / "onnx")
+    ids = _prompt_ids(gen.tokenizer, PROMPTS[1])
+    out = gen.generate(ids, 6, stop_at_eos=False, keep_logits=True)
+    full = gen.logits(ids + out.tokens)
+    np.testing.assert_allclose(np.stack(out.step_logits), full[len(ids) - 1 : len(ids) + 5], atol=1e-4)
+    assert out.tokens == [int(t) for t in full[len(ids) - 1 : len(ids) + 5].argmax(-1)]
+
+
+def test_sample_token_nucleus():
+    from iqstar_lite.ort_generate import sample_token
+
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.5, 0.3, 0.2]))
+    # top_p = 0.45: the nucleus is {0} alone (its mass 0.5 already reaches 0.45) -> always token 0.
+    assert {sample_token(logits, rng, top_p=0.45) for _ in range(50)} == {0}
+    # top_p = 0.7: {0, 1} (mass 0.8) -> renormalized 0.5/0.8 = 0.625 and 0.375; token 2 never drawn.
+    draws = [sample_token(logits, rng, top_p=0.7) for _ in range(400)]
+    assert set(draws) == {0, 1} and abs(np.mean(np.array(draws) == 0) - 0.625) < 0.08
+
+
+def test_chat_cli_runs_without_torch(exported):
+    run, _ = exported
+    greedy = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "5", block_torch=True)
+    assert greedy.returncode == 0, greedy.stderr
+    sampled = _run("iqstar_lite.chat", str(run / "onnx-int8"), PROMPTS[0], "--sample", "--top-p", "0.9", "--seed", "3", block_torch=True)
+    assert sampled.returncode == 0, sampled.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("module", ["iqstar_lite.export", "iqstar_lite.check", "iqstar_lite.chat"])
+def test_not_a_run_dir_exits_2_with_one_line(module, tmp_path):
+    args = [str(tmp_path)] + (["hello"] if module.endswith("chat") else [])
+    proc = _run(module, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0]
+
+
+def test_export_overrides_only_export_keys(run_dir):
+    from iqstar_lite.config import load_run_config
+    from iqstar_lite.export import apply_export_overrides
+
+    cfg = apply_export_overrides(load_run_config(run_dir), ["export.int8=false", "export.dtype=bf16"])
+    assert cfg.export.int8 is False and cfg.export.dtype == "bf16"
+    with pytest.raises(UserError, match="only export"):
+        apply_export_overrides(cfg, ["train.lr=1"])
+    with pytest.raises(UserError, match="export.dtype"):
+        apply_export_overrides(cfg, ["export.dtype=int3"])
