@@ -61,7 +61,7 @@ def estimate(
     Returns ``logp_star`` (log pi*(a_t)), ``logp_ref`` (log pi_ref(a_t), from z0) and, with
     ``keep_full``, ``logp_star_full`` [B, T, V] (the distill target; the only [B, T, V] kept).
     """
-    if z_pos.shape != z_neg.shape or z_pos.shape[:2] != tokens.shape:
+    if z_pos.dim() != 3 or z_pos.shape != z_neg.shape or z_pos.shape[:2] != tokens.shape:
         raise ValueError(f"z_pos/z_neg [B, T, V] and tokens [B, T] disagree: {tuple(z_pos.shape)}, {tuple(z_neg.shape)}, {tuple(tokens.shape)}")
     star_full = []
 

@@ -47,9 +47,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int =
 
 def _kl_rows(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     logq = torch.log_softmax(logits.float(), dim=-1)
-    p = target_logp.float().exp()
-    terms = torch.where(p > 0, p * (target_logp.float() - logq), torch.zeros_like(logq))
-    return terms.sum(-1)
+    # Non-finite target entries (p = 0 outside a nucleus; garbage at masked rows) become p = 0 *before*
+    # any arithmetic, so neither the value nor the gradient can turn into nan.
+    finite = torch.isfinite(target_logp)
+    target = torch.where(finite, target_logp.float(), torch.zeros_like(logq))
+    p = torch.where(finite, target.exp(), torch.zeros_like(logq))
+    return (p * (target - logq)).sum(-1)
 
 
 def kl_to_logits(target_logp: torch.Tensor, logits: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:

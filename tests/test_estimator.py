@@ -170,8 +170,10 @@ def _inputs(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 50])
-@pytest.mark.parametrize("alpha, top_p", [(0.0, 1.0), (1.0, 1.0), (0.5, 0.8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "alpha, top_p, dtype",
+    [(0.0, 1.0, torch.float32), (1.0, 1.0, torch.bfloat16), (0.5, 0.8, torch.float32), (0.5, 0.8, torch.bfloat16)],
+)
 def test_estimate_matches_naive(chunk_size, alpha, top_p, dtype):
     """Chunk sizes 1, 3, T = 7 and > T give the unchunked result (incl. -inf at sampled tokens outside the
     nucleus) and the full [B, T, V] distill target with keep_full; without keep_full no full tensor."""

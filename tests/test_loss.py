@@ -394,15 +394,9 @@ def test_distill_masked_target_other_logprobs_through_kl_to_logits():
     assert (g1[~MASK.bool()] == 0).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kl_to_logits backward: a nan (or +inf / huge positive) target_logp at a masked position gives "
-    "p = exp(target) = nan/inf, and torch.where's unselected branch p * (target - logq) back-propagates "
-    "0 * (-p) = nan into d/dlogits at that position (the classic where-nan-gradient trap).",
-)
 def test_distill_masked_target_nan_does_not_leak_into_grad():
-    """Target log-probs nan at one masked position (row [0, 2]): loss is unchanged (passes), but d/dlogits at
-    that row should be exactly 0 and is nan instead; through the model that nan would poison every LoRA grad."""
+    """Target log-probs nan at one masked position (row [0, 2]): loss unchanged and d/dlogits finite and equal
+    to the clean case (a nan there would poison every LoRA gradient through the model)."""
     target, logits = _distill_target_and_logits()
     dirty = target.clone()
     dirty[0, 2, 0] = float("nan")
@@ -464,7 +458,7 @@ def test_gradcheck_distill_through_kl_to_logits():
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
 
     def f(z):
-        return distill_loss(kl_to_logits(target, z, chunk_size=2), mask)[0].double()
+        return distill_loss(kl_to_logits(target, z, chunk_size=3), mask)[0].double()
 
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-3, atol=1e-4, rtol=1e-3)
 
