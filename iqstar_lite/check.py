@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from iqstar_lite.config import ExportConfig, RecipeConfig, load_run_config
 from iqstar_lite.errors import UserError, run_cli
 from iqstar_lite.merge import pick_prompts
-from iqstar_lite.ort_generate import OrtGenerator, render_chat
+from iqstar_lite.ort_generate import OrtGenerator, eos_token_ids, find_onnx_file, render_chat
 
 
 def _first_diff(a: list[int], b: list[int]) -> int | None:
@@ -38,100 +39,123 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-class TorchSide:
-    """The merged checkpoint in fp32: teacher-forced logits and greedy generation with KV cache."""
+def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: int, eos: list[int]) -> list[dict]:
+    """Merged checkpoint in fp32: greedy continuation (KV cache) + teacher-forced logits per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    def __init__(self, merged_dir: Path):
-        import torch
-        from transformers import AutoModelForCausalLM
+    if not (Path(merged_dir) / "config.json").is_file():
+        raise UserError(f"no merged checkpoint at {str(merged_dir)!r}; run the export stage first or pass --against MERGED_DIR")
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos or None, pad_token_id=(eos or [0])[0], bos_token_id=model.config.bos_token_id)
 
-        if not (Path(merged_dir) / "config.json").is_file():
-            raise UserError(f"no merged checkpoint at {str(merged_dir)!r}; run the export stage first or pass --against MERGED_DIR")
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        with self.torch.no_grad():
-            return self.model(input_ids=self.torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
-
-    def greedy(self, ids: list[int], new_tokens: int, eos: list[int]) -> tuple[list[int], float]:
-        from transformers import GenerationConfig
-
-        cfg = self.model.config
-        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos or None, pad_token_id=(eos or [0])[0], bos_token_id=cfg.bos_token_id)
-        x = self.torch.tensor([ids])
+    def greedy(ids: list[int], cfg: GenerationConfig) -> tuple[list[int], float]:
+        x = torch.tensor([ids])
         start = time.perf_counter()
-        with self.torch.no_grad():
-            out = self.model.generate(x, attention_mask=self.torch.ones_like(x), generation_config=gen_cfg)
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
         return out[0, len(ids) :].tolist(), time.perf_counter() - start
 
+    refs = []
+    with torch.no_grad():
+        greedy(prompt_ids[0], GenerationConfig(**{**gen_cfg.to_dict(), "max_new_tokens": 2}))  # warm-up, not timed
+        for ids in prompt_ids:
+            tokens, seconds = greedy(ids, gen_cfg)
+            # Row len(ids) - 1 + k predicts tokens[k].
+            logits = model(input_ids=torch.tensor([ids + tokens]), use_cache=False).logits[0].float().numpy()
+            refs.append({"tokens": tokens, "seconds": seconds, "logits": logits})
+    return refs
 
-def _check_prompt(i: int, text: str, torch_side: TorchSide, onnx: OrtGenerator, int8: OrtGenerator | None, new_tokens: int) -> dict:
-    ids = render_chat(onnx.tokenizer, text)
-    n = len(ids)
-    ref_tokens, ref_s = torch_side.greedy(ids, new_tokens, onnx.eos_ids)
-    ref = torch_side.logits(ids + ref_tokens)  # [n + len(ref_tokens), V]; row n-1+k predicts ref_tokens[k]
-    prompt_diff = np.abs(onnx.logits(ids) - ref[:n]).max(axis=-1)
-    gen = onnx.generate(ids, new_tokens, keep_logits=True)
-    div = _first_diff(gen.tokens, ref_tokens)
-    steps = len(gen.tokens) if div is None else min(div + 1, len(ref_tokens))  # same prefix up to the divergence
-    decode_diff = [float(np.abs(gen.step_logits[k] - ref[n - 1 + k]).max()) for k in range(steps)]
-    row = {
-        "prompt": text,
-        "prompt_tokens": n,
-        "max_logit_diff": float(prompt_diff.max()),
-        "worst_position": int(prompt_diff.argmax()),
-        "decode_max_logit_diff": max(decode_diff, default=0.0),
-        "worst_decode_step": int(np.argmax(decode_diff)) if decode_diff else None,
-        "torch_tokens": ref_tokens,
-        "onnx_tokens": gen.tokens,
-        "greedy_equal": div is None,
-        "first_divergence": div,
-        "torch_seconds": ref_s,
-        "onnx_seconds": gen.seconds,
-    }
-    if div is not None and div < len(ref_tokens):
-        top2 = np.sort(ref[n - 1 + div])[-2:]
-        row["torch_top2_margin_at_divergence"] = float(top2[1] - top2[0])
-    if int8 is not None:
-        q = int8.logits(ids + ref_tokens)
-        top1 = q[n - 1 : n - 1 + len(ref_tokens)].argmax(axis=-1).tolist()
-        q_gen = int8.generate(ids, new_tokens)
-        row["int8"] = {
-            "agree": sum(a == b for a, b in zip(top1, ref_tokens)),
-            "total": len(ref_tokens),
-            "first_divergence": _first_diff(top1, ref_tokens),
-            "max_logit_diff": float(np.abs(q[:n] - ref[:n]).max()),
-            "greedy_tokens": q_gen.tokens,
-            "seconds": q_gen.seconds,
+
+def _onnx_rows(gen: OrtGenerator, texts: list[str], prompt_ids: list[list[int]], refs: list[dict], new_tokens: int) -> list[dict]:
+    """fp32 ONNX vs the reference: prompt-position logits, then greedy decoding with the KV cache."""
+    gen.generate(prompt_ids[0], 2)  # warm-up, not timed
+    rows = []
+    for text, ids, ref in zip(texts, prompt_ids, refs):
+        n, want = len(ids), ref["tokens"]
+        prompt_diff = np.abs(gen.logits(ids) - ref["logits"][:n]).max(axis=-1)
+        out = gen.generate(ids, new_tokens, keep_logits=True)
+        div = _first_diff(out.tokens, want)
+        steps = len(out.tokens) if div is None else min(div + 1, len(want), len(out.tokens))  # same prefix so far
+        decode_diff = [float(np.abs(out.step_logits[k] - ref["logits"][n - 1 + k]).max()) for k in range(steps)]
+        row = {
+            "prompt": text,
+            "prompt_tokens": n,
+            "max_logit_diff": float(prompt_diff.max()),
+            "worst_position": int(prompt_diff.argmax()),
+            "decode_max_logit_diff": max(decode_diff, default=0.0),
+            "worst_decode_step": int(np.argmax(decode_diff)) if decode_diff else None,
+            "torch_tokens": want,
+            "onnx_tokens": out.tokens,
+            "greedy_equal": div is None,
+            "first_divergence": div,
+            "torch_seconds": ref["seconds"],
+            "onnx_seconds": out.seconds,
         }
-    return row
+        if div is not None:
+            pieces = [gen.tokenizer.decode(t[div : div + 1]) if gen.tokenizer else "" for t in (out.tokens, want)]
+            row["divergence"] = {"onnx": pieces[0], "torch": pieces[1]}
+            if div < len(want):
+                top2 = np.sort(ref["logits"][n - 1 + div])[-2:]
+                row["divergence"]["torch_top2_margin"] = float(top2[1] - top2[0])
+        rows.append(row)
+    return rows
 
 
-def _tokens_per_s(rows: list[dict], tokens_key: str, seconds_key: str) -> float:
-    tokens = sum(len(r[tokens_key]) for r in rows)
-    return tokens / max(sum(r[seconds_key] for r in rows), 1e-9)
+def _int8_rows(gen: OrtGenerator, prompt_ids: list[list[int]], refs: list[dict], new_tokens: int) -> list[dict]:
+    """int8 top-1 agreement, teacher-forced on the reference greedy continuation; its own greedy speed."""
+    gen.generate(prompt_ids[0], 2)  # warm-up, not timed
+    rows = []
+    for ids, ref in zip(prompt_ids, refs):
+        n, want = len(ids), ref["tokens"]
+        q = gen.logits(ids + want)
+        top1 = q[n - 1 : n - 1 + len(want)].argmax(axis=-1).tolist()
+        out = gen.generate(ids, new_tokens)
+        rows.append({
+            "agree": sum(a == b for a, b in zip(top1, want)),
+            "total": len(want),
+            "first_divergence": _first_diff(top1, want),
+            "max_logit_diff": float(np.abs(q[:n] - ref["logits"][:n]).max()),
+            "greedy_tokens": out.tokens,
+            "seconds": out.seconds,
+        })  # fmt: skip
+    return rows
+
+
+def _failures(rows: list[dict], export: ExportConfig) -> list[str]:
+    failures = []
+    for i, r in enumerate(rows):
+        where, limit = f"prompt {i} ({r['prompt'][:40]!r})", f"> export.max_logit_diff {export.max_logit_diff:g}"
+        if r["max_logit_diff"] > export.max_logit_diff:
+            failures.append(f"{where} position {r['worst_position']}: |logit diff| {r['max_logit_diff']:.3g} {limit}")
+        if r["decode_max_logit_diff"] > export.max_logit_diff:
+            k = r["worst_decode_step"]
+            failures.append(f"{where} new token {k} (position {r['prompt_tokens'] + k}): |logit diff| {r['decode_max_logit_diff']:.3g} {limit}")
+        if not r["greedy_equal"]:
+            k, d = r["first_divergence"], r["divergence"]
+            margin = f" (pytorch top-2 margin {d['torch_top2_margin']:.3g})" if "torch_top2_margin" in d else ""
+            failures.append(f"{where} new token {k} (position {r['prompt_tokens'] + k}): greedy onnx {d['onnx']!r} != pytorch {d['torch']!r}{margin}")
+    return failures
 
 
 def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: list[str] | None = None, int8_dir: Path | None = None) -> dict:
-    """Compare ``onnx_dir`` (and ``int8_dir``) with ``merged_dir``; return the report (``passed``, ``failures``)."""
-    onnx = OrtGenerator(onnx_dir)
-    int8 = OrtGenerator(int8_dir) if int8_dir is not None else None
-    torch_side = TorchSide(merged_dir)
-    texts = pick_prompts(prompts, export.check_prompts)
-    rows = [_check_prompt(i, t, torch_side, onnx, int8, export.check_new_tokens) for i, t in enumerate(texts)]
+    """Compare ``onnx_dir`` (and ``int8_dir``) with ``merged_dir``; return the report (``passed``, ``failures``).
 
-    failures = []
-    for i, r in enumerate(rows):
-        where = f"prompt {i} ({r['prompt'][:40]!r})"
-        if r["max_logit_diff"] > export.max_logit_diff:
-            failures.append(f"{where} position {r['worst_position']}: |logit diff| {r['max_logit_diff']:.3g} > export.max_logit_diff {export.max_logit_diff:g}")
-        if r["decode_max_logit_diff"] > export.max_logit_diff:
-            failures.append(f"{where} new token {r['worst_decode_step']} (position {r['prompt_tokens'] + r['worst_decode_step']}): |logit diff| {r['decode_max_logit_diff']:.3g} > export.max_logit_diff {export.max_logit_diff:g}")
-        if not r["greedy_equal"]:
-            k = r["first_divergence"]
-            a, b = (r["onnx_tokens"] + [None])[k], (r["torch_tokens"] + [None])[k]
-            failures.append(f"{where} new token {k} (position {r['prompt_tokens'] + k}): greedy onnx {a} != pytorch {b}")
+    The three models run one after the other (a 7B export is never in memory twice).
+    """
+    from transformers import AutoTokenizer
+
+    find_onnx_file(onnx_dir)  # bad input fails before any model is loaded
+    if int8_dir is not None:
+        find_onnx_file(int8_dir)
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    texts = pick_prompts(prompts, export.check_prompts)
+    prompt_ids = [render_chat(tok, t) for t in texts]
+    eos = eos_token_ids(Path(onnx_dir), tok)
+
+    refs = _torch_reference(merged_dir, prompt_ids, export.check_new_tokens, eos)
+    gc.collect()
+    rows = _onnx_rows(OrtGenerator(onnx_dir, spin=False), texts, prompt_ids, refs, export.check_new_tokens)
+    gc.collect()
     report = {
         "onnx_dir": str(onnx_dir),
         "merged_dir": str(merged_dir),
@@ -143,17 +167,24 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
         "onnx_tokens_per_s": _tokens_per_s(rows, "onnx_tokens", "onnx_seconds"),
         "prompts": rows,
     }
-    if int8 is not None:
-        agree, total = sum(r["int8"]["agree"] for r in rows), sum(r["int8"]["total"] for r in rows)
-        report["int8_agreement"] = agree / max(total, 1)
+    failures = _failures(rows, export)
+    if int8_dir is not None:
+        for row, q in zip(rows, _int8_rows(OrtGenerator(int8_dir, spin=False), prompt_ids, refs, export.check_new_tokens)):
+            row["int8"] = q
+        report["int8_agreement"] = sum(r["int8"]["agree"] for r in rows) / max(sum(r["int8"]["total"] for r in rows), 1)
         report["int8_tokens_per_s"] = sum(len(r["int8"]["greedy_tokens"]) for r in rows) / max(sum(r["int8"]["seconds"] for r in rows), 1e-9)
         if report["int8_agreement"] < export.min_int8_agreement:
             first = next(((i, r["int8"]["first_divergence"]) for i, r in enumerate(rows) if r["int8"]["first_divergence"] is not None), None)
-            at = f"; first divergence: prompt {first[0]} new token {first[1]}" if first else ""
+            at = f"; first divergence: prompt {first[0]} new token {first[1]} (position {rows[first[0]]['prompt_tokens'] + first[1]})" if first else ""
             failures.append(f"int8 top-1 agreement {report['int8_agreement']:.3f} < export.min_int8_agreement {export.min_int8_agreement:g}{at}")
     report["failures"] = failures
     report["passed"] = not failures
     return report
+
+
+def _tokens_per_s(rows: list[dict], tokens_key: str, seconds_key: str) -> float:
+    tokens = sum(len(r[tokens_key]) for r in rows)
+    return tokens / max(sum(r[seconds_key] for r in rows), 1e-9)
 
 
 def format_table(report: dict) -> str:
@@ -173,13 +204,19 @@ def format_table(report: dict) -> str:
 
 
 def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None) -> dict:
-    """Check ``RUN_DIR/onnx`` (+ ``onnx-int8`` when ``export.int8``) against ``RUN_DIR/merged``; write check.json."""
+    """Check ``RUN_DIR/onnx`` (+ ``onnx-int8`` when ``export.int8``) against ``RUN_DIR/merged``.
+
+    Writes ``RUN_DIR/check.json``, prints the table, and returns the report; the caller exits
+    non-zero when ``report["passed"]`` is false (``report["failures"]`` says where it diverged).
+    """
     run_dir = Path(run_dir)
     if not cfg.export.onnx:
         report = {"passed": True, "failures": [], "skipped": "export.onnx=false: nothing to check"}
+        print("check skipped: export.onnx=false")
     else:
         int8_dir = run_dir / "onnx-int8" if cfg.export.int8 else None
         report = check_onnx(run_dir / "onnx", run_dir / "merged", cfg.export, prompts, int8_dir)
+        print(format_table(report))
     (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

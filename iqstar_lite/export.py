@@ -7,7 +7,7 @@ Writes, next to ``RUN_DIR/adapter/`` (left loadable by ``PeftModel.from_pretrain
     adapter/README.md   card: base model, principle, recipe, beta, alpha, last metrics
     merged/             plain transformers checkpoint (merge.py) + merge.json
     onnx/               decoder with past key/values (onnx_export.py)
-    onnx-int8/          dynamic int8 twin (export.int8)
+    onnx-int8/          int8-weight twin (export.int8; onnx_export.quantize_int8)
     export.json         what was written, sizes, timings
 
 Then ``python -m iqstar_lite.check RUN_DIR/onnx`` gates the export.
@@ -17,11 +17,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig, config_from_dict, load_run_config, parse_overrides
 from iqstar_lite.errors import UserError, run_cli
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh sibling folder; when the block succeeds it replaces ``target``, else it is removed.
+
+    An interrupted export never leaves a half-written ``merged/`` or ``onnx/`` behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def last_metrics(run_dir: Path) -> dict:
@@ -43,7 +73,18 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _eval_summary(path: Path) -> dict:
+    """Scalar entries of ``eval_after.json``'s ``summary`` ({} when absent or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    summary = data.get("summary", data) if isinstance(data, dict) else {}
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))} if isinstance(summary, dict) else {}
+
+
 def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
+    """Markdown model card for ``RUN_DIR/adapter/README.md`` (YAML header for the Hub, then the facts)."""
     metrics = last_metrics(run_dir)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     lines = [
@@ -63,9 +104,9 @@ def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
         f"- **LoRA:** r = {cfg.lora.r}, alpha = {cfg.lora.alpha}, targets `{cfg.lora.target_modules}`; {cfg.train.steps} steps, lr {cfg.train.lr:g}",
         "- **Last metrics:** " + (", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()) if scalars else "(no metrics.jsonl)"),
     ]
-    eval_after = Path(run_dir) / "eval_after.json"
-    if eval_after.is_file():
-        lines.append(f"- **Evaluation after training:** see `../eval_after.json`")
+    after = _eval_summary(Path(run_dir) / "eval_after.json")
+    if after:
+        lines.append("- **Held-out evaluation after training** (principle absent): " + ", ".join(f"{k} {_fmt(v)}" for k, v in after.items()))
     lines += [
         "",
         "Load it on the same base (quantize it as in training to reproduce the trained model exactly):",
@@ -105,8 +146,14 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
         report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx")
         if cfg.export.int8:
             report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8")
+    for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8)):
+        if not wanted and (run_dir / name).is_dir():  # built from an older merge: never check or ship it
+            log.info("removing stale %s (disabled in export settings)", run_dir / name)
+            shutil.rmtree(run_dir / name)
     report["seconds"] = round(time.perf_counter() - start, 2)
     (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    for line in summary(report).splitlines():
+        log.info("%s", line)
     return report
 
 
@@ -123,9 +170,10 @@ def apply_export_overrides(cfg: RecipeConfig, items: list[str]) -> RecipeConfig:
 
 def summary(report: dict) -> str:
     m = report["merge"]
+    why = "merge exactness" if m["fp32_compute_diff_is_merge_exactness"] else "includes the NF4 quantization error"
     lines = [
         f"merged ({m['merge_base']}, {m['dtype']}): {report['merged_bytes'] / 1e6:.1f} MB; max |logit diff| "
-        f"vs 4-bit+LoRA fp32 compute {m['max_abs_logit_diff_vs_fp32_compute']:.3g} (merge exactness), "
+        f"vs {m['quantize']}+LoRA with fp32 compute {m['max_abs_logit_diff_vs_fp32_compute']:.3g} ({why}), "
         f"vs trained ({m['trained_compute_dtype']} compute) {m['max_abs_logit_diff_vs_trained']:.3g}"
     ]
     for key in ("onnx", "onnx_int8"):

@@ -287,6 +287,8 @@ def dequantize_4bit_(model, dtype: torch.dtype = torch.float32):
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             if hasattr(model.config, attr):
                 delattr(model.config, attr)
+        if hasattr(model, "quantization_method"):  # left by from_pretrained; makes .to(dtype) refuse
+            del model.quantization_method
         model.is_loaded_in_4bit = False
         model.is_quantized = False
         if hasattr(model, "hf_quantizer"):

@@ -95,17 +95,23 @@ class Generation:
 class OrtGenerator:
     """Greedy / sampled decoding with the KV cache of an exported decoder (batch size 1)."""
 
-    def __init__(self, onnx_dir: str | Path, threads: int = 0, load_tokenizer: bool = True):
+    def __init__(self, onnx_dir: str | Path, threads: int = 0, load_tokenizer: bool = True, spin: bool = True):
+        """``threads``: intra-op threads (0 = onnxruntime's default); ``spin=False`` stops idle worker
+        threads from busy-waiting (use it when torch shares the CPU, e.g. for fair timings)."""
         self.dir = Path(onnx_dir)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(find_onnx_file(self.dir)), opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         if "input_ids" not in inputs:
             raise UserError(f"{str(self.dir)!r}: the ONNX model has no input_ids input; export it with task text-generation-with-past")
         past = sorted((int(m[1]), m[2] != "key", name) for name in inputs if (m := _PAST.match(name)))
+        if not past:
+            raise UserError(f"{str(self.dir)!r}: the ONNX model has no past_key_values inputs; export it with task text-generation-with-past")
         self.past_names = [name for _, _, name in past]
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
         self.cache_shapes: dict[str, tuple[int, int]] = {}

@@ -53,6 +53,9 @@ def estimator_pass(
             z_pos, z_neg = logits[:m], logits[m:]
             est = estimate(z_pos, z_neg, resp, alpha, top_p, chunk_size, keep_full)
             est["logp_cond"] = token_logprobs(z_pos, resp, chunk_size)
+            if source != "ref":  # pi* from the policy, but rewards and KL stay relative to the true reference
+                with reference_mode(model):
+                    est["logp_ref"] = token_logprobs(response_logits(model, pack(plain_ids[sl], resp, pad_id), T), resp, chunk_size)
             for k, v in est.items():
                 parts.setdefault(k, []).append(v)
             del logits, z_pos, z_neg

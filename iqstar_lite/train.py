@@ -49,17 +49,20 @@ def make_scheduler(optimizer, cfg: RecipeConfig):
     from transformers import get_scheduler
 
     total = max(1, cfg.train.steps * cfg.loss.epochs)
-    return get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
+    name = "constant_with_warmup" if cfg.train.schedule == "constant" and cfg.train.warmup_steps else cfg.train.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
 
 
 def prompt_batch(examples: list[Example], step: int, n: int, seed: int) -> list[Example]:
     """Deterministic epoch-wise shuffled cycling: the same step always gets the same prompts (resume)."""
+    orders: dict[int, list[int]] = {}
     out = []
     for j in range(step * n, step * n + n):
         epoch, i = divmod(j, len(examples))
-        order = list(range(len(examples)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        out.append(examples[order[i]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(examples)))
+            random.Random(seed * 100_003 + epoch).shuffle(orders[epoch])
+        out.append(examples[orders[epoch][i]])
     return out
 
 

@@ -1,0 +1,202 @@
+"""bench/results/*.json -> bench/RESULTS.md (tables: min / median / max, ratios to the peer of the same run) + bench/plots/*.png.
+
+    python bench/report.py            # every result, newest first per benchmark; plots of the newest
+    python bench/report.py --latest   # only the newest result of each benchmark
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common import BENCH_DIR, base_parser, parse_args
+
+PLOTS = BENCH_DIR / "plots"
+ORDER = ("step_vs_trl", "hardware", "onnx_speed", "decode_vs_trained")
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+
+
+def mmm(st: dict | None) -> list:
+    st = st or {}
+    return [st.get("min"), st.get("median"), st.get("max")]
+
+
+def header(d: dict, path: Path) -> list[str]:
+    m, v = d["machine"], d["machine"]["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes", "trl", "onnxruntime") if v.get(k))
+    out = [f"### {d['bench']} — {d['created']} (`{path.name}`)", "",
+           f"{m['cpu']['model']}, {m['cores_usable']} usable cores, {m['memory_gib']} GiB, load {m['load_avg_1_5_15']}; {libs}; "
+           f"git {str(m['git']['commit'])[:10]}{' (dirty)' if m['git']['dirty'] else ''}", "", f"`{d['command']}`", ""]
+    if d["settings"].get("quick"):
+        out += ["> **--quick smoke run: the numbers are meaningless.**", ""]
+    return out
+
+
+# ----------------------------------------------------------------------------- one section per benchmark
+
+
+def step_vs_trl(r: dict) -> list[str]:
+    peers = [p for p in ("iq", "trl") if p in r]
+    keys = [("seconds", "s / step"), ("t_rollout", "rollout s"), ("t_estimator", "estimator / reference s"), ("t_update", "update s"),
+            ("gen_tokens_per_s_step", "generated tokens / s (step)"), ("gen_tokens_per_s_rollout", "generated tokens / s (rollout)"),
+            ("gen_tokens_per_step", "generated tokens / step"), ("warmup_seconds", "warm-up step s"), ("peak_rss_gib", "peak RSS GiB"),
+            ("load_peak_rss_gib", "peak RSS when loading ended GiB")]
+    head = ["metric"] + [f"{p} {s}" for p in peers for s in ("min", "median", "max")] + (["iq / trl (median)"] if len(peers) == 2 else [])
+    rows = []
+    for k, label in keys:
+        row = [label] + [x for p in peers for x in mmm(r[p].get(k))]
+        if len(peers) == 2:
+            a, b = (r["iq"].get(k) or {}).get("median"), (r["trl"].get(k) or {}).get("median")
+            row.append(round(a / b, 3) if a is not None and b else None)
+        rows.append(row)
+    out = table(head, rows) + [""] + [f"- {p}: optimizer `{r[p]['optimizer']}`, compute dtype {r[p]['compute_dtype']}, {r[p].get('linear4bit_layers')} "
+                                     f"4-bit layers ({r[p].get('repacked_layers')} repacked), {fmt(r[p].get('trainable_params'))} trainable params" for p in peers]
+    if "targets" in r:
+        t = r["targets"]
+        out.append(f"- targets: step time ≤ {t['step_time_ratio_max']}× TRL: {fmt(t['step_time_met'])}; peak RSS ≤ {t['peak_rss_ratio_max']}× TRL: {fmt(t['peak_rss_met'])}")
+    return out
+
+
+def hardware(r: dict) -> list[str]:
+    rows = [[f"matmul {k} GFLOP/s", *mmm(v)] for k, v in r["matmul_gflops"].items()]
+    rows += [[f"memory {k} GB/s ({r['bandwidth_gbs']['mib']} MiB)", *mmm(r["bandwidth_gbs"][k])] for k in ("copy", "read")]
+    u = r["utilisation"]
+    rows += [[f"run: {k}", *mmm(u[k])] for k in ("update_gflops_6N", "update_gflops_4N", "estimator_gflops", "gen_tokens_per_s",
+                                                   "rollout_gbs_packed", "rollout_gbs_dequant")]
+    out = table(["measure", "min", "median", "max"], rows) + [""]
+    out += [f"- update MFU (6N) {fmt(u['mfu_update_6N_vs_measured_peak'])}, (4N) {fmt(u['mfu_update_4N_vs_measured_peak'])}; estimator MFU "
+            f"{fmt(u['mfu_estimator_vs_measured_peak'])} — of the measured {u['peak_used']['compute_dtype']} peak {fmt(u['peak_used']['gflops'])} GFLOP/s",
+            f"- rollout bandwidth utilisation: {fmt(u['rollout_bw_util_packed'])} (NF4 bytes), {fmt(u['rollout_bw_util_dequant'])} (with the bf16 "
+            f"dequantize round trip) of {fmt(u['peak_used']['copy_gbs'])} GB/s; run: {r['run']['metrics']}"]
+    if "profile" in r:
+        out += ["", "Top ops by self CPU time (one step):", ""]
+        out += table(["op", "calls", "self CPU ms", "CPU total ms"], [[e["op"], e["calls"], e["self_cpu_ms"], e["cpu_total_ms"]] for e in r["profile"]["top_self_cpu"]])
+    return out
+
+
+def per_batch(speed: dict, ratios: dict, ratio_key) -> list[list]:
+    rows = []
+    for name, by_batch in speed.items():
+        for b, st in by_batch.items():
+            st = st.get("tokens_per_s", st)
+            rows.append([name, b.replace("batch_", ""), *mmm(st), ratios.get(b, {}).get(ratio_key(name))])
+    return rows
+
+
+def onnx_speed(r: dict) -> list[str]:
+    head = ["backend", "batch", "tokens/s min", "median", "max", "× pytorch (median)"]
+    out = table(head, per_batch(r["tokens_per_s"], r["ratios"], lambda n: {"onnx": "onnx_over_pytorch", "onnx-int8": "int8_over_pytorch"}.get(n)))
+    out += [""] + [f"- batch {b[6:]}: int8 / fp32 ONNX = {fmt(v['int8_over_onnx'])}" for b, v in r["ratios"].items()]
+    out += ["- top-1 agreement with the merged model: " + ", ".join(f"{k} {fmt(v['agreement'])} ({v['agree']}/{v['total']})" for k, v in r["agreement"].items()),
+            f"- bench batch loop = package batch-1 generate on {fmt(r['bench_loop_matches_package_generate'])} of rows"]
+    t = r["targets"]
+    out.append(f"- targets: ONNX ≥ {t['onnx_over_pytorch_min']}× PyTorch, int8 ≥ {t['int8_over_onnx_min']}× fp32 ONNX, agreement ≥ {t['int8_agreement_min']}: "
+               + "; ".join(f"{k}: ONNX {fmt(v['onnx_met'])}, int8 speed {fmt(v['int8_speed_met'])}" for k, v in t.items() if k.startswith("batch_"))
+               + f"; agreement {fmt(t['int8_agreement_met'])}")
+    return out
+
+
+def decode_vs_trained(r: dict) -> list[str]:
+    head = ["decoder", "batch", "tokens/s min", "median", "max", "× contrastive (median)"]
+    out = table(head, per_batch(r["tokens_per_s"], r["ratios"], lambda n: f"{n}_over_contrastive")) + [""]
+    if r["quality"]:
+        keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_per_token", "mean_tokens", "n"]
+        out += table(["evaluation"] + keys, [[name] + [q.get(k) for k in keys] for name, q in r["quality"].items()])
+    return out
+
+
+SECTIONS = {"step_vs_trl": step_vs_trl, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot(d: dict) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (see bench/README.md): no plots")
+        return None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, name = d["results"], d["bench"]
+    fig, axes = plt.subplots(1, 2 if name == "step_vs_trl" else 1, figsize=(10 if name == "step_vs_trl" else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if name == "step_vs_trl":
+        peers = [p for p in ("iq", "trl") if p in r]
+        bottom = [0.0] * len(peers)
+        for phase in ("t_rollout", "t_estimator", "t_update"):
+            vals = [r[p][phase]["median"] for p in peers]
+            ax.bar(peers, vals, bottom=bottom, label=phase[2:])
+            bottom = [a + b for a, b in zip(bottom, vals)]
+        ax.set_ylabel("median s / step")
+        ax.legend()
+        axes[0][1].bar(peers, [r[p]["peak_rss_gib"]["median"] for p in peers], color="gray")
+        axes[0][1].set_ylabel("peak RSS GiB")
+    elif name == "hardware":
+        ax.bar(list(r["matmul_gflops"]), [v["median"] for v in r["matmul_gflops"].values()])
+        ax.set_ylabel("matmul GFLOP/s (median)")
+    elif name in ("onnx_speed", "decode_vs_trained"):
+        speed = r["tokens_per_s"]
+        batches = sorted({b for v in speed.values() for b in v}, key=lambda b: int(b[6:]))
+        width = 0.8 / len(speed)
+        for i, (backend, by_batch) in enumerate(speed.items()):
+            vals = [by_batch.get(b, {}).get("tokens_per_s", by_batch.get(b, {})).get("median") or 0 for b in batches]
+            ax.bar([j + i * width for j in range(len(batches))], vals, width, label=backend)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [b.replace("_", " ") for b in batches])
+        ax.set_ylabel("tokens/s (median)")
+        ax.legend(fontsize=8)
+    else:
+        plt.close(fig)
+        return None
+    fig.suptitle(f"{name} — {d['created']}" + (" (--quick)" if d["settings"].get("quick") else ""))
+    fig.tight_layout()
+    PLOTS.mkdir(exist_ok=True)
+    path = PLOTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    p = base_parser("Render bench/results/*.json into bench/RESULTS.md and bench/plots/.")
+    p.add_argument("--latest", action="store_true", help="only the newest result of each benchmark")
+    p.add_argument("--no-plots", action="store_true")
+    args = parse_args(p, {})
+    files = sorted(args.results.glob("*.json"), reverse=True)  # names end in a timestamp: newest first
+    by_bench: dict[str, list[tuple[Path, dict]]] = {}
+    for f in files:
+        d = json.loads(f.read_text())
+        by_bench.setdefault(d["bench"], []).append((f, d))
+    lines = ["# Benchmark results", "", "Generated by `python bench/report.py` from `bench/results/*.json`; how to run them: `bench/README.md`.", ""]
+    rendered = 0
+    for bench in sorted(by_bench, key=lambda b: ORDER.index(b) if b in ORDER else len(ORDER)):
+        runs = by_bench[bench][:1] if args.latest else by_bench[bench]
+        rendered += len(runs)
+        lines += [f"## {bench}", ""]
+        png = None if args.no_plots else plot(runs[0][1])
+        if png:
+            lines += [f"![{bench}](plots/{png.name})", ""]
+        for path, d in runs:
+            lines += header(d, path) + SECTIONS.get(bench, lambda r: ["(unknown benchmark)"])(d["results"]) + [""]
+            lines += [f"- note: {n}" for n in d.get("notes", [])] + [""]
+    out = BENCH_DIR / "RESULTS.md"
+    out.write_text("\n".join(lines))
+    print(f"wrote {out} ({rendered} of {len(files)} results)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""One Inverse-Q* optimizer step vs one TRL GRPOTrainer step: same model, prompts, rollout size, micro-batch.
+
+    python bench/step_vs_trl.py                  # SmolLM2-135M-Instruct NF4, 8 prompts x 2 samples x 32 tokens
+    python bench/step_vs_trl.py --quick          # tiny random model, smoke test only
+
+Each peer runs in its own subprocess (peak RSS per peer, via wait4), ``--runs`` times, alternating the
+order. A run does 1 warm-up step + ``--steps`` measured steps; medians exclude warm-up steps.
+Inverse-Q*: ``iqstar_lite.train.train`` itself, split read from its metrics.jsonl (t_rollout /
+t_estimator / t_update). TRL: ``GRPOTrainer`` with beta > 0 and a peft LoraConfig (reference = the
+adapter-disabled policy), the same NF4 base loaded by ``iqstar_lite.model.load_base`` (passed as a
+model object), step time from on_step_begin/on_step_end; rollout = ``_generate``, "estimator" =
+the rest of ``_generate_and_score_completions`` (reference pass + reward), update = the remainder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (GIB, base_parser, parse_args, quiet_libraries, ratio, run_child, self_peak_rss, set_threads, stats, training_prompts,
+                    warn_if_busy, write_result)
+
+TARGETS = {"step_time_ratio_max": 0.5, "peak_rss_ratio_max": 0.7}
+PHASES = ("seconds", "t_rollout", "t_estimator", "t_update")
+
+
+# ----------------------------------------------------------------------------- shared set-up (children)
+
+
+def recipe(s: dict):
+    from iqstar_lite.config import load_recipe
+
+    return load_recipe("smollm2_cpu", [
+        f"model.path={s['model']}", f"rollout.prompts_per_step={s['prompts']}", f"rollout.samples_per_prompt={s['samples']}",
+        f"rollout.max_new_tokens={s['tokens']}", f"train.micro_batch={s['micro_batch']}", f"train.steps={s['steps'] + 1}",
+        "train.checkpoint_every=0", "eval.enabled=false",
+    ])
+
+
+class Captured(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def child_iq(s: dict, cfg, tmp: Path) -> dict:
+    from iqstar_lite.model import compute_dtype, load_policy, load_tokenizer, pick_device
+    from iqstar_lite.train import train
+
+    device = pick_device(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.path)
+    model = load_policy(cfg.model, cfg.lora, device)
+    if s["fixed_length"]:  # generate() merges the model's generation_config: every row gets exactly `tokens`
+        model.get_base_model().generation_config.min_new_tokens = cfg.rollout.max_new_tokens
+    loaded = self_peak_rss()
+    captured = Captured()
+    logging.getLogger("iqstar_lite").addHandler(captured)
+    logging.getLogger("iqstar_lite").setLevel(logging.INFO)
+    train(cfg, tmp, model, tokenizer, training_prompts(cfg, tokenizer), device)
+    rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    steps = [{**{k: r[k] for k in PHASES}, "gen_tokens": round(r["response_len"] * n)} for r in rows]
+    optimizer = next((line[len("optimizer: "):] for line in captured.lines if line.startswith("optimizer:")), "unknown")
+    return {"steps": steps, "optimizer": optimizer, "compute_dtype": str(compute_dtype(cfg.model, device)), "load_peak_rss_bytes": loaded,
+            **layer_facts(model)}
+
+
+def layer_facts(model) -> dict:
+    """How many 4-bit layers the peer really ran, and how many bitsandbytes repacked (a different CPU kernel)."""
+    from iqstar_lite.model import linear4bit_layers
+
+    layers = linear4bit_layers(model)
+    return {"linear4bit_layers": len(layers), "repacked_layers": sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def length_reward(completions, **_):
+    """Trivial reward (only cost is measured): completion length in characters."""
+    return [float(len(c[-1]["content"]) if isinstance(c, list) else len(c)) for c in completions]
+
+
+def phase_timer(trainer):
+    """A TrainerCallback timing each optimizer step and, inside it, TRL's generation and scoring."""
+    from transformers import TrainerCallback
+
+    class PhaseTimer(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+            self.cur: dict = {}
+            self.t0 = 0.0
+            gen, score = trainer._generate, trainer._generate_and_score_completions
+
+            def timed_generate(*a, **k):
+                t = time.perf_counter()
+                out = gen(*a, **k)
+                self.cur["t_rollout"] += time.perf_counter() - t
+                self.cur["gen_tokens"] += sum(len(c) for c in out[1])  # completion ids up to and incl. EOS
+                return out
+
+            def timed_score(*a, **k):
+                t = time.perf_counter()
+                out = score(*a, **k)
+                self.cur["t_score"] += time.perf_counter() - t
+                return out
+
+            trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_score
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.cur = {"t_rollout": 0.0, "t_score": 0.0, "gen_tokens": 0}
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            c, seconds = self.cur, time.perf_counter() - self.t0
+            self.steps.append({"seconds": round(seconds, 3), "t_rollout": round(c["t_rollout"], 3),
+                               "t_estimator": round(c["t_score"] - c["t_rollout"], 3), "t_update": round(seconds - c["t_score"], 3),
+                               "gen_tokens": c["gen_tokens"]})
+
+    return PhaseTimer()
+
+
+def child_trl(s: dict, cfg, tmp: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from iqstar_lite.model import compute_dtype, load_base, load_tokenizer, pick_device, quantization_config, resolve_model_path
+    from iqstar_lite.train import prompt_batch
+
+    device = pick_device(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.path)
+    rc, steps = cfg.rollout, cfg.train.steps
+    prompts = training_prompts(cfg, tokenizer)
+    order = [e for step in range(steps) for e in prompt_batch(prompts, step, rc.prompts_per_step, cfg.train.seed)]
+    n = rc.prompts_per_step * rc.samples_per_prompt
+    mb = min(cfg.train.micro_batch, n)
+    args = GRPOConfig(
+        output_dir=str(tmp), per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=rc.samples_per_prompt,
+        max_completion_length=rc.max_new_tokens, max_prompt_length=cfg.data.max_prompt_tokens, temperature=rc.temperature, top_p=rc.top_p,
+        beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps, learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=steps,
+        lr_scheduler_type="constant", optim=s["trl_optim"], use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        logging_steps=1, save_strategy="no", shuffle_dataset=False, disable_tqdm=True, seed=cfg.train.seed, dataloader_num_workers=0,
+        generation_kwargs={"min_new_tokens": rc.max_new_tokens} if s["fixed_length"] else None,
+    )
+    lora = cfg.lora
+    targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    if s["trl_load"] == "native":  # TRL loads the model itself: the same BitsAndBytesConfig and dtypes as load_base
+        model = resolve_model_path(cfg.model.path)
+        args.model_init_kwargs = {"quantization_config": quantization_config(cfg.model, device), "dtype": "float32", "device_map": {"": str(device)}}
+    else:  # the very model object iqstar_lite trains (CPU repack fast path switched off)
+        model = load_base(cfg.model, device)
+    trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": e.messages} for e in order]), processing_class=tokenizer, peft_config=peft_cfg)
+    loaded = self_peak_rss()
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict instead
+    timer = phase_timer(trainer)
+    trainer.add_callback(timer)
+    trainer.train()
+    return {"steps": timer.steps, "optimizer": f"{type(trainer.optimizer.optimizer).__module__}.{type(trainer.optimizer.optimizer).__name__}",
+            "compute_dtype": str(compute_dtype(cfg.model, device)), "ref_model_is_adapter_disabled_policy": trainer.ref_model is None,
+            "load_peak_rss_bytes": loaded, **layer_facts(trainer.model)}
+
+
+def child_main(peer: str, settings: str, out: str) -> None:
+    quiet_libraries()
+    s = json.loads(settings)
+    set_threads(s["threads"])
+    cfg = recipe(s)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{peer}-") as tmp:
+        data = (child_iq if peer == "iq" else child_trl)(s, cfg, Path(tmp))
+    data["peak_rss_self_bytes"] = self_peak_rss()
+    Path(out).write_text(json.dumps(data))
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def summarize(runs: list[dict]) -> dict:
+    measured = [st for run in runs for st in run["steps"][1:]]  # step 0 of every run is the warm-up
+    out = {k: stats([st[k] for st in measured]) for k in PHASES}
+    out["gen_tokens_per_step"] = stats([st["gen_tokens"] for st in measured], 1)
+    out["gen_tokens_per_s_rollout"] = stats([st["gen_tokens"] / max(st["t_rollout"], 1e-9) for st in measured], 2)
+    out["gen_tokens_per_s_step"] = stats([st["gen_tokens"] / max(st["seconds"], 1e-9) for st in measured], 2)
+    out["warmup_seconds"] = stats([run["steps"][0]["seconds"] for run in runs])
+    out["peak_rss_gib"] = stats([run["peak_rss_bytes"] / GIB for run in runs], 3)
+    out["load_peak_rss_gib"] = stats([run["load_peak_rss_bytes"] / GIB for run in runs], 3)  # high-water mark when loading ended
+    for key in ("optimizer", "compute_dtype", "linear4bit_layers", "repacked_layers", "trainable_params"):
+        out[key] = runs[0].get(key)
+    return out
+
+
+def compare(iq: dict, trl: dict) -> dict:
+    q = {"step_time": ratio(iq["seconds"]["median"], trl["seconds"]["median"]),
+         "peak_rss": ratio(iq["peak_rss_gib"]["median"], trl["peak_rss_gib"]["median"]),
+         "gen_tokens_per_s_step": ratio(iq["gen_tokens_per_s_step"]["median"], trl["gen_tokens_per_s_step"]["median"])}
+    met = {"step_time_met": q["step_time"] is not None and q["step_time"] <= TARGETS["step_time_ratio_max"],
+           "peak_rss_met": q["peak_rss"] is not None and q["peak_rss"] <= TARGETS["peak_rss_ratio_max"]}
+    return {"ratios_iq_over_trl": q, "targets": {**TARGETS, **met}}
+
+
+def notes(args) -> list[str]:
+    return [
+        "Same NF4 BitsAndBytesConfig (iqstar_lite.model.quantization_config: bf16 compute where the CPU has AVX512-bf16) and fp32 "
+        "embeddings/norms/lm_head on both sides. " + ("TRL loads it itself via GRPOConfig.model_init_kwargs; it never calls eval() during "
+        "training, so bitsandbytes' eval-only CPU repack never triggers there either." if args.trl_load == "native" else
+        "TRL gets load_base()'s model object (repack fast path off), so GRPOConfig.model_init_kwargs is unused."),
+        "TRL: bf16=False (no autocast, same dtypes as iqstar_lite) and gradient_checkpointing=False (GRPOConfig defaults both to True).",
+        "Inverse-Q* step = rollout + estimator (2 reference passes stacked: principle / no principle) + update (distill loss, full-vocab KL); "
+        "TRL step = rollout + 1 reference pass + reward + GRPO update (loss_type=dapo, beta>0).",
+        "Fixed length: min_new_tokens = tokens on both sides, so both generate the same token count." if not args.natural_length
+        else "Natural length: responses stop at EOS; compare tokens/s rather than s/step.",
+        "Medians exclude the first (warm-up) step of every run; peak RSS is the child's ru_maxrss (os.wait4), whole process incl. loading; "
+        "load_peak_rss is the high-water mark when loading ended (iq: load_policy; TRL: GRPOTrainer built): if peak == load peak, training added nothing.",
+    ]
+
+
+def main() -> None:
+    p = base_parser("Inverse-Q* step vs TRL GRPOTrainer step (time, tokens/s, peak RSS).")
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=2, help="K responses per prompt (TRL num_generations)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per response (TRL max_completion_length)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="measured steps per run (after 1 warm-up step)")
+    p.add_argument("--runs", type=int, default=3, help="subprocess runs per peer (peak RSS is one number per run)")
+    p.add_argument("--peers", default="iq,trl")
+    p.add_argument("--natural-length", action="store_true", help="let responses stop at EOS (default: exactly --tokens each)")
+    p.add_argument("--trl-load", choices=("native", "object"), default="native",
+                   help="native: TRL loads the model via GRPOConfig.model_init_kwargs (NF4 BitsAndBytesConfig); object: pass load_base()'s model")
+    p.add_argument("--trl-optim", default="adamw_bnb_8bit", help="TRL optim= (iqstar_lite uses bitsandbytes AdamW8bit)")
+    args = parse_args(p, {"model": "embedded:tiny-random", "prompts": 2, "samples": 2, "tokens": 8, "micro_batch": 4, "steps": 1, "runs": 1})
+    n = args.prompts * args.samples
+    if n % min(args.micro_batch, n):
+        p.error(f"prompts x samples ({n}) must be a multiple of --micro-batch ({args.micro_batch}) for TRL's accumulation")
+    peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    settings = {"model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens, "micro_batch": args.micro_batch,
+                "steps": args.steps, "runs": args.runs, "fixed_length": not args.natural_length, "trl_optim": args.trl_optim, "trl_load": args.trl_load,
+                "threads": args.threads, "quick": args.quick, "peers": peers}
+    warn_if_busy()
+    runs: dict[str, list[dict]] = {peer: [] for peer in peers}
+    for r in range(args.runs):
+        for peer in (peers if r % 2 == 0 else peers[::-1]):
+            print(f"run {r + 1}/{args.runs}: {peer} ...", flush=True)
+            runs[peer].append(run_child([sys.executable, __file__, "--child", peer, json.dumps(settings)], env={"TQDM_DISABLE": "1"}))
+    results = {peer: summarize(rs) for peer, rs in runs.items()}
+    results["raw"] = runs
+    if "iq" in results and "trl" in results:
+        results.update(compare(results["iq"], results["trl"]))
+    for peer in peers:
+        rr = results[peer]
+        print(f"{peer:>4}: {rr['seconds']['median']:.2f} s/step (rollout {rr['t_rollout']['median']:.2f}, estimator {rr['t_estimator']['median']:.2f}, "
+              f"update {rr['t_update']['median']:.2f}); {rr['gen_tokens_per_s_step']['median']:.1f} gen tok/s; peak RSS {rr['peak_rss_gib']['median']:.2f} GiB")
+    if "ratios_iq_over_trl" in results:
+        print(f"iq/trl: step time {results['ratios_iq_over_trl']['step_time']}, peak RSS {results['ratios_iq_over_trl']['peak_rss']}")
+    write_result("step_vs_trl", settings, results, notes(args), args.results)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child_main(*sys.argv[2:5])
+    else:
+        main()
