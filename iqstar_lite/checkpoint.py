@@ -1,48 +1,28 @@
-"""Atomic adapter checkpoints (temp dir + rename) and resume."""
+"""Atomic adapter checkpoints and resume."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from iqstar_lite.atomic import atomic_dir
 
 KEEP_LAST = 2
 
 
 def save_adapter_atomic(model, target: Path) -> None:
     """Write a peft adapter directory so that ``target`` is either the old or the complete new one."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     target = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=ckpt_root))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp / "adapter")
         state = {
             "step": step,
@@ -51,10 +31,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler) -> Pa
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
         torch.save(state, tmp / "trainer_state.pt")
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(ckpt_root.glob("step-*"))[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -18,40 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig, config_from_dict, load_run_config, parse_overrides
 from iqstar_lite.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a fresh sibling folder; when the block succeeds it replaces ``target``, else it is removed.
-
-    An interrupted export never leaves a half-written ``merged/`` or ``onnx/`` behind.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def last_metrics(run_dir: Path) -> dict:

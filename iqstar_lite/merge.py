@@ -26,7 +26,7 @@ import torch
 
 from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.errors import UserError
-from iqstar_lite.export import atomic_dir
+from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.model import compute_dtype, dequantize_4bit_, load_base, pick_device, resolve_model_path
 from iqstar_lite.ort_generate import render_chat
 

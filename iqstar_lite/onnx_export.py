@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from iqstar_lite.export import atomic_dir
+from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.ort_generate import find_onnx_file
 
 # Everything a self-contained model folder needs besides the graph (optimum copies these for the fp32 export).
