@@ -53,6 +53,12 @@ def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], al
     return torch.stack(out, dim=1)
 
 
+def repetition(text: str) -> float:
+    """1 - distinct words / words: 0 for no repeated word, -> 1 for a loop. A degeneration check beside the judge."""
+    words = text.split()
+    return 1.0 - len(set(words)) / len(words) if words else 0.0
+
+
 def _rate(scores: list[float]) -> float | None:
     return round(sum(scores) / len(scores), 4) if scores else None
 
@@ -86,6 +92,7 @@ def evaluate(
                 "principle_score": float((est["principle_gap"][i] * m).sum() / n_tok),
                 "kl_per_token": float((pvr["kl"][i] * m).sum() / n_tok),
                 "judge": judge(text) if judge else None,
+                "repetition": round(repetition(text), 4),
             })
     summary = {
         "n": len(records),
@@ -94,6 +101,7 @@ def evaluate(
         "judge": getattr(judge, "__name__", None),
         "judge_rate": _rate([r["judge"] for r in records if r["judge"] is not None]),
         "mean_tokens": _rate([r["tokens"] for r in records]),
+        "repetition": _rate([r["repetition"] for r in records]),
         "seconds": round(time.time() - t0, 1),
     }
     for kind in sorted({r["kind"] for r in records if r["kind"]}):
