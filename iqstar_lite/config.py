@@ -103,8 +103,9 @@ class TrainConfig:
     lr: float = 2e-4
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    micro_batch: int = 8
-    """Sequences per forward/backward; gradient accumulation covers the rest of the rollout batch."""
+    micro_batch: int = 4
+    """Sequences per forward/backward; gradient accumulation covers the rest of the rollout batch.
+    SmolLM2 (16 x ~75 tokens per step): micro-batch 8 peaked at 3.9 GiB RSS, 4 at 2.6 GiB, same update time."""
     max_grad_norm: float = 1.0
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
     weight_decay: float = 0.0
