@@ -192,6 +192,8 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     path = resolve_model_path(cfg.path)
     qcfg = quantization_config(cfg, device)
     # Non-quantized parts (embeddings, norms, lm_head): fp32 on CPU for exact log-probs, compute dtype on GPU.
+    # Measured on SmolLM2 (16 x 32 tokens/step): bf16 there was *slower* on this CPU (rollout 3.9 vs 3.4 s,
+    # estimator 2.4 vs 1.9 s, update 3.3 vs 2.9 s) at about the same peak RSS, so fp32 costs nothing here.
     dtype = compute_dtype(cfg, device) if (qcfg is None or device.type == "cuda") else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)})
