@@ -235,6 +235,11 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -258,7 +263,7 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
         if key not in fields:
             valid = ", ".join(fields)
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             problems.append(f"unknown key {dotted!r}{hint}; valid keys here: {valid}")
             continue
         hint = hints[key]
@@ -310,9 +315,8 @@ def config_from_dict(data: dict, name: str = "custom") -> RecipeConfig:
     problems: list[str] = []
     data = dict(data)
     data.setdefault("name", name)
-    cfg = _build(RecipeConfig, data, "", problems)
-    if not problems:
-        _check_values(cfg, problems)
+    cfg = _build(RecipeConfig, data, "", problems)  # bad keys/types are reported and left at their defaults
+    _check_values(cfg, problems)
     if problems:
         if len(problems) == 1:
             raise UserError(f"bad recipe {name!r}: {problems[0]}")
