@@ -30,15 +30,19 @@ def tokenizer(tiny_path):
 
 def make_policy(path: str, quantize: str = "nf4", seed: int = 0, randomize_lora: bool = True):
     """Tiny base + LoRA with non-zero B (so adapters change the output)."""
-    import torch
-
     from iqstar_lite.config import LoraSettings, ModelConfig
     from iqstar_lite.model import load_policy
 
     model = load_policy(ModelConfig(path=path, quantize=quantize, device="cpu"), LoraSettings(r=4, alpha=8))
-    if randomize_lora:
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return randomize_lora_b(model, std=0.05, seed=seed) if randomize_lora else model
+
+
+def randomize_lora_b(model, std: float, seed: int = 0):
+    """LoRA B starts at zero (adapter = identity); give it small random values so merges and exports matter."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=g) * std)
     return model

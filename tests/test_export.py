@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import randomize_lora_b
 import torch
 
 from iqstar_lite.config import ExportConfig, LoraSettings, ModelConfig, RecipeConfig, save_config
@@ -78,11 +79,7 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("run")
     cfg = _tiny_cfg(tiny_model_dir)
-    policy = load_policy(cfg.model, cfg.lora)
-    torch.manual_seed(1)
-    for name, p in policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    policy = randomize_lora_b(load_policy(cfg.model, cfg.lora), std=0.05, seed=1)
     policy.save_pretrained(run / "adapter")
     save_config(cfg, run / "config.yaml")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25, "kl": 0.01}\n')
@@ -359,11 +356,7 @@ def test_smollm2_export_and_check(tmp_path):
     from iqstar_lite.model import load_policy
 
     cfg = RecipeConfig(name="smollm2", model=ModelConfig(path=EMBEDDED_MODEL, device="cpu"), lora=LoraSettings(r=16, alpha=32))
-    policy = load_policy(cfg.model, cfg.lora)
-    torch.manual_seed(0)
-    for name, p in policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
+    policy = randomize_lora_b(load_policy(cfg.model, cfg.lora), std=0.01, seed=0)
     policy.save_pretrained(tmp_path / "adapter")
     del policy
     save_config(cfg, tmp_path / "config.yaml")
