@@ -15,6 +15,8 @@ gradients off by ~9), so the fast path stays off: mode-independent and robust.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 import json
 import logging
@@ -186,22 +188,89 @@ def quantization_config(cfg: ModelConfig, device: torch.device):
     )
 
 
+FP32_UNQUANTIZED_MAX_BYTES = 2**30
+
+
+def embedding_params(model_config) -> int:
+    """Input embeddings + lm_head (one matrix when tied): the bulk of what NF4 leaves unquantized."""
+    n = model_config.vocab_size * model_config.hidden_size
+    return n if getattr(model_config, "tie_word_embeddings", False) else 2 * n
+
+
+def unquantized_dtype(cfg: ModelConfig, device: torch.device, model_config) -> torch.dtype:
+    """Dtype of embeddings / norms / lm_head next to an NF4 base (``ModelConfig.unquantized_dtype``).
+
+    Measured on SmolLM2 (16 x 32 tokens/step): bf16 there was *slower* on this CPU than fp32 (rollout 3.9
+    vs 3.4 s, estimator 2.4 vs 1.9 s, update 3.3 vs 2.9 s) at about the same peak RSS, so small models keep
+    fp32 on CPU (exact log-probs); a 7B's 152k x 3584 embeddings + head would take 4.1 GiB in fp32, so large
+    ones do not. (That measurement predates the lm_head input hook below, which removed a per-call weight
+    copy that only bf16 heads paid; bf16 vs fp32 on small models has not been re-measured since.)
+    """
+    if cfg.unquantized_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.unquantized_dtype]
+    if device.type == "cuda" or embedding_params(model_config) * 4 > FP32_UNQUANTIZED_MAX_BYTES:
+        return compute_dtype(cfg, device)
+    return torch.float32
+
+
 def load_base(cfg: ModelConfig, device: torch.device | None = None):
     """The frozen base model (4-bit NF4 or plain), on ``device``, with the CPU repack fast path off."""
     device = device or pick_device(cfg)
     path = resolve_model_path(cfg.path)
     qcfg = quantization_config(cfg, device)
-    # Non-quantized parts (embeddings, norms, lm_head): fp32 on CPU for exact log-probs, compute dtype on GPU.
-    # Measured on SmolLM2 (16 x 32 tokens/step): bf16 there was *slower* on this CPU (rollout 3.9 vs 3.4 s,
-    # estimator 2.4 vs 1.9 s, update 3.3 vs 2.9 s) at about the same peak RSS, so fp32 costs nothing here.
-    dtype = compute_dtype(cfg, device) if (qcfg is None or device.type == "cuda") else torch.float32
+    dtype = compute_dtype(cfg, device) if qcfg is None else unquantized_dtype(cfg, device, load_model_config(cfg.path))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)})
     except OSError as e:
         raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path") from None
     model.requires_grad_(False)
+    if device.type == "cpu":
+        own_cpu_memory(model)
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(_head_input_2d)
+    head.register_forward_hook(_head_output_3d)
     disable_cpu_repack(model)
     return model
+
+
+def _head_input_2d(module, args):
+    """lm_head gets ``hidden[:, -k:]`` (logits_to_keep): a strided 3-D view. On CPU a bf16 linear on a strided
+    or grad-requiring 3-D input first copies the whole transposed weight: measured +0.15-0.3 GiB per call for a
+    152k x 512 head, ~1-2 GiB per call (a 1 GB copy per generated token) for a 7B's 152k x 3584 head.
+    A contiguous 2-D input takes the plain GEMM path (no copy); ``_head_output_3d`` restores the shape."""
+    x = args[0]
+    module._iq_lead_shape = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]), *args[1:])
+
+
+def _head_output_3d(module, args, output):
+    return output.view(*module._iq_lead_shape, output.shape[-1])
+
+
+def own_cpu_memory(model) -> None:
+    """Copy CPU parameters that still view the checkpoint's memory-mapped safetensors into process memory.
+
+    Where the file dtype equals the load dtype, from_pretrained keeps zero-copy views; one small view (a
+    norm) keeps its whole shard mapped, and every page read while loading stays resident: on SmolLM2 RSS
+    drops from 1.07 to 0.77 GiB after this, on the 7B random checkpoint the mapped shards held ~13 GiB.
+    """
+    for p in model.parameters():
+        if not hasattr(p, "quant_state"):  # bnb Params4bit were created by quantizing: already owned
+            p.data = p.data.clone()
+    gc.collect()
+    release_free_heap()
+
+
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps what a phase freed (dequantized weights, logits, activations) in its arenas, so on CPU the
+    RSS of the 7B run crept up by ~0.5 GiB per phase without this; the train loop calls it between phases.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | None = None):
