@@ -32,6 +32,24 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
+def next_token(z: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
+    """One token per row from logits [N, V]: argmax, or a draw from softmax(z / temperature) within the top-p nucleus.
+
+    The draw inverts the CDF with one uniform number per row (``searchsorted``); ``torch.multinomial``, which
+    ``generate`` uses, draws V exponentials per row: measured 10.7 ms per token for 16 x 49k on this CPU.
+    """
+    if greedy:
+        return z.argmax(-1)
+    z = z.float() / temperature
+    if top_p < 1.0:  # keep the smallest set whose mass reaches top_p (the argmax always stays), as generate's TopPLogitsWarper
+        sz, order = z.sort(-1, descending=True)
+        p = sz.softmax(-1)
+        z = z.scatter(-1, order, sz.masked_fill(p.cumsum(-1) - p >= top_p, float("-inf")))
+    cdf = z.softmax(-1).cumsum(-1)
+    u = torch.rand(z.shape[0], 1, device=z.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -42,31 +60,50 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    min_new_tokens: int | None = None,
 ) -> Rollout:
-    """Generate K responses per chat-formatted context with the model as it is (adapters on)."""
+    """Generate K responses per chat-formatted context with the model as it is (adapters on).
+
+    A plain KV-cache loop rather than ``generate``: each prompt is prefilled once and its cache repeated for
+    the K samples (``generate`` prefills every copy), and no per-token logits-processor machinery.
+    ``min_new_tokens`` (default: the model's generation_config) masks EOS until that many tokens exist.
+    """
     device = next(model.parameters()).device
     enc = tokenizer(contexts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    k = 1 if greedy else samples_per_prompt
+    if min_new_tokens is None:
+        min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
+    eos_list = eos_token_ids(model, tokenizer)
+    eos = torch.tensor(eos_list, device=device)
+    attn = enc["attention_mask"]
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # positions from the first real token, as in pack()
     was_training = model.training
-    model.eval()  # cache on; dropout off. Safe for NF4 on CPU: model.disable_cpu_repack ran at load.
+    model.eval()  # dropout off. Safe for NF4 on CPU: model.disable_cpu_repack ran at load.
+    out: list[torch.Tensor] = []
     try:
-        out = model.generate(
-            **enc,
-            do_sample=not greedy,
-            temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None,
-            top_k=None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=1 if greedy else samples_per_prompt,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_token_ids(model, tokenizer),
-            use_cache=True,
-        )
+        res = model(input_ids=enc["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        past, z = res.past_key_values, res.logits[:, -1]
+        if k > 1:
+            past.batch_repeat_interleave(k)
+            attn, pos, z = attn.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), z.repeat_interleave(k, 0)
+        done = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                z = z.index_fill(-1, eos, float("-inf"))
+            nxt = torch.where(done, tokenizer.pad_token_id, next_token(z, temperature, top_p, greedy))
+            out.append(nxt)
+            done |= torch.isin(nxt, eos)
+            if t + 1 == max_new_tokens or bool(done.all()):
+                break
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            res = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+            past, z = res.past_key_values, res.logits[:, -1]
     finally:
         model.train(was_training)
-    resp = out[:, enc["input_ids"].shape[1] :]
-    k = 1 if greedy else samples_per_prompt
+    resp = torch.stack(out, dim=1) if out else torch.empty(len(contexts) * k, 0, dtype=torch.long, device=device)
     index = torch.arange(len(contexts), device=device).repeat_interleave(k)
-    return Rollout(resp, response_mask(resp, eos_token_ids(model, tokenizer)), index)
+    return Rollout(resp, response_mask(resp, eos_list), index)
 
 
 def pack(context_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
