@@ -12,7 +12,7 @@ from pathlib import Path
 from common import BENCH_DIR, base_parser, parse_args
 
 PLOTS = BENCH_DIR / "plots"
-ORDER = ("step_vs_trl", "hardware", "onnx_speed", "decode_vs_trained")
+ORDER = ("step_vs_trl", "convergence", "memory_7b", "hardware", "onnx_speed", "decode_vs_trained")
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -68,6 +68,29 @@ def step_vs_trl(r: dict) -> list[str]:
     return out
 
 
+def convergence(r: dict) -> list[str]:
+    peers = [p for p in ("iq-distill", "iq-pg", "iq-imitation", "trl-grpo") if p in r]
+    ratios = r.get("ratios_iq_over_trl", {})
+    head = ["peer", "final judge rate min", "median", "max", "baseline (median)", "time to TRL final s min", "median †", "max", "runs reached",
+            "Δ judge rate / s (median)", "clock s (median)", "samples (median)", "final repetition (median)", "time to TRL final iq / trl"]
+    rows = []
+    for p in peers:
+        q, t = r[p], r[p].get("time_to_trl_final_s") or {}
+        rows.append([p, *mmm(q["final_judge_rate"]), q["baseline_judge_rate"]["median"], t.get("min"), t.get("median_never_as_inf"), t.get("max"),
+                     f"{t.get('reached', '-')}/{q['final_judge_rate']['n']}", q["judge_rate_per_s"]["median"], q["clock_s"]["median"],
+                     q["samples"]["median"], q["final_repetition"]["median"], ratios.get(p, {}).get("time_to_trl_final")])
+    out = table(head, rows) + ["", "† runs that never reached TRL's final median judge rate count as infinitely slow; min / max over the runs that did.",
+                               f"- principle-contrastive decoding of the untrained model (α={r['contrastive'][0]['alpha']}): judge rate "
+                               f"{fmt(r['contrastive_judge_rate']['median'])}; TRL GRPO final median: {fmt(r.get('trl_final_judge_rate_median'))}",
+                               f"- fastest Inverse-Q* loss per second (Δ judge rate / training s): {r.get('winner_per_second')}"]
+    if "targets" in r:
+        t = r["targets"]
+        out.append(f"- target: Inverse-Q* reaches TRL GRPO's final median judge rate within TRL's clock ({fmt(t['trl_clock_s_median'])} s): "
+                   + "; ".join(f"{p}: {fmt(t[f'{p}_met'])}" for p in peers if f"{p}_met" in t)
+                   + ("" if t.get("trl_improved", True) else " (TRL did not improve on its baseline: reaching it is trivial)"))
+    return out
+
+
 def hardware(r: dict) -> list[str]:
     rows = [[f"matmul {k} GFLOP/s", *mmm(v)] for k, v in r["matmul_gflops"].items()]
     rows += [[f"memory {k} GB/s ({r['bandwidth_gbs']['mib']} MiB)", *mmm(r["bandwidth_gbs"][k])] for k in ("copy", "read")]
@@ -116,10 +139,49 @@ def decode_vs_trained(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = {"step_vs_trl": step_vs_trl, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
+def memory_7b(r: dict) -> list[str]:
+    variants = list(r)
+    keys = ["step_peak_rss_gib", "load_peak_rss_gib", "rss_after_load", "weights_4bit", "weights_unquantized", "lora", "lora_grads",
+            "optimizer_state", "rollout_transient", "estimator_transient", "update_transient"]
+    rows = []
+    for k in keys:
+        vals = [[run.get(k, run["split_gib"].get(k)) for run in r[v]["runs"]] for v in variants]
+        rows.append([k.replace("_", " ") + ("" if k.endswith("gib") else " GiB")] + [x for vs in vals for x in (min(vs), sorted(vs)[len(vs) // 2], max(vs))])
+    for k in ("peak", "weights", "lora+grad+optimizer", "kv_cache", "activations", "logits", "runtime"):
+        rows.append([f"dry-run estimate: {k} GiB"] + [x for v in variants for x in [r[v]["runs"][0]["estimate_gib"][k]] * 3])
+    rows.append(["estimate error (est - measured) / measured"] + [x for v in variants for x in [run["estimate_error"] for run in r[v]["runs"][:1]] * 3])
+    out = table(["measure"] + [f"{v} {s}" for v in variants for s in ("min", "median", "max")], rows) + [""]
+    for v in variants:
+        run = r[v]["runs"][0]
+        out.append(f"- {v}: unquantized parts in {run['unquantized_dtype']}; step peak ≤ 6 GiB: {fmt(run['target_met'])}; "
+                   f"phase seconds {run['phase_seconds']}; load {run['load_s']} s")
+    return out
+
+
+SECTIONS = {"step_vs_trl": step_vs_trl, "memory_7b": memory_7b, "convergence": convergence, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
 
 
 # ----------------------------------------------------------------------------- plots
+
+
+def plot_convergence(axes, r: dict) -> None:
+    """Judge rate vs training seconds and vs responses generated: every run faint, the median over runs at each evaluation bold."""
+    import statistics
+
+    for i, (peer, runs) in enumerate(r["raw"].items()):
+        curves = [run["curve"] for run in runs]
+        for ax, x in zip(axes, ("train_seconds", "samples_seen")):
+            for c in curves:
+                ax.plot([q[x] for q in c], [q["judge_rate"] for q in c], color=f"C{i}", alpha=0.25, lw=0.8)
+            at = [[c[j] for c in curves if j < len(c)] for j in range(max(map(len, curves)))]
+            ax.plot([statistics.median(q[x] for q in pts) for pts in at], [statistics.median(q["judge_rate"] for q in pts) for pts in at],
+                    color=f"C{i}", marker="o", ms=3, label=peer)
+    for ax, xlabel in zip(axes, ("training seconds (evaluation excluded)", "responses generated")):
+        ax.axhline(r["contrastive_judge_rate"]["median"], color="gray", ls="--", label="contrastive decoding (untrained)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("judge rate, held-out, principle absent")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
 
 
 def plot(d: dict) -> Path | None:
@@ -133,7 +195,8 @@ def plot(d: dict) -> Path | None:
     import matplotlib.pyplot as plt
 
     r, name = d["results"], d["bench"]
-    fig, axes = plt.subplots(1, 2 if name == "step_vs_trl" else 1, figsize=(10 if name == "step_vs_trl" else 7, 4), squeeze=False)
+    two = name in ("step_vs_trl", "convergence")
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(10 if two else 7, 4), squeeze=False)
     ax = axes[0][0]
     if name == "step_vs_trl":
         peers = [p for p in ("iq", "trl") if p in r]
@@ -146,6 +209,8 @@ def plot(d: dict) -> Path | None:
         ax.legend()
         axes[0][1].bar(peers, [r[p]["peak_rss_gib"]["median"] for p in peers], color="gray")
         axes[0][1].set_ylabel("peak RSS GiB")
+    elif name == "convergence":
+        plot_convergence(axes[0], r)
     elif name == "hardware":
         ax.bar(list(r["matmul_gflops"]), [v["median"] for v in r["matmul_gflops"].values()])
         ax.set_ylabel("matmul GFLOP/s (median)")

@@ -213,7 +213,7 @@ def notes(args) -> list[str]:
         "training, so bitsandbytes' eval-only CPU repack never triggers there either." if args.trl_load == "native" else
         "TRL gets load_base()'s model object (repack fast path off), so GRPOConfig.model_init_kwargs is unused."),
         "TRL: bf16=False (no autocast, same dtypes as iqstar_lite) and gradient_checkpointing=False (GRPOConfig defaults both to True).",
-        "Inverse-Q* step = rollout + estimator (2 reference passes stacked: principle / no principle) + update (distill loss, full-vocab KL); "
+        "Inverse-Q* step = rollout + estimator (2 reference passes stacked: principle / no principle) + update (the recipe's loss: distill, full-vocab KL, until 2026-11-25; pg since); "
         "TRL step = rollout + 1 reference pass + reward + GRPO update (loss_type=dapo, beta>0).",
         "Fixed length: min_new_tokens = tokens on both sides, so both generate the same token count." if not args.natural_length
         else "Natural length: responses stop at EOS; compare tokens/s rather than s/step.",

@@ -11,6 +11,7 @@ import logging
 import random
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
 from iqstar_lite.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, masked_mean, pg_loss, whiten
-from iqstar_lite.model import assert_trainable_layout
+from iqstar_lite.model import assert_trainable_layout, release_free_heap
 from iqstar_lite.rollout import pack, response_logits, sample
 from iqstar_lite.scoring import estimator_pass
 
@@ -104,8 +105,13 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
     return sums
 
 
-def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Example], device: torch.device) -> dict:
-    """Run ``cfg.train.steps`` Inverse-Q* steps; writes metrics.jsonl, checkpoints/ and adapter/."""
+def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Example], device: torch.device,
+          on_step: Callable[[dict], bool | None] | None = None) -> dict:
+    """Run ``cfg.train.steps`` Inverse-Q* steps; writes metrics.jsonl, checkpoints/ and adapter/.
+
+    ``on_step(metrics)`` runs after each step (its metrics line and any checkpoint written); returning True
+    stops training there (the adapter is still saved).
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu")
@@ -131,6 +137,7 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
+    settle = release_free_heap if device.type == "cpu" else (lambda: None)  # keeps CPU RSS from creeping up between phases
     last: dict = {}
     bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps)
     for step in bar:
@@ -140,13 +147,16 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
         rows = roll.prompt_index.tolist()
         plain_ids = [fmt.ids(fmt.plain(batch[i])) for i in rows]
         cond_ids = [fmt.ids(fmt.conditioned(batch[i])) for i in rows]
+        settle()
         t1 = time.time()
         est = estimator_pass(
             model, plain_ids, cond_ids, roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta, cfg.estimator.top_p,
             cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=cfg.loss.type == "distill",
         )
+        settle()
         t2 = time.time()
         sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator)
+        settle()
         t3 = time.time()
         n_tok = float(roll.response_mask.sum())
         last = {
@@ -169,6 +179,8 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
         every = cfg.train.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
             save_checkpoint(run_dir, step + 1, model, optimizer, scheduler)
+        if on_step is not None and on_step(last):
+            break
     bar.close()
     save_adapter_atomic(model, run_dir / "adapter")
     return last
