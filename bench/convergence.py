@@ -133,17 +133,15 @@ def child_trl(s: dict) -> dict:
     prompts = training_prompts(cfg, tok)
     order = [e for step in range(MAX_STEPS) for e in prompt_batch(prompts, step, s["trl_prompts"], cfg.train.seed)]  # = iq's sequence
 
-    def judge_reward(completions, **_):
-        return [judge(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
-
+    score = judge
     if s.get("trl_reward", "judge") == "logprob":  # the judge's own classifier, dense: log P(target language), not 0/1
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
         ident, lang = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True), judge.__name__.split("=")[-1]
+        score = lambda t: math.log(dict(ident.rank(t.strip())).get(lang, 0.0) + 1e-6)  # noqa: E731
 
-        def judge_reward(completions, **_):  # noqa: F811
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return [math.log(dict(ident.rank(t.strip())).get(lang, 0.0) + 1e-6) for t in texts]
+    def judge_reward(completions, **_):
+        return [score(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
 
     args = GRPOConfig(
         output_dir=s["tmp"], per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=k,

@@ -42,35 +42,29 @@ def count_params(model_config, lora_r: int, targets: str):
     return total, quant, lora
 
 
-def unquantized_bytes(cfg: RecipeConfig, model_config) -> int:
-    """Bytes per parameter of embeddings / norms / lm_head next to NF4 (``model.unquantized_dtype``)."""
+def dtype_bytes(cfg: RecipeConfig, model_config) -> tuple[int, int]:
+    """Bytes per element of (the NF4 compute dtype, the unquantized parts' dtype), as ``model.load_base`` picks them.
+
+    On CUDA without a GPU to ask: bf16/fp16 compute, unquantized parts in it unless ``unquantized_dtype=fp32``.
+    """
     if cfg.model.device == "cuda":
-        return 4 if cfg.model.unquantized_dtype == "fp32" else 2
+        return 2, 4 if cfg.model.unquantized_dtype == "fp32" else 2
     import torch
 
-    from iqstar_lite.model import unquantized_dtype
+    from iqstar_lite.model import compute_dtype, unquantized_dtype
 
-    return torch.empty(0, dtype=unquantized_dtype(cfg.model, torch.device("cpu"), model_config)).element_size()
-
-
-def compute_bytes(cfg: RecipeConfig) -> int:
-    """Bytes per element of the NF4 compute dtype (what bitsandbytes dequantizes into)."""
-    if cfg.model.device == "cuda":
-        return 2
-    import torch
-
-    from iqstar_lite.model import compute_dtype
-
-    return torch.empty(0, dtype=compute_dtype(cfg.model, torch.device("cpu"))).element_size()
+    cpu = torch.device("cpu")
+    return compute_dtype(cfg.model, cpu).itemsize, unquantized_dtype(cfg.model, cpu, model_config).itemsize
 
 
 def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
     total, quant, lora = count_params(model_config, cfg.lora.r, cfg.lora.target_modules)
     on_gpu = cfg.model.device == "cuda"
     act_bytes = 2 if (on_gpu or cfg.model.dtype in ("bf16", "fp16")) else 4
+    compute_bytes, unquantized_bytes = dtype_bytes(cfg, model_config)
     if cfg.model.quantize == "nf4":
         per_param = 0.5 + (4.0 / 64 if not cfg.model.double_quant else 1.0 / 64 + 4.0 / (64 * 256))
-        weights = quant * per_param + (total - quant) * unquantized_bytes(cfg, model_config)
+        weights = quant * per_param + (total - quant) * unquantized_bytes
     else:
         weights = total * act_bytes
     opt_state = 2 if cfg.train.optimizer == "adamw8bit" else 8
@@ -96,7 +90,7 @@ def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
         logits += n * T * V * 4  # the pi* target distribution
     # bitsandbytes materialises each 4-bit layer dequantized (compute dtype) while it runs, forward and backward
     largest = max(inter * h, h * h, V * h if cfg.model.quantize != "nf4" else 0)
-    dequant = DEQUANT_COPIES * largest * compute_bytes(cfg) if cfg.model.quantize == "nf4" else 0
+    dequant = DEQUANT_COPIES * largest * compute_bytes if cfg.model.quantize == "nf4" else 0
     parts = {"weights": weights, "lora+grad+optimizer": lora_bytes, "kv_cache": kv, "activations": acts, "logits": logits,
              "dequantized_layers": dequant, "runtime": RUNTIME_OVERHEAD}
     return Estimate(total, quant, lora, parts)

@@ -16,6 +16,7 @@ gradients off by ~9), so the fast path stays off: mode-independent and robust.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import importlib.util
 import json
@@ -267,10 +268,18 @@ def release_free_heap() -> None:
     glibc keeps what a phase freed (dequantized weights, logits, activations) in its arenas, so on CPU the
     RSS of the 7B run crept up by ~0.5 GiB per phase without this; the train loop calls it between phases.
     """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | None = None):
