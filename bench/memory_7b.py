@@ -15,6 +15,7 @@ resident weights. Static parts are counted exactly from the tensors: 4-bit weigh
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,8 +38,52 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def build_random(target: Path, seed: int = 0) -> Path:
-    """Random bf16 safetensors shards with the known config's architecture + the embedded tokenizer."""
+class RssMeter:
+    """CPU: resident set size of this process (VmRSS / VmHWM)."""
+
+    def current(self) -> int:
+        return status_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        return status_kib("VmHWM") * 1024
+
+    def reset(self) -> None:
+        reset_peak()
+
+    def extra(self) -> dict:
+        return {}
+
+
+class CudaMeter:
+    """CUDA: bytes allocated by PyTorch's caching allocator (peak since reset); ``extra`` adds what the card sees."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.reserved_peak = 0
+        self.device_used_peak = 0
+
+    def current(self) -> int:
+        return self.torch.cuda.memory_allocated()
+
+    def peak(self) -> int:
+        self.reserved_peak = max(self.reserved_peak, self.torch.cuda.max_memory_reserved())
+        free, total = self.torch.cuda.mem_get_info()
+        self.device_used_peak = max(self.device_used_peak, total - free)  # reserved + CUDA context (+ other processes)
+        return self.torch.cuda.max_memory_allocated()
+
+    def reset(self) -> None:
+        self.torch.cuda.synchronize()
+        self.torch.cuda.reset_peak_memory_stats()
+
+    def extra(self) -> dict:
+        return {"max_reserved": self.reserved_peak, "device_used": self.device_used_peak,
+                "device_total": self.torch.cuda.mem_get_info()[1], "device_name": self.torch.cuda.get_device_name()}
+
+
+def build_random(target: Path, seed: int = 0, tokenizer: str | None = None) -> Path:
+    """Random bf16 safetensors shards with the known config's architecture + a tokenizer (default: the embedded one)."""
     import shutil
 
     import torch
@@ -53,7 +98,7 @@ def build_random(target: Path, seed: int = 0) -> Path:
     if (target / "config.json").is_file():
         return target
     config = load_model_config(KNOWN)
-    tok_dir = resolve_model_path(EMBEDDED_MODEL)
+    tok_dir = tokenizer or resolve_model_path(EMBEDDED_MODEL)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     config.eos_token_id = config.pad_token_id = tok.eos_token_id
     config.bos_token_id = tok.bos_token_id
@@ -140,7 +185,9 @@ def child_main(settings: str, out: str) -> None:
     model = load_policy(cfg.model, cfg.lora, device)
     load_s = time.time() - t0
     model.get_base_model().generation_config.min_new_tokens = cfg.rollout.max_new_tokens  # every response exactly T tokens
-    load_peak, after_load = self_peak_rss(), status_kib("VmRSS") * 1024
+    meter = CudaMeter() if device.type == "cuda" else RssMeter()
+    load_peak = meter.peak() if device.type == "cuda" else self_peak_rss()
+    after_load = meter.current()
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     prompts = [e for e in load_prompts(cfg.data).train if len(fmt.ids(fmt.conditioned(e))) <= cfg.data.max_prompt_tokens]
 
@@ -149,13 +196,13 @@ def child_main(settings: str, out: str) -> None:
 
     def measured(name, fn):
         def wrapper(*a, **k):
-            before = status_kib("VmRSS") * 1024
-            reset_peak()
+            before = meter.current()
+            meter.reset()
             t = time.time()
             out = fn(*a, **k)
-            phases.append({"phase": name, "rss_before": before, "peak": status_kib("VmHWM") * 1024, "rss_after": status_kib("VmRSS") * 1024,
+            phases.append({"phase": name, "rss_before": before, "peak": meter.peak(), "rss_after": meter.current(),
                            "seconds": round(time.time() - t, 2)})
-            reset_peak()
+            meter.reset()
             return out
         return wrapper
 
@@ -166,16 +213,17 @@ def child_main(settings: str, out: str) -> None:
     make_optimizer = tr.make_optimizer
     tr.sample, tr.estimator_pass, tr.update = measured("rollout", tr.sample), measured("estimator", tr.estimator_pass), measured("update", tr.update)
     tr.make_optimizer = capture_optimizer
-    reset_peak()
+    meter.reset()
     with tempfile.TemporaryDirectory(prefix="bench-7b-") as tmp:
         last = tr.train(cfg, Path(tmp), model, tokenizer, prompts, device)
-    step_peak = status_kib("VmHWM") * 1024  # reset after each phase; max over phases is the step peak
+    step_peak = meter.peak()  # reset after each phase; max over phases is the step peak
     est = estimate_memory(cfg, load_model_config(cfg.model.path))
     Path(out).write_text(json.dumps({
         "load_s": round(load_s, 1), "load_peak_rss": load_peak, "rss_after_load": after_load, "phases": phases,
         "step_peak_rss": max([p["peak"] for p in phases] + [step_peak]), "static": static_split(model, captured["optimizer"][0]),
         "unquantized_dtype": str(unquantized_dtype(cfg.model, device, load_model_config(cfg.model.path))),
         "estimate": {"peak": est.peak, **est.parts}, "last_metrics": last, "torch_threads": torch.get_num_threads(),
+        "device": device.type, "device_memory": meter.extra(),
     }))
 
 
@@ -187,13 +235,17 @@ def summarize(run: dict) -> dict:
     split.update({f"{k}_transient": round(max(p["peak"] - p["rss_before"] for p in ps) / GIB, 3) for k, ps in by.items()})
     split["rss_after_load"] = round(run["rss_after_load"] / GIB, 3)
     est, measured = run["estimate"]["peak"] / GIB, run["step_peak_rss"] / GIB
+    # On CUDA the estimate is compared with what the card reports used (allocator cache + CUDA context included).
+    vs = run["device_memory"]["device_used"] / GIB if run.get("device_memory") else measured
     return {
         "step_peak_rss_gib": round(measured, 3),
         "load_peak_rss_gib": round(run["load_peak_rss"] / GIB, 3), "load_s": run["load_s"], "split_gib": split,
         "phase_seconds": {k: [p["seconds"] for p in ps] for k, ps in by.items()},
         "estimate_gib": {k: round(v / GIB, 3) for k, v in run["estimate"].items()},
-        "estimate_error": round((est - measured) / measured, 3), "target_met": measured <= 6.0,
-        "unquantized_dtype": run["unquantized_dtype"],
+        "estimate_error": round((est - vs) / vs, 3), "target_met": measured <= 6.0,
+        "unquantized_dtype": run["unquantized_dtype"], "device": run.get("device", "cpu"),
+        **({"device_memory_gib": {k: round(v / GIB, 3) if isinstance(v, int) else v for k, v in run["device_memory"].items()}}
+           if run.get("device_memory") else {}),
     }
 
 
@@ -203,18 +255,22 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=2, help="rollout.prompts_per_step")
     p.add_argument("--tokens", type=int, default=16, help="new tokens per response")
     p.add_argument("--max-prompt-tokens", type=int, default=96)
-    p.add_argument("--variants", default="default", help="comma list: 'default' and/or model.* overrides, e.g. unquantized_dtype=fp32")
+    p.add_argument("--variants", default="default", help="comma list: 'default' and/or overrides, e.g. unquantized_dtype=fp32 (model.*) or loss.type=distill")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: peak RSS; cuda: peak bytes allocated on the GPU (+ reserved, + what the card reports used)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for the random checkpoint (default: the embedded SmolLM2 one)")
     args = parse_args(p, {})
     from iqstar_lite.model import cache_dir
 
     target = args.cache or cache_dir() / "models" / "random-qwen2.5-7b-instruct"
-    build_random(target)
-    base = [f"model.path={target}", "model.device=cpu", "train.steps=2", f"rollout.prompts_per_step={args.prompts}",
+    build_random(target, tokenizer=args.tokenizer)
+    base = [f"model.path={target}", f"model.device={args.device}", "train.steps=2", f"rollout.prompts_per_step={args.prompts}",
             f"rollout.max_new_tokens={args.tokens}", f"data.max_prompt_tokens={args.max_prompt_tokens}", "train.checkpoint_every=0"]
-    results, settings = {}, {"recipe": "laptop_7b", "base_overrides": base, "variants": args.variants, "runs": args.runs, "threads": args.threads}
+    results, settings = {}, {"recipe": "laptop_7b", "base_overrides": base, "variants": args.variants, "runs": args.runs, "threads": args.threads,
+                             "device": args.device, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        extra = [] if variant == "default" else [f"model.{variant}"]
+        extra = [] if variant == "default" else [variant if "." in variant.split("=")[0] else f"model.{variant}"]
         s = {"recipe": "laptop_7b", "overrides": base + extra, "threads": args.threads}
         runs = []
         for r in range(args.runs):
@@ -231,7 +287,8 @@ def main() -> None:
         "load peak = ru_maxrss when loading ended: it counts the checkpoint's memory-mapped bf16 shards (file-backed, reclaimable page "
         "cache) that from_pretrained reads; *_transient = a phase's high-water mark above the RSS when it began. (clear_refs also resets "
         "ru_maxrss, so the child's wait4 peak is not reported.)",
-        "estimate = iqstar_lite.memory.estimate_memory for the same config (what --dry-run prints); error = (estimate - measured) / measured.",
+        "estimate = iqstar_lite.memory.estimate_memory for the same config (what --dry-run prints); error = (estimate - measured) / measured, "
+        "measured = step peak RSS on CPU, the GPU memory the card reports used (device_used) on CUDA.",
     ], args.results)
 
 

@@ -150,7 +150,13 @@ def memory_7b(r: dict) -> list[str]:
     for k in ("peak", "weights", "lora+grad+optimizer", "kv_cache", "activations", "logits", "runtime"):
         rows.append([f"dry-run estimate: {k} GiB"] + [x for v in variants for x in [r[v]["runs"][0]["estimate_gib"][k]] * 3])
     rows.append(["estimate error (est - measured) / measured"] + [x for v in variants for x in [run["estimate_error"] for run in r[v]["runs"][:1]] * 3])
+    gpu = r[variants[0]]["runs"][0].get("device_memory_gib")
+    if gpu:  # CUDA run: "rss" rows are bytes allocated by PyTorch on the GPU; add what the allocator and the card held
+        for k, label in (("max_reserved", "GPU reserved by the allocator (peak) GiB"), ("device_used", "GPU used as the card reports it (incl. CUDA context) GiB")):
+            rows.insert(1, [label] + [x for v in variants for x in [run["device_memory_gib"][k] for run in r[v]["runs"]] * 3][: 3 * len(variants)])
     out = table(["measure"] + [f"{v} {s}" for v in variants for s in ("min", "median", "max")], rows) + [""]
+    if gpu:
+        out.append(f"- **CUDA run on {gpu['device_name']}** ({gpu['device_total']} GiB): 'rss' rows are PyTorch's allocated bytes on the GPU.")
     for v in variants:
         run = r[v]["runs"][0]
         out.append(f"- {v}: unquantized parts in {run['unquantized_dtype']}; step peak ≤ 6 GiB: {fmt(run['target_met'])}; "

@@ -11,7 +11,10 @@ The merge never happens inside the 4-bit model. ``export.merge_base``:
 ``merge.json`` reports the max |logit diff| of the reloaded merged checkpoint against the trained
 4-bit+LoRA model twice: at the training compute dtype (bf16 on most CPUs: includes bf16 activation
 rounding, 1.2 logits on SmolLM2-135M) and with fp32 compute (the "merge is exact" number for
-``dequantized``: 1e-4 on SmolLM2-135M, fp32 rounding of W + BA vs the separate LoRA matmuls).
+``dequantized``: 1e-4 on SmolLM2-135M, fp32 rounding of W + BA vs the separate LoRA matmuls). That fp32 model is
+loaded exactly as training loaded it (so its NF4 codes are the trained ones; on CUDA the checkpoint is cast to bf16
+before quantizing) and then computes in fp32; the dequantized weights are the fp32 values of the NF4 codes, which is
+what bitsandbytes' fp32 forward uses. Verified on an H100 (``tests/test_cuda.py``): 4e-7 on the tiny model.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.errors import UserError
 from iqstar_lite.atomic import atomic_dir
-from iqstar_lite.model import compute_dtype, dequantize_4bit_, load_base, pick_device, resolve_model_path
+from iqstar_lite.model import compute_dtype, dequantize_4bit_, linear4bit_layers, load_base, pick_device, resolve_model_path
 from iqstar_lite.ort_generate import render_chat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,11 +60,23 @@ def adapter_dir(run_dir: Path) -> Path:
     return path
 
 
-def load_trained(model_cfg: ModelConfig, adapter: Path, device: torch.device | None = None):
-    """The trained model as it ran in training: ``load_base`` + the saved adapter, eval mode."""
+def load_trained(model_cfg: ModelConfig, adapter: Path, device: torch.device | None = None, fp32_compute: bool = False):
+    """The trained model as it ran in training: ``load_base`` + the saved adapter, eval mode.
+
+    ``fp32_compute``: the same weights (loaded, and so NF4-quantized, exactly as training did) with fp32 arithmetic:
+    other weights upcast, 4-bit layers computing in fp32. Loading with ``dtype=fp32`` instead would quantize the
+    fp32 checkpoint values rather than the bf16 ones training quantized (0.03-0.3 logits apart on a tiny model).
+    """
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(model_cfg, device), str(adapter))
+    base = load_base(model_cfg, device)
+    if fp32_compute:
+        for p in base.parameters():  # (transformers refuses .to(dtype) on a bitsandbytes model)
+            if p.is_floating_point() and not hasattr(p, "quant_state"):
+                p.data = p.data.float()
+        for layer in linear4bit_layers(base):
+            layer.compute_dtype = torch.float32
+    model = PeftModel.from_pretrained(base, str(adapter))
     return model.eval()
 
 
@@ -135,8 +150,7 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
 
     # One model in memory at a time (a 7B base is loaded three times, the merged model once).
     trained_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device), ids)
-    fp32_cfg = dataclasses.replace(cfg.model, dtype="fp32")
-    fp32_logits = _logits_of(lambda: load_trained(fp32_cfg, adapter, device), ids)
+    fp32_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device, fp32_compute=True), ids)
     save_merged(merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype)
     gc.collect()
     # Measured on the checkpoint as written (saved dtype, config round trip), computed in fp32.

@@ -15,6 +15,7 @@ gradients off by ~9), so the fast path stays off: mode-independent and robust.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import gc
@@ -339,7 +340,11 @@ def dequantize_4bit_(model, dtype: torch.dtype = torch.float32):
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
-                weight = bnbf.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+                # At fp32 (the exact NF4 code x absmax values, what bitsandbytes' fp32 forward uses), not at the
+                # load dtype: a bf16 load would round them to bf16 first.
+                state = copy.copy(child.weight.quant_state)
+                state.dtype = torch.float32
+                weight = bnbf.dequantize_4bit(child.weight.data, state).to(dtype)
                 linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=weight.device, dtype=dtype)
                 linear.weight.data.copy_(weight)
                 if child.bias is not None:

@@ -28,12 +28,12 @@ def tokenizer(tiny_path):
     return load_tokenizer(tiny_path)
 
 
-def make_policy(path: str, quantize: str = "nf4", seed: int = 0, randomize_lora: bool = True):
+def make_policy(path: str, quantize: str = "nf4", seed: int = 0, randomize_lora: bool = True, device: str = "cpu"):
     """Tiny base + LoRA with non-zero B (so adapters change the output)."""
     from iqstar_lite.config import LoraSettings, ModelConfig
     from iqstar_lite.model import load_policy
 
-    model = load_policy(ModelConfig(path=path, quantize=quantize, device="cpu"), LoraSettings(r=4, alpha=8))
+    model = load_policy(ModelConfig(path=path, quantize=quantize, device=device), LoraSettings(r=4, alpha=8))
     return randomize_lora_b(model, std=0.05, seed=seed) if randomize_lora else model
 
 
@@ -44,5 +44,5 @@ def randomize_lora_b(model, std: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            p.data.copy_(torch.randn(p.shape, generator=g) * std)
+            p.data.copy_((torch.randn(p.shape, generator=g) * std).to(p.device))
     return model
