@@ -119,7 +119,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
     if cfg.export.onnx:
         report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx")
         if cfg.export.int8:
-            report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8")
+            report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block)
     for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8)):
         if not wanted and (run_dir / name).is_dir():  # built from an older merge: never check or ship it
             log.info("removing stale %s (disabled in export settings)", run_dir / name)
@@ -152,7 +152,8 @@ def summary(report: dict) -> str:
     ]
     for key in ("onnx", "onnx_int8"):
         if key in report:
-            lines.append(f"{key.replace('_', '-')}: {report[key]['dir']} ({report[key]['bytes'] / 1e6:.1f} MB, {report[key]['seconds']:.1f} s)")
+            block = f", int8 groups: {report[key]['block_size']}" if "block_size" in report[key] else ""
+            lines.append(f"{key.replace('_', '-')}: {report[key]['dir']} ({report[key]['bytes'] / 1e6:.1f} MB, {report[key]['seconds']:.1f} s{block})")
     return "\n".join(lines)
 
 

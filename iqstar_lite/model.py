@@ -205,8 +205,10 @@ def unquantized_dtype(cfg: ModelConfig, device: torch.device, model_config) -> t
     Measured on SmolLM2 (16 x 32 tokens/step): bf16 there was *slower* on this CPU than fp32 (rollout 3.9
     vs 3.4 s, estimator 2.4 vs 1.9 s, update 3.3 vs 2.9 s) at about the same peak RSS, so small models keep
     fp32 on CPU (exact log-probs); a 7B's 152k x 3584 embeddings + head would take 4.1 GiB in fp32, so large
-    ones do not. (That measurement predates the lm_head input hook below, which removed a per-call weight
-    copy that only bf16 heads paid; bf16 vs fp32 on small models has not been re-measured since.)
+    ones do not. Re-measured after the lm_head input hook below (which removed a per-call weight copy only bf16
+    heads paid): bf16 / fp32 step 0.97x (rollout 0.99x, estimator 0.83x - its fp32 head GEMM was ~0.3 of its
+    1.4 s - update 1.02x; 4 alternating rounds of train() per setting, 2026-11-25), too small a gain to give up
+    fp32 log-probs, so ``auto`` still keeps small models' head in fp32.
     """
     if cfg.unquantized_dtype != "auto":
         return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.unquantized_dtype]

@@ -34,6 +34,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["tiny_cpu", "train.stpes=3"], ["unknown key", "did you mean", "steps"]),
         (["tiny_cpu", "train.steps=many"], ["'train.steps' must be int"]),
         (["tiny_cpu", "loss.type=ppo"], ["'loss.type' must be one of"]),
+        (["tiny_cpu", "export.int8_block=24"], ["'export.int8_block' must be 0 (per channel) or a power of two"]),
         (["tiny_cpu", "train.lr=-1", "rollout.top_p=2"], ["2 problems", "train.lr", "rollout.top_p"]),
         (["tiny_cpu", "steps"], ["not key=value"]),
         (["tiny_cpu", "model.path=/no/such/model", "--dry-run"], ["does not exist", "model.path"]),

@@ -253,7 +253,7 @@ def test_int8_methods_and_external_data(exported, tmp_path, method):
     from iqstar_lite.ort_generate import OrtGenerator
 
     run, report = exported
-    assert report["onnx_int8"]["method"] == "weights" and report["onnx_int8"]["weights_quantized"] == 14  # 2 layers x 7
+    assert report["onnx_int8"]["method"] == "weights" and report["onnx_int8"]["weights_quantized"] == 15  # 2 layers x 7 + the tied head
     # An fp32 export with external data, as the exporter writes models over 2 GB.
     src = tmp_path / "onnx-ext"
     src.mkdir()
@@ -270,6 +270,21 @@ def test_int8_methods_and_external_data(exported, tmp_path, method):
     assert 0 < err < 0.1 * np.abs(fp32).max()
     if method == "weights":  # same weights as the module's onnx-int8, only stored externally
         np.testing.assert_allclose(int8, OrtGenerator(run / "onnx-int8", load_tokenizer=False).logits(ids), atol=1e-5)
+
+
+def test_blocked_int8_export_is_closer_to_fp32_than_per_channel(exported, tmp_path):
+    from iqstar_lite.onnx_export import quantize_int8
+    from iqstar_lite.ort_generate import OrtGenerator
+
+    run, report = exported
+    assert report["onnx_int8"]["block_size"] == 32  # the export default
+    out = quantize_int8(run / "onnx", tmp_path / "int8-b16", block_size=16)
+    assert out["weights_quantized"] == 15 and out["block_size"] == 16
+    assert quantize_int8(run / "onnx", tmp_path / "int8-ch", block_size=0)["block_size"] == "per channel"
+    ids = [1, 5, 9, 12, 40, 7, 3, 88]
+    fp32 = OrtGenerator(run / "onnx", load_tokenizer=False).logits(ids)
+    err = {name: np.abs(OrtGenerator(tmp_path / f"int8-{name}", load_tokenizer=False).logits(ids) - fp32).max() for name in ("ch", "b16")}
+    assert 0 < err["b16"] < err["ch"], err
 
 
 def test_weight_quantization_arithmetic():
@@ -295,6 +310,68 @@ def test_weight_quantization_arithmetic():
 
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.array([[1.0, 1.0]], np.float32)})[0]
     np.testing.assert_allclose(y, [[1 + 64 / 127, 4 - 64 * 4 / 127]], rtol=1e-5)  # x = [1, 1]: column sums of q * s
+
+
+def test_blocked_int8_is_matmulnbits_with_hand_computed_values():
+    """K=32, block 16: W[:, 0] = 16 x 1.0 then 15 x 0.25 and -0.5 (s = 1/127, 0.5/127); W[:, 1] = 2.0 (s = 2/127).
+    q + 128 is stored unsigned (MatMulNBits' default zero point); 0.25 -> round(63.5) = 64 -> 64 x 0.5/127."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from iqstar_lite.onnx_export import quantize_matmul_weights_int8
+
+    w = np.zeros((32, 2), dtype=np.float32)
+    w[:16, 0], w[16:31, 0], w[31, 0], w[:, 1] = 1.0, 0.25, -0.5, 2.0
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_matmul_weights_int8(model, block_size=16) == 1
+    onnx.checker.check_model(model)
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert set(inits) == {"w_q8", "w_q8_scale"}  # the fp32 weight is gone
+    q = inits["w_q8"]
+    assert q.shape == (2, 2, 16) and q.dtype == np.uint8
+    np.testing.assert_array_equal(q[0, 0], [255] * 16)
+    np.testing.assert_array_equal(q[0, 1], [192] * 15 + [1])
+    np.testing.assert_array_equal(q[1], [[255] * 16] * 2)
+    np.testing.assert_allclose(inits["w_q8_scale"], [1 / 127, 0.5 / 127, 2 / 127, 2 / 127], rtol=1e-6)
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 32), np.float32)})[0]
+    np.testing.assert_allclose(y, [[16 + 15 * 64 * 0.5 / 127 - 0.5, 64.0]], rtol=1e-5)  # x = 1 is exact in int8 too
+
+
+def test_tied_head_transpose_is_quantized_and_embedding_kept():
+    """A tied head reads Transpose(E) (E [V, H] also feeds Gather): the head gets an int8 copy of E^T, E stays fp32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from iqstar_lite.onnx_export import quantize_matmul_weights_int8
+
+    e = np.array([[1.0, 1.0], [-2.0, 4.0]], dtype=np.float32)  # head W = E^T = [[1, -2], [1, 4]]: s = [1/127, 4/127]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "E_t"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(e, "E")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_matmul_weights_int8(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Gather", "MatMul"]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(inits["E"], e)
+    np.testing.assert_array_equal(inits["E_t_int8"], [[127, -64], [127, 127]])
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": np.array([0])})[0]
+    # h = E[0] = [1, 1] (exact in int8 too, so onnxruntime's int8-activation kernel gives the same): column sums of q * s
+    np.testing.assert_allclose(y, [[2.0, 4 - 64 * 4 / 127]], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- torch-free generation
