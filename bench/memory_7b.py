@@ -268,7 +268,8 @@ def main() -> None:
     base = [f"model.path={target}", f"model.device={args.device}", "train.steps=2", f"rollout.prompts_per_step={args.prompts}",
             f"rollout.max_new_tokens={args.tokens}", f"data.max_prompt_tokens={args.max_prompt_tokens}", "train.checkpoint_every=0"]
     results, settings = {}, {"recipe": "laptop_7b", "base_overrides": base, "variants": args.variants, "runs": args.runs, "threads": args.threads,
-                             "device": args.device, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+                             "device": args.device, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                             "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         extra = [] if variant == "default" else [variant if "." in variant.split("=")[0] else f"model.{variant}"]
         s = {"recipe": "laptop_7b", "overrides": base + extra, "threads": args.threads}
