@@ -1,9 +1,5 @@
-"""Batched greedy decoding loops shared by onnx_speed.py and decode_vs_trained.py.
-
-``iqstar_lite.ort_generate.OrtGenerator`` decodes batch 1 only; ``ort_greedy`` drives the same
-session (its input/cache names, shapes and dtype are read from the generator) with left-padded
-batches: attention_mask marks the pads, position_ids count from each row's first real token.
-"""
+"""Batched greedy decoding shared by onnx_speed.py and decode_vs_trained.py: onnxruntime through the
+package's ``OrtGenerator.generate_batch`` (left-padded), PyTorch through ``model.generate``."""
 
 from __future__ import annotations
 
@@ -20,53 +16,22 @@ def ort_generator(onnx_dir, threads: int = 0, spin: bool = False):
     return OrtGenerator(onnx_dir, threads, **extra)
 
 
-def left_pad(batch_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in batch_ids)
-    ids = np.full((len(batch_ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, row in enumerate(batch_ids):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return ids, mask
-
-
 def ort_greedy(gen, batch_ids: list[list[int]], new_tokens: int, pad_id: int, stop_at_eos: bool = False) -> np.ndarray:
-    """Greedy tokens [B, steps] from an ``OrtGenerator``'s session, KV cache on, batch of any size.
+    """Greedy tokens [B, steps] from ``OrtGenerator.generate_batch`` (KV cache on, any batch size).
 
     ``stop_at_eos=False`` decodes exactly ``new_tokens`` steps (speed runs); True stops once every row has
-    emitted an EOS, and rows that finished get ``pad_id``.
+    emitted an EOS, and rows that finished earlier are padded with ``pad_id``.
     """
-    ids, mask = left_pad(batch_ids, pad_id)
-    b = ids.shape[0]
-    pos = np.clip(mask.cumsum(1) - 1, 0, None)
-    cache = {name: np.zeros((b, h, 0, d), dtype=gen.cache_dtype) for name, (h, d) in gen.cache_shapes.items()}
-    done = np.zeros(b, dtype=bool)
-    out = []
-    for step in range(new_tokens):
-        feed = {"input_ids": ids, **cache}
-        if "attention_mask" in gen.input_names:
-            feed["attention_mask"] = mask
-        if "position_ids" in gen.input_names:
-            feed["position_ids"] = pos
-        if "use_cache_branch" in gen.input_names:
-            feed["use_cache_branch"] = np.array([step > 0])
-        outputs = dict(zip(gen.output_names, gen.session.run(None, feed)))
-        nxt = outputs["logits"][:, -1].argmax(-1).astype(np.int64)
-        if stop_at_eos:
-            nxt = np.where(done, pad_id, nxt)
-            done |= np.isin(nxt, gen.eos_ids)
-        out.append(nxt)
-        if stop_at_eos and done.all():
-            break
-        cache = {past: outputs[present] for past, present in zip(gen.past_names, gen.present_names)}
-        ids, pos = nxt[:, None], pos[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-    return np.stack(out, axis=1)
+    rows = [g.tokens for g in gen.generate_batch(batch_ids, new_tokens, stop_at_eos=stop_at_eos)]
+    width = max(len(r) for r in rows)
+    return np.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=np.int64)
 
 
 def torch_greedy(model, batch_ids: list[list[int]], new_tokens: int, pad_id: int, eos_ids: list[int], fixed_length: bool = True):
     """Greedy ``model.generate`` on a left-padded batch (eager PyTorch, KV cache); tokens [B, steps]."""
     import torch
+
+    from iqstar_lite.ort_generate import left_pad
 
     ids, mask = (torch.from_numpy(a) for a in left_pad(batch_ids, pad_id))
     with torch.no_grad():

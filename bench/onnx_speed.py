@@ -5,8 +5,8 @@
 
 Every backend decodes exactly --new-tokens greedy steps (EOS ignored; same work everywhere), KV cache
 on, left-padded batches of the first B held-out prompts (chat template applied). PyTorch = the merged
-checkpoint in fp32, ``model.generate``. ONNX = ``decoders.ort_greedy`` (the package's OrtGenerator is
-batch 1 only; its own ``generate`` is also timed at batch 1 as ``onnx-package``). Agreement: top-1 of
+checkpoint in fp32, ``model.generate``. ONNX = the package's ``OrtGenerator.generate_batch`` (through
+``decoders.ort_greedy``); its batch-1 ``generate`` is also timed as ``onnx-package``. Agreement: top-1 of
 the ONNX model teacher-forced on the merged model's greedy continuation (as ``iqstar_lite.check``).
 """
 
@@ -83,7 +83,7 @@ def agreement(backends: dict, prompt_ids: list[list[int]], new_tokens: int, pad_
 
 
 def batch_consistency(gen, prompt_ids: list[list[int]], new_tokens: int, pad_id: int) -> float:
-    """Fraction of rows whose batched greedy (left-padded) equals the package's batch-1 ``generate``."""
+    """Fraction of rows whose batched greedy (``generate_batch``, left-padded) equals the batch-1 ``generate``."""
     batched = ort_greedy(gen, prompt_ids, new_tokens, pad_id, stop_at_eos=True)
     same = [until_eos(row, gen.eos_ids) == gen.generate(ids, new_tokens).tokens for row, ids in zip(batched, prompt_ids)]
     return round(sum(same) / len(same), 4)
@@ -134,7 +134,7 @@ def main() -> None:
                 "prompt_tokens": [len(i) for i in prompt_ids[: max(batches)]]}
     notes = ["tokens/s = batch x new_tokens / wall time of the whole greedy decode (prefill included); 1 warm-up run excluded.",
              "PyTorch: merged checkpoint loaded in fp32, eager, model.generate with min_new_tokens=max_new_tokens; threads = torch default unless --threads.",
-             "onnx-package = iqstar_lite.ort_generate.OrtGenerator.generate (batch 1, the deployment loop); onnx / onnx-int8 = bench loop."]
+             "onnx-package = iqstar_lite.ort_generate.OrtGenerator.generate (batch 1); onnx / onnx-int8 = OrtGenerator.generate_batch."]
     write_result("onnx_speed", settings, results, notes, args.results)
 
 

@@ -124,7 +124,7 @@ def onnx_speed(r: dict) -> list[str]:
                    + "".join(f", {k[:-len('_over_onnx')]} / fp32 ONNX = {fmt(x)}" for k, x in v.items() if k.endswith("_over_onnx") and k != "int8_over_onnx")
                    for b, v in r["ratios"].items()]
     out += ["- top-1 agreement with the merged model: " + ", ".join(f"{k} {fmt(v['agreement'])} ({v['agree']}/{v['total']})" for k, v in r["agreement"].items()),
-            f"- bench batch loop = package batch-1 generate on {fmt(r['bench_loop_matches_package_generate'])} of rows"]
+            f"- batched greedy = batch-1 generate on {fmt(r['bench_loop_matches_package_generate'])} of rows"]
     t = r["targets"]
     out.append(f"- targets: ONNX ≥ {t['onnx_over_pytorch_min']}× PyTorch, int8 ≥ {t['int8_over_onnx_min']}× fp32 ONNX, agreement ≥ {t['int8_agreement_min']}: "
                + "; ".join(f"{k}: ONNX {fmt(v['onnx_met'])}, int8 speed {fmt(v['int8_speed_met'])}" for k, v in t.items() if k.startswith("batch_"))

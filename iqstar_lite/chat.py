@@ -1,6 +1,7 @@
 """Chat with an exported model, no torch needed: onnxruntime + numpy + a tokenizer.
 
     python -m iqstar_lite.chat RUN_DIR/onnx "Name three colours." [--max-new-tokens 128] [--sample]
+    python -m iqstar_lite.chat RUN_DIR/onnx "First question?" "Second question?"    # one batch, answers in order
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from iqstar_lite.ort_generate import OrtGenerator
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.chat", description="Answer one prompt with an ONNX export (greedy by default).")
+    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.chat", description="Answer prompts with an ONNX export (greedy by default).")
     ap.add_argument("onnx_dir", type=Path, help="RUN_DIR/onnx or RUN_DIR/onnx-int8")
-    ap.add_argument("prompt")
+    ap.add_argument("prompts", nargs="+", metavar="prompt", help="one prompt, or several (decoded as one batch)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temperature > 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     gen = OrtGenerator(args.onnx_dir)
-    print(gen.chat(args.prompt, args.max_new_tokens, system=args.system, sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    kw = {"system": args.system, "sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    if len(args.prompts) == 1:
+        print(gen.chat(args.prompts[0], args.max_new_tokens, **kw))
+        return 0
+    for i, answer in enumerate(gen.chat_batch(args.prompts, args.max_new_tokens, **kw)):
+        print(f"[{i + 1}] {answer}")
     return 0
 
 

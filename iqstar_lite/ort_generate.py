@@ -10,7 +10,8 @@ This module never imports torch, so a deployment needs only ``onnxruntime``, ``n
 
 The first call feeds the prompt with an empty (P = 0) cache; every later call feeds one token
 and the ``present.*`` tensors of the previous call as ``past_key_values.*``. Names, cache shapes
-and dtypes are read from the session, not hard-coded. Batch size is 1.
+and dtypes are read from the session, not hard-coded. ``generate`` decodes one prompt,
+``generate_batch`` several at once (left-padded).
 
     gen = OrtGenerator("runs/x/onnx")
     print(gen.chat("Name three colours."))                           # greedy
@@ -69,6 +70,17 @@ def render_chat(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+def left_pad(batch_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids [B, W] left-padded with ``pad_id`` and the attention mask [B, W] (1 on real tokens)."""
+    width = max(len(r) for r in batch_ids)
+    ids = np.full((len(batch_ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(batch_ids):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
 def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0) -> int:
     """Draw one id from softmax(logits / temperature), restricted to the top-p nucleus."""
     z = logits.astype(np.float64) / max(temperature, 1e-6)
@@ -93,7 +105,7 @@ class Generation:
 
 
 class OrtGenerator:
-    """Greedy / sampled decoding with the KV cache of an exported decoder (batch size 1)."""
+    """Greedy / sampled decoding with the KV cache of an exported decoder (one prompt, or a batch)."""
 
     def __init__(self, onnx_dir: str | Path, threads: int = 0, load_tokenizer: bool = True, spin: bool = True):
         """``threads``: intra-op threads (0 = onnxruntime's default); ``spin=False`` stops idle worker
@@ -132,6 +144,8 @@ class OrtGenerator:
             except (OSError, ValueError) as e:
                 raise UserError(f"{str(self.dir)!r} has no usable tokenizer ({str(e).splitlines()[0]}); export with 'python -m iqstar_lite.export' (it copies the tokenizer)") from None
         self.eos_ids = eos_token_ids(self.dir, self.tokenizer)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
 
     # ------------------------------------------------------------------------- forward
 
@@ -191,9 +205,65 @@ class OrtGenerator:
             last = logits[-1]
         return Generation(tokens, time.perf_counter() - start, kept)
 
+    def generate_batch(
+        self,
+        prompts_ids: list[list[int]],
+        max_new_tokens: int = 64,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[Generation]:
+        """``generate`` for several prompts in one batch: one session call per token for all rows.
+
+        Prompts are left-padded; the attention mask hides the pads and positions count from each row's first
+        real token, so a row decodes as it would alone (up to float rounding). A row that emitted EOS is fed
+        its pad id until every row has stopped (``stop_at_eos``); its ``tokens`` end at its EOS. ``seconds``
+        is the whole batch's time, on every row.
+        """
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        ids, mask = left_pad(prompts_ids, self.pad_id)
+        b = ids.shape[0]
+        pos = np.clip(mask.cumsum(1) - 1, 0, None)
+        cache = {name: np.zeros((b, h, 0, d), dtype=self.cache_dtype) for name, (h, d) in self.cache_shapes.items()}
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, dtype=bool)
+        for step in range(max_new_tokens):
+            feed = {"input_ids": ids, **cache}
+            if "attention_mask" in self.input_names:
+                feed["attention_mask"] = mask
+            if "position_ids" in self.input_names:
+                feed["position_ids"] = pos
+            if "use_cache_branch" in self.input_names:
+                feed["use_cache_branch"] = np.array([step > 0])
+            outputs = dict(zip(self.output_names, self.session.run(None, feed)))
+            last = outputs["logits"][:, -1].astype(np.float32)
+            nxt = np.array([sample_token(row, rng, temperature, top_p) for row in last] if sample else last.argmax(-1), dtype=np.int64)
+            for i in np.flatnonzero(~done):
+                tokens[i].append(int(nxt[i]))
+            if stop_at_eos:
+                done |= np.isin(nxt, self.eos_ids)
+                if done.all():
+                    break
+            cache = {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+            ids, pos = np.where(done, self.pad_id, nxt)[:, None], pos[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+        seconds = time.perf_counter() - start
+        return [Generation(row, seconds) for row in tokens]
+
     def chat(self, prompt: str, max_new_tokens: int = 128, system: str | None = None, **kwargs) -> str:
         """Answer one user message (chat template applied); ``kwargs`` go to ``generate``."""
         if self.tokenizer is None:
             raise ValueError("OrtGenerator was created with load_tokenizer=False")
         out = self.generate(render_chat(self.tokenizer, prompt, system), max_new_tokens, **kwargs)
         return self.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+
+    def chat_batch(self, prompts: list[str], max_new_tokens: int = 128, system: str | None = None, **kwargs) -> list[str]:
+        """Answer several user messages in one batch; ``kwargs`` go to ``generate_batch``."""
+        if self.tokenizer is None:
+            raise ValueError("OrtGenerator was created with load_tokenizer=False")
+        outs = self.generate_batch([render_chat(self.tokenizer, p, system) for p in prompts], max_new_tokens, **kwargs)
+        return [self.tokenizer.decode(o.tokens, skip_special_tokens=True).strip() for o in outs]

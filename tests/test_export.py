@@ -389,6 +389,25 @@ def test_ort_generator_kv_cache_matches_full_forward(exported):
     assert out.tokens == [int(t) for t in full[len(ids) - 1 : len(ids) + 5].argmax(-1)]
 
 
+def test_generate_batch_equals_one_prompt_at_a_time(exported):
+    """Left-padded batch (prompts of different lengths) = each prompt alone: same greedy tokens, each row ending
+    at its own EOS; seeded sampling is reproducible."""
+    from iqstar_lite.ort_generate import OrtGenerator
+
+    run, _ = exported
+    gen = OrtGenerator(run / "onnx")
+    texts = [PROMPTS[0], PROMPTS[1], "Tokyo?", "Rain on the roof of Tokyo, write a short answer please."]
+    ids = [_prompt_ids(gen.tokenizer, t) for t in texts]
+    assert len({len(i) for i in ids}) > 1  # padding is exercised
+    alone = [gen.generate(i, 12).tokens for i in ids]
+    batch = [g.tokens for g in gen.generate_batch(ids, 12)]
+    assert batch == alone
+    fixed = gen.generate_batch(ids, 7, stop_at_eos=False)
+    assert [len(g.tokens) for g in fixed] == [7] * 4
+    a, b = (gen.generate_batch(ids, 6, sample=True, top_p=0.9, seed=5) for _ in range(2))
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
 def test_sample_token_nucleus():
     from iqstar_lite.ort_generate import sample_token
 
@@ -407,6 +426,11 @@ def test_chat_cli_runs_without_torch(exported):
     assert greedy.returncode == 0, greedy.stderr
     sampled = _run("iqstar_lite.chat", str(run / "onnx-int8"), PROMPTS[0], "--sample", "--top-p", "0.9", "--seed", "3", block_torch=True)
     assert sampled.returncode == 0, sampled.stderr
+    batch = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "5", block_torch=True)
+    assert batch.returncode == 0, batch.stderr
+    lines = batch.stdout.strip().splitlines()
+    assert lines[0].startswith("[1] ") and lines[-1].startswith("[2] ")
+    assert lines[0][4:] == greedy.stdout.strip().splitlines()[0]  # same answer as alone (first line of it)
 
 
 # ----------------------------------------------------------------------------- bad input
