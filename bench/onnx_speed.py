@@ -41,7 +41,7 @@ def load_backends(run_dir: Path, threads: int, spin: bool, variants: list[str] =
     out = {"pytorch": AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), "onnx": ort_generator(run_dir / "onnx", threads, spin)}
     if (run_dir / "onnx-int8").is_dir():
         out["onnx-int8"] = ort_generator(run_dir / "onnx-int8", threads, spin)
-    for v in variants:  # NAME=DIR: another int8 folder (e.g. export.int8_block=16), timed and scored like onnx-int8
+    for v in variants:  # NAME=DIR: another ONNX folder (int8 block size, genai graph, ...), timed and scored like onnx-int8
         name, _, path = v.partition("=")
         out[name] = ort_generator(Path(path), threads, spin)
     return out
@@ -97,8 +97,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--agree-prompts", type=int, default=16, help="held-out prompts for the top-1 agreement")
     p.add_argument("--ort-spin", action="store_true", help="let idle onnxruntime threads busy-wait (default off: torch shares the process)")
-    p.add_argument("--int8-variant", action="append", default=[], metavar="NAME=DIR",
-                   help="another quantized ONNX folder to time and score next to onnx-int8 (repeatable)")
+    p.add_argument("--variant", "--int8-variant", action="append", default=[], metavar="NAME=DIR", dest="variant",
+                   help="another ONNX folder (e.g. another int8 block size, or export.onnx_graph=genai) timed and scored in the same run (repeatable)")
     args = parse_args(p, {"new_tokens": 8, "repeats": 3, "agree_prompts": 2})
     quiet_libraries()
     set_threads(args.threads)
@@ -106,7 +106,7 @@ def main() -> None:
     from iqstar_lite.ort_generate import render_chat
 
     batches = [int(b) for b in args.batches.split(",")]
-    backends = load_backends(args.run_dir, args.threads, args.ort_spin, args.int8_variant)
+    backends = load_backends(args.run_dir, args.threads, args.ort_spin, args.variant)
     tok = backends["onnx"].tokenizer
     eos, pad_id = backends["onnx"].eos_ids, tok.pad_token_id if tok.pad_token_id is not None else backends["onnx"].eos_ids[0]
     prompt_ids = [render_chat(tok, t) for t in held_out_prompts(args.run_dir, max(max(batches), args.agree_prompts))]
@@ -118,7 +118,8 @@ def main() -> None:
     results["ratios"] = {f"batch_{b}": {"onnx_over_pytorch": ratio(med("onnx", b), med("pytorch", b)),
                                         "int8_over_pytorch": ratio(med("onnx-int8", b), med("pytorch", b)),
                                         "int8_over_onnx": ratio(med("onnx-int8", b), med("onnx", b)),
-                                        **{f"{v.partition('=')[0]}_over_onnx": ratio(med(v.partition("=")[0], b), med("onnx", b)) for v in args.int8_variant}}
+                                        **{f"{n}_over_{base}": ratio(med(n, b), med(base, b))
+                                           for n in (v.partition("=")[0] for v in args.variant) for base in ("onnx", "pytorch")}}
                          for b in batches}
     int8_agree = results["agreement"].get("onnx-int8", {}).get("agreement")
     results["targets"] = {**TARGETS, **{f"batch_{b}": {"onnx_met": (r["onnx_over_pytorch"] or 0) >= TARGETS["onnx_over_pytorch_min"],
@@ -130,7 +131,7 @@ def main() -> None:
     print("agreement: " + ", ".join(f"{k} {v['agreement']}" for k, v in results["agreement"].items()))
     settings = {"run_dir": str(args.run_dir), "batches": batches, "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "agree_prompts": args.agree_prompts, "threads": args.threads, "ort_spin": args.ort_spin, "quick": args.quick,
-                "int8_variants": args.int8_variant,
+                "variants": args.variant,
                 "prompt_tokens": [len(i) for i in prompt_ids[: max(batches)]]}
     notes = ["tokens/s = batch x new_tokens / wall time of the whole greedy decode (prefill included); 1 warm-up run excluded.",
              "PyTorch: merged checkpoint loaded in fp32, eager, model.generate with min_new_tokens=max_new_tokens; threads = torch default unless --threads.",

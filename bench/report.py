@@ -119,7 +119,7 @@ def per_batch(speed: dict, ratios: dict, ratio_key) -> list[list]:
 
 def onnx_speed(r: dict) -> list[str]:
     head = ["backend", "batch", "tokens/s min", "median", "max", "× pytorch (median)"]
-    out = table(head, per_batch(r["tokens_per_s"], r["ratios"], lambda n: {"onnx": "onnx_over_pytorch", "onnx-int8": "int8_over_pytorch"}.get(n)))
+    out = table(head, per_batch(r["tokens_per_s"], r["ratios"], lambda n: {"onnx": "onnx_over_pytorch", "onnx-int8": "int8_over_pytorch"}.get(n, f"{n}_over_pytorch")))
     out += [""] + [f"- batch {b[6:]}: int8 / fp32 ONNX = {fmt(v['int8_over_onnx'])}"
                    + "".join(f", {k[:-len('_over_onnx')]} / fp32 ONNX = {fmt(x)}" for k, x in v.items() if k.endswith("_over_onnx") and k != "int8_over_onnx")
                    for b, v in r["ratios"].items()]

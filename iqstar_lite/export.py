@@ -117,7 +117,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
     report["merge"] = merge_run(run_dir, cfg, prompts)
     report["merged_bytes"] = dir_size(run_dir / "merged")
     if cfg.export.onnx:
-        report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx")
+        report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx", cfg.export.onnx_graph)
         if cfg.export.int8:
             report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block)
     for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8)):

@@ -70,6 +70,20 @@ def render_chat(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+def _config_head_dim(model_dir: Path) -> int | None:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    return cfg.get("head_dim") or (cfg["hidden_size"] // cfg["num_attention_heads"] if "hidden_size" in cfg else None)
+
+
+def right_pad(batch_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids [B, W] right-padded with ``pad_id`` and the attention mask [B, W] (1 on real tokens)."""
+    ids, mask = left_pad([r[::-1] for r in batch_ids], pad_id)
+    return ids[:, ::-1].copy(), mask[:, ::-1].copy()
+
+
 def left_pad(batch_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids [B, W] left-padded with ``pad_id`` and the attention mask [B, W] (1 on real tokens)."""
     width = max(len(r) for r in batch_ids)
@@ -129,7 +143,9 @@ class OrtGenerator:
         self.cache_shapes: dict[str, tuple[int, int]] = {}
         self.cache_dtype = np.float32
         for name in self.past_names:
-            shape = inputs[name].shape  # [batch, kv_heads, past_len, head_dim]
+            shape = list(inputs[name].shape)  # [batch, kv_heads, past_len, head_dim]
+            if not isinstance(shape[3], int):  # a symbolic head_dim (onnxruntime-genai exports): from config.json
+                shape[3] = _config_head_dim(self.dir)
             if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
                 raise UserError(f"{str(self.dir)!r}: cannot read the KV cache shape of {name} ({shape})")
             self.cache_shapes[name] = (shape[1], shape[3])
@@ -219,14 +235,20 @@ class OrtGenerator:
         """``generate`` for several prompts in one batch: one session call per token for all rows.
 
         Prompts are left-padded; the attention mask hides the pads and positions count from each row's first
-        real token, so a row decodes as it would alone (up to float rounding). A row that emitted EOS is fed
-        its pad id until every row has stopped (``stop_at_eos``); its ``tokens`` end at its EOS. ``seconds``
-        is the whole batch's time, on every row.
+        real token, so a row decodes as it would alone (up to float rounding). A graph without a ``position_ids``
+        input (``export.onnx_graph=genai``) gets right-padded rows instead (tested equal to one at a time).
+        A row that emitted EOS is fed its pad id until every row has stopped (``stop_at_eos``); its ``tokens``
+        end at its EOS. ``seconds`` is the whole batch's time, on every row.
         """
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        ids, mask = left_pad(prompts_ids, self.pad_id)
+        # A graph without position_ids takes positions from the attention mask (onnxruntime-genai's
+        # GroupQueryAttention: each row's tokens from the start of its cache), so its rows are right-padded and the
+        # first token is read at each row's last real position; with position_ids, rows are left-padded.
+        right = "position_ids" not in self.input_names
+        ids, mask = (right_pad if right else left_pad)(prompts_ids, self.pad_id)
         b = ids.shape[0]
+        last_real = np.array([len(p) - 1 for p in prompts_ids]) if right else np.full(b, ids.shape[1] - 1)
         pos = np.clip(mask.cumsum(1) - 1, 0, None)
         cache = {name: np.zeros((b, h, 0, d), dtype=self.cache_dtype) for name, (h, d) in self.cache_shapes.items()}
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -240,7 +262,7 @@ class OrtGenerator:
             if "use_cache_branch" in self.input_names:
                 feed["use_cache_branch"] = np.array([step > 0])
             outputs = dict(zip(self.output_names, self.session.run(None, feed)))
-            last = outputs["logits"][:, -1].astype(np.float32)
+            last = (outputs["logits"][np.arange(b), last_real] if step == 0 else outputs["logits"][:, -1]).astype(np.float32)
             nxt = np.array([sample_token(row, rng, temperature, top_p) for row in last] if sample else last.argmax(-1), dtype=np.int64)
             for i in np.flatnonzero(~done):
                 tokens[i].append(int(nxt[i]))

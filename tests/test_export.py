@@ -205,6 +205,31 @@ def test_export_passes_parity_check(exported):
     assert "PASSED" in format_table(result)
 
 
+def test_genai_graph_export_passes_parity_check_and_decodes_batches(run_dir, tmp_path):
+    """export.onnx_graph=genai (onnxruntime-genai's builder): same parity gate, int8 twin, right-padded batches."""
+    from iqstar_lite.check import check_run
+    from iqstar_lite.config import load_run_config
+    from iqstar_lite.export import apply_export_overrides, export_run
+    from iqstar_lite.ort_generate import OrtGenerator
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*"))
+    cfg = apply_export_overrides(load_run_config(run), ["export.onnx_graph=genai"])
+    report = export_run(run, cfg, PROMPTS)
+    assert report["onnx"]["graph"] == "genai" and (run / "onnx" / "genai_config.json").is_file()
+    gen = OrtGenerator(run / "onnx")
+    assert "position_ids" not in gen.input_names
+    assert report["onnx_int8"]["weights_quantized"] > 0
+    result = check_run(run, cfg, PROMPTS)
+    assert result["passed"], result["failures"]
+    assert result["greedy_equal"] and result["max_logit_diff"] < 1e-3
+    ids = [_prompt_ids(gen.tokenizer, t) for t in (PROMPTS[0], PROMPTS[1], "Tokyo?", PROMPTS[0])]
+    assert len({len(i) for i in ids}) == 3
+    assert [g.tokens for g in gen.generate_batch(ids, 8)] == [gen.generate(i, 8).tokens for i in ids]
+    fixed = gen.generate_batch(ids, 6, stop_at_eos=False)
+    assert [g.tokens for g in fixed] == [gen.generate(i, 6, stop_at_eos=False).tokens for i in ids]
+
+
 def test_ort_model_for_causal_lm_generates_like_transformers(exported):
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
