@@ -104,7 +104,7 @@ def child_iq(s: dict, loss: str) -> dict:
 
     cfg = recipe(s, loss)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
-    model, fmt, judge = load_policy(cfg.model, cfg.lora, device), Formatter(tok, cfg.data), pick_judge("auto", cfg.data.principle)
+    model, fmt, judge = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed), Formatter(tok, cfg.data), pick_judge("auto", cfg.data.principle)
     examples = heldout(cfg, s["eval_prompts"])
     clock = Clock(s, lambda: judge_eval(model, tok, fmt, examples, judge, s), cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
     clock.point()
@@ -180,7 +180,7 @@ def child_contrastive(s: dict) -> dict:
 
     cfg = recipe(s)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
-    model = load_policy(cfg.model, cfg.lora, device)  # fresh adapters; decoding runs in reference_mode
+    model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)  # fresh adapters; decoding runs in reference_mode
     ev = judge_eval(model, tok, Formatter(tok, cfg.data), heldout(cfg, s["eval_prompts"]), pick_judge("auto", cfg.data.principle), s,
                     alpha=cfg.estimator.alpha)
     return {**ev, "alpha": cfg.estimator.alpha}

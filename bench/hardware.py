@@ -140,7 +140,7 @@ def profile_step(cfg, top: int = 15) -> dict:
 
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.resume = 1, 0, False
     device = pick_device(cfg.model)
-    tok, model = load_tokenizer(cfg.model.path), load_policy(cfg.model, cfg.lora, device)
+    tok, model = load_tokenizer(cfg.model.path), load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     prompts = training_prompts(cfg, tok)
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp), model, tok, prompts, device)

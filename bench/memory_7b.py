@@ -182,7 +182,7 @@ def child_main(settings: str, out: str) -> None:
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.path)
     t0 = time.time()
-    model = load_policy(cfg.model, cfg.lora, device)
+    model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     load_s = time.time() - t0
     model.get_base_model().generation_config.min_new_tokens = cfg.rollout.max_new_tokens  # every response exactly T tokens
     meter = CudaMeter() if device.type == "cuda" else RssMeter()

@@ -56,7 +56,7 @@ def child_iq(s: dict, cfg, tmp: Path) -> dict:
 
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.path)
-    model = load_policy(cfg.model, cfg.lora, device)
+    model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     if s["fixed_length"]:  # generate() merges the model's generation_config: every row gets exactly `tokens`
         model.get_base_model().generation_config.min_new_tokens = cfg.rollout.max_new_tokens
     loaded = self_peak_rss()

@@ -75,7 +75,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
     prompts = load_prompts(cfg.data)
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.path)
-    model = load_policy(cfg.model, cfg.lora, device)
+    model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     too_long = [e for e in prompts.train if len(fmt.ids(fmt.conditioned(e))) > cfg.data.max_prompt_tokens]
     train_set = [e for e in prompts.train if e not in too_long]

@@ -83,3 +83,16 @@ def test_cuda_recipe_trains_and_merge_is_exact(tmp_path, tiny_path):
     report = merge_run(out, cfg)
     assert report["trained_compute_dtype"] in ("bfloat16", "float16")
     assert report["max_abs_logit_diff_vs_fp32_compute"] < 1e-3, report
+
+
+def test_cuda_same_seed_same_adapters(tiny_path):
+    from iqstar_lite.config import LoraSettings, ModelConfig
+    from iqstar_lite.model import load_policy
+
+    cfg, lora = ModelConfig(path=tiny_path, quantize="nf4", device="cuda"), LoraSettings(r=4, alpha=8)
+    a = {n: p.detach().clone() for n, p in load_policy(cfg, lora, seed=3).named_parameters() if p.requires_grad}
+    torch.rand(100, device="cuda"), torch.rand(100)
+    state = torch.cuda.get_rng_state()
+    b = {n: p.detach().clone() for n, p in load_policy(cfg, lora, seed=3).named_parameters() if p.requires_grad}
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert all(p.device.type == "cuda" for p in a.values()) and all(torch.equal(a[k], b[k]) for k in a)
