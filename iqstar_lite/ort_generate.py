@@ -174,16 +174,21 @@ class OrtGenerator:
         cache = cache if cache is not None else self.empty_cache()
         past_len = next(iter(cache.values())).shape[2] if cache else 0
         total = past_len + ids.shape[1]
+        mask, pos = np.ones((1, total), dtype=np.int64), np.arange(past_len, total, dtype=np.int64).reshape(1, -1)
+        logits, new_cache = self._run(ids, cache, mask, pos, past_len > 0)
+        return logits[0].astype(np.float32), new_cache
+
+    def _run(self, ids: np.ndarray, cache: dict, mask: np.ndarray, pos: np.ndarray, has_past: bool) -> tuple[np.ndarray, dict]:
+        """One session call with the inputs this graph takes; returns the logits and the ``present.*`` cache as ``past_key_values.*``."""
         feed = {"input_ids": ids, **cache}
         if "attention_mask" in self.input_names:
-            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
+            feed["attention_mask"] = mask
         if "position_ids" in self.input_names:
-            feed["position_ids"] = np.arange(past_len, total, dtype=np.int64).reshape(1, -1)
+            feed["position_ids"] = pos
         if "use_cache_branch" in self.input_names:  # older optimum "merged" decoders
-            feed["use_cache_branch"] = np.array([past_len > 0])
+            feed["use_cache_branch"] = np.array([has_past])
         outputs = dict(zip(self.output_names, self.session.run(None, feed)))
-        new_cache = {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
-        return outputs["logits"][0].astype(np.float32), new_cache
+        return outputs["logits"], {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits [T, V] for a whole sequence (one forward, empty cache)."""
@@ -254,15 +259,8 @@ class OrtGenerator:
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
         for step in range(max_new_tokens):
-            feed = {"input_ids": ids, **cache}
-            if "attention_mask" in self.input_names:
-                feed["attention_mask"] = mask
-            if "position_ids" in self.input_names:
-                feed["position_ids"] = pos
-            if "use_cache_branch" in self.input_names:
-                feed["use_cache_branch"] = np.array([step > 0])
-            outputs = dict(zip(self.output_names, self.session.run(None, feed)))
-            last = (outputs["logits"][np.arange(b), last_real] if step == 0 else outputs["logits"][:, -1]).astype(np.float32)
+            logits, new_cache = self._run(ids, cache, mask, pos, step > 0)
+            last = (logits[np.arange(b), last_real] if step == 0 else logits[:, -1]).astype(np.float32)
             nxt = np.array([sample_token(row, rng, temperature, top_p) for row in last] if sample else last.argmax(-1), dtype=np.int64)
             for i in np.flatnonzero(~done):
                 tokens[i].append(int(nxt[i]))
@@ -270,7 +268,7 @@ class OrtGenerator:
                 done |= np.isin(nxt, self.eos_ids)
                 if done.all():
                     break
-            cache = {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+            cache = new_cache
             ids, pos = np.where(done, self.pad_id, nxt)[:, None], pos[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
         seconds = time.perf_counter() - start
