@@ -93,7 +93,8 @@ def build_random(target: Path, seed: int = 0, tokenizer: str | None = None) -> P
 
     from iqstar_lite.atomic import atomic_dir
     from iqstar_lite.config import EMBEDDED_MODEL
-    from iqstar_lite.model import load_model_config, resolve_model_path
+    from iqstar_lite.embedded import resolve_model_path
+    from iqstar_lite.model import load_model_config
 
     if (target / "config.json").is_file():
         return target
@@ -261,7 +262,7 @@ def main() -> None:
                    help="cpu: peak RSS; cuda: peak bytes allocated on the GPU (+ reserved, + what the card reports used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for the random checkpoint (default: the embedded SmolLM2 one)")
     args = parse_args(p, {})
-    from iqstar_lite.model import cache_dir
+    from iqstar_lite.embedded import cache_dir
 
     target = args.cache or cache_dir() / "models" / "random-qwen2.5-7b-instruct"
     build_random(target, tokenizer=args.tokenizer)

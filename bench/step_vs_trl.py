@@ -131,7 +131,8 @@ def child_trl(s: dict, cfg, tmp: Path) -> dict:
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from iqstar_lite.model import compute_dtype, load_base, load_tokenizer, pick_device, quantization_config, resolve_model_path
+    from iqstar_lite.embedded import resolve_model_path
+    from iqstar_lite.model import compute_dtype, load_base, load_tokenizer, pick_device, quantization_config
     from iqstar_lite.train import prompt_batch
 
     device = pick_device(cfg.model)

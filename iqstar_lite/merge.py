@@ -30,7 +30,8 @@ import torch
 from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.errors import UserError
 from iqstar_lite.atomic import atomic_dir
-from iqstar_lite.model import compute_dtype, dequantize_4bit_, linear4bit_layers, load_base, pick_device, resolve_model_path
+from iqstar_lite.embedded import resolve_model_path
+from iqstar_lite.model import compute_dtype, dequantize_4bit_, linear4bit_layers, load_base, pick_device
 from iqstar_lite.ort_generate import render_chat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

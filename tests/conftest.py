@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     from iqstar_lite.config import TINY_MODEL
-    from iqstar_lite.model import resolve_model_path
+    from iqstar_lite.embedded import resolve_model_path
 
     return resolve_model_path(TINY_MODEL)
 

@@ -312,20 +312,26 @@ def test_blocked_int8_export_is_closer_to_fp32_than_per_channel(exported, tmp_pa
     assert 0 < err["b16"] < err["ch"], err
 
 
+def _one_matmul(w: np.ndarray):
+    """ONNX model y = x @ w (x [1, K]), w a constant initializer named "w"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 def test_weight_quantization_arithmetic():
     """W = [[1, -2], [0.5, 4]]: per output column s = [1/127, 4/127]; q = [[127, -64], [64, 127]] (|W - qs| <= s/2)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     from iqstar_lite.onnx_export import quantize_matmul_weights_int8
 
-    w = np.array([[1.0, -2.0], [0.5, 4.0]], dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-        [numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = _one_matmul(np.array([[1.0, -2.0], [0.5, 4.0]], dtype=np.float32))
     assert quantize_matmul_weights_int8(model) == 1
     onnx.checker.check_model(model)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -341,18 +347,13 @@ def test_blocked_int8_is_matmulnbits_with_hand_computed_values():
     """K=32, block 16: W[:, 0] = 16 x 1.0 then 15 x 0.25 and -0.5 (s = 1/127, 0.5/127); W[:, 1] = 2.0 (s = 2/127).
     q + 128 is stored unsigned (MatMulNBits' default zero point); 0.25 -> round(63.5) = 64 -> 64 x 0.5/127."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     from iqstar_lite.onnx_export import quantize_matmul_weights_int8
 
     w = np.zeros((32, 2), dtype=np.float32)
     w[:16, 0], w[16:31, 0], w[31, 0], w[:, 1] = 1.0, 0.25, -0.5, 2.0
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-        [numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = _one_matmul(w)
     assert quantize_matmul_weights_int8(model, block_size=16) == 1
     onnx.checker.check_model(model)
     (node,) = model.graph.node
