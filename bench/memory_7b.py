@@ -148,6 +148,7 @@ def tensor_bytes(t) -> int:
 
 def static_split(model, optimizer) -> dict:
     """Exact bytes of what stays resident: 4-bit weights (+ quant state), other frozen weights, LoRA + grad + optimizer state."""
+    from iqstar_lite.mapped import is_mapped, mapping_residency
     from iqstar_lite.model import linear4bit_layers
 
     q4 = 0
@@ -159,12 +160,15 @@ def static_split(model, optimizer) -> dict:
         q4 += tensor_bytes(qs.absmax) + (tensor_bytes(qs.code) if qs.code is not None else 0)
         if getattr(qs, "state2", None) is not None:
             q4 += tensor_bytes(qs.state2.absmax) + tensor_bytes(qs.state2.code)
-    frozen = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in seen)
+    frozen = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in seen and not is_mapped(p))
+    mapped = [p for p in model.parameters() if is_mapped(p)]
+    resident = [mapping_residency(p) for p in mapped]
     lora = sum(tensor_bytes(p) for p in model.parameters() if p.requires_grad)
     grads = sum(tensor_bytes(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None)
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     state = sum(tensor_bytes(v) for st in opt.state.values() for v in st.values() if hasattr(v, "numel"))
-    return {"weights_4bit": q4, "weights_unquantized": frozen, "lora": lora, "lora_grads": grads, "optimizer_state": state}
+    return {"weights_4bit": q4, "weights_unquantized": frozen, "weights_mapped": sum(tensor_bytes(p) for p in mapped),
+            "weights_mapped_resident": sum(r[0] for r in resident if r), "lora": lora, "lora_grads": grads, "optimizer_state": state}
 
 
 def child_main(settings: str, out: str) -> None:

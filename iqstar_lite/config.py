@@ -37,6 +37,10 @@ class ModelConfig:
     """Dtype of what NF4 leaves unquantized (embeddings, norms, lm_head). ``auto``: the compute dtype on GPU;
     on CPU fp32 while embeddings + lm_head fit in 1 GiB as fp32 (exact log-probs, and measured faster on
     SmolLM2), else the compute dtype (a 7B's 152k-vocab embeddings + head: 4.1 GiB fp32, 2.0 GiB bf16)."""
+    map_embeddings: bool = True
+    """CPU: serve the frozen input embeddings from the checkpoint file by mmap, so only the rows read are resident
+    (a 7B's untied 152k-vocab table: 1.0 GiB less RSS). Applies only where exact: untied embeddings stored as
+    safetensors in the dtype they are used in; otherwise they are loaded as usual (``iqstar_lite/mapped.py``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant). Saves memory on long sequences / big models."""

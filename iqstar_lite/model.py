@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from iqstar_lite.config import LoraSettings, ModelConfig
 from iqstar_lite.embedded import resolve_model_path
 from iqstar_lite.errors import UserError
+from iqstar_lite.mapped import is_mapped, map_input_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
         raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path") from None
     model.requires_grad_(False)
     if device.type == "cpu":
+        if cfg.map_embeddings:
+            map_input_embeddings(model, path)
         own_cpu_memory(model)
     head = model.get_output_embeddings()
     head.register_forward_pre_hook(_head_input_2d)
@@ -166,7 +169,7 @@ def own_cpu_memory(model) -> None:
     drops from 1.07 to 0.77 GiB after this, on the 7B random checkpoint the mapped shards held ~13 GiB.
     """
     for p in model.parameters():
-        if not hasattr(p, "quant_state"):  # bnb Params4bit were created by quantizing: already owned
+        if not hasattr(p, "quant_state") and not is_mapped(p):  # bnb Params4bit were created by quantizing: already owned
             p.data = p.data.clone()
     gc.collect()
     release_free_heap()
