@@ -293,6 +293,8 @@ def main() -> None:
         "load peak = ru_maxrss when loading ended: it counts the checkpoint's memory-mapped bf16 shards (file-backed, reclaimable page "
         "cache) that from_pretrained reads; *_transient = a phase's high-water mark above the RSS when it began. (clear_refs also resets "
         "ru_maxrss, so the child's wait4 peak is not reported.)",
+        "weights_mapped = input embeddings served from the checkpoint by mmap (model.map_embeddings; not counted in weights_unquantized); "
+        "weights_mapped_resident = how much of that mapping was resident at the end (/proc/self/smaps Rss: the pages of rows read).",
         "estimate = iqstar_lite.memory.estimate_memory for the same config (what --dry-run prints); error = (estimate - measured) / measured, "
         "measured = step peak RSS on CPU, the GPU memory the card reports used (device_used) on CUDA.",
     ], args.results)

@@ -143,11 +143,11 @@ def decode_vs_trained(r: dict) -> list[str]:
 
 def memory_7b(r: dict) -> list[str]:
     variants = list(r)
-    keys = ["step_peak_rss_gib", "load_peak_rss_gib", "rss_after_load", "weights_4bit", "weights_unquantized", "lora", "lora_grads",
-            "optimizer_state", "rollout_transient", "estimator_transient", "update_transient"]
+    keys = ["step_peak_rss_gib", "load_peak_rss_gib", "rss_after_load", "weights_4bit", "weights_unquantized", "weights_mapped",
+            "weights_mapped_resident", "lora", "lora_grads", "optimizer_state", "rollout_transient", "estimator_transient", "update_transient"]
     rows = []
     for k in keys:
-        vals = [[run.get(k, run["split_gib"].get(k)) for run in r[v]["runs"]] for v in variants]
+        vals = [[run.get(k, run["split_gib"].get(k, 0.0)) for run in r[v]["runs"]] for v in variants]
         rows.append([k.replace("_", " ") + ("" if k.endswith("gib") else " GiB")] + [x for vs in vals for x in (min(vs), sorted(vs)[len(vs) // 2], max(vs))])
     for k in ("peak", "weights", "lora+grad+optimizer", "kv_cache", "activations", "logits", "runtime"):
         rows.append([f"dry-run estimate: {k} GiB"] + [x for v in variants for x in [r[v]["runs"][0]["estimate_gib"][k]] * 3])
@@ -159,6 +159,11 @@ def memory_7b(r: dict) -> list[str]:
     out = table(["measure"] + [f"{v} {s}" for v in variants for s in ("min", "median", "max")], rows) + [""]
     if gpu:
         out.append(f"- **CUDA run on {gpu['device_name']}** ({gpu['device_total']} GiB): 'rss' rows are PyTorch's allocated bytes on the GPU.")
+    def median_peak(v):
+        return sorted(run["step_peak_rss_gib"] for run in r[v]["runs"])[len(r[v]["runs"]) // 2]
+
+    for v in variants[1:]:
+        out.append(f"- step peak {v} / {variants[0]} (medians, same run): {fmt(median_peak(v) / median_peak(variants[0]))}")
     for v in variants:
         run = r[v]["runs"][0]
         out.append(f"- {v}: unquantized parts in {run['unquantized_dtype']}; step peak ≤ 6 GiB: {fmt(run['target_met'])}; "

@@ -80,11 +80,16 @@ def map_input_embeddings(model, model_path: str) -> bool:
         log.info("input embeddings kept in memory (checkpoint tensor %s not stored as %s %s)", key, w.dtype, tuple(w.shape))
         return False
     dtype, shape, offset, nbytes = entry
-    with open(file, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
-    if hasattr(mapping, "madvise"):
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # map the table's bytes only, from an aligned offset
+    with open(file, "rb") as f:  # private (copy-on-write): writes never reach the file
+        mapping = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+    if hasattr(mmap, "MADV_RANDOM"):
         mapping.madvise(mmap.MADV_RANDOM)  # a lookup reads a few rows: no read-ahead around them
-    view = torch.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
+    view = torch.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
+    probe = torch.unique(torch.cat([torch.tensor([0, shape[0] - 1]), torch.randint(0, shape[0], (8,), generator=torch.Generator().manual_seed(0))]))
+    if not torch.equal(view[probe], w.data[probe]):  # the loader changed the table (a rename, a rescale): do not swap
+        log.info("input embeddings kept in memory (loaded values differ from the checkpoint's %s)", key)
+        return False
     emb.weight = torch.nn.Parameter(view, requires_grad=False)
     emb.weight._iq_mapped = True
     emb._iq_mapping = mapping  # the tensor already holds the buffer; kept visible for whoever inspects the module
