@@ -131,6 +131,10 @@ class TrainConfig:
     """Continue from the last checkpoint in out_dir."""
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
+    return_freed_memory: Literal["auto", "always", "never"] = "auto"
+    """CPU: during the update, glibc returns every freed block >= 1 MiB to the OS at once (``heap.freed_blocks_returned``):
+    less RSS for more page faults. ``auto``: where ``model.gradient_checkpointing`` is on, i.e. where memory was already
+    put before time. Measured on SmolLM2 (no checkpointing): step peak 2.06 -> 1.81 GiB, update 4.5 -> 5.3 s."""
 
 
 @dataclass

@@ -16,8 +16,6 @@ gradients off by ~9), so the fast path stays off: mode-independent and robust.
 from __future__ import annotations
 
 import copy
-import ctypes
-import functools
 import gc
 import json
 import logging
@@ -29,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from iqstar_lite.config import LoraSettings, ModelConfig
 from iqstar_lite.embedded import resolve_model_path
 from iqstar_lite.errors import UserError
+from iqstar_lite.heap import release_free_heap
 from iqstar_lite.mapped import is_mapped, map_input_embeddings
 
 log = logging.getLogger(__name__)
@@ -173,26 +172,6 @@ def own_cpu_memory(model) -> None:
             p.data = p.data.clone()
     gc.collect()
     release_free_heap()
-
-
-def release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps what a phase freed (dequantized weights, logits, activations) in its arenas, so on CPU the
-    RSS of the 7B run crept up by ~0.5 GiB per phase without this; the train loop calls it between phases.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    try:
-        lib = ctypes.CDLL("libc.so.6")
-        return lib if hasattr(lib, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | None = None, seed: int = 0):

@@ -12,6 +12,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,9 +21,10 @@ from tqdm.auto import tqdm
 from iqstar_lite.checkpoint import latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
+from iqstar_lite.heap import freed_blocks_returned, release_free_heap
 from iqstar_lite.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, masked_mean, pg_loss, whiten
-from iqstar_lite.model import assert_trainable_layout, release_free_heap
+from iqstar_lite.model import assert_trainable_layout
 from iqstar_lite.rollout import pack, response_logits, sample
 from iqstar_lite.scoring import estimator_pass
 
@@ -138,6 +140,8 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
     settle = release_free_heap if device.type == "cpu" else (lambda: None)  # keeps CPU RSS from creeping up between phases
+    give_back = {"always": True, "never": False}.get(cfg.train.return_freed_memory, cfg.model.gradient_checkpointing)
+    update_heap = freed_blocks_returned if (device.type == "cpu" and give_back) else nullcontext
     last: dict = {}
     bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps)
     for step in bar:
@@ -155,7 +159,8 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
         )
         settle()
         t2 = time.time()
-        sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator)
+        with update_heap():
+            sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator)
         settle()
         t3 = time.time()
         n_tok = float(roll.response_mask.sum())
