@@ -323,6 +323,9 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(0.0 < cfg.rollout.top_p <= 1.0, f"'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
     need(cfg.estimator.alpha >= 0, f"'estimator.alpha' must be >= 0, got {cfg.estimator.alpha}")
     need(0.0 < cfg.estimator.top_p <= 1.0, f"'estimator.top_p' must be in (0, 1], got {cfg.estimator.top_p}")
+    need(cfg.estimator.top_p == 1.0 or cfg.loss.type == "distill",
+         f"'estimator.top_p' < 1 gives pi* = 0 (reward -inf) to every sampled token outside the nucleus, which only loss.type=distill "
+         f"handles; with loss.type={cfg.loss.type} set estimator.top_p=1.0, or use loss.type=distill")
     need(cfg.loss.beta > 0, f"'loss.beta' must be > 0, got {cfg.loss.beta}")
     need(cfg.loss.clip_eps > 0, f"'loss.clip_eps' must be > 0, got {cfg.loss.clip_eps}")
     need(cfg.loss.epochs >= 1, f"'loss.epochs' must be >= 1, got {cfg.loss.epochs}")

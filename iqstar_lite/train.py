@@ -74,6 +74,8 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
     n, T = resp.shape
     lc, chunk = cfg.loss, cfg.train.logprob_chunk
     total_tokens = mask.sum().clamp(min=1.0)
+    if lc.type != "distill" and not torch.isfinite(est["rewards"][mask > 0]).all():  # would turn every gradient into nan
+        raise RuntimeError("non-finite token rewards (pi* = 0 for a sampled token?); the pg / imitation losses need estimator.top_p=1.0")
     adv = whiten(est["rewards"], mask) if (lc.type == "pg" and lc.whiten) else est["rewards"]  # pg only; batch-wide
     logp_old: dict[int, torch.Tensor] = {}
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}

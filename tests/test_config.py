@@ -28,3 +28,14 @@ def test_every_problem_at_once():
 
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+
+
+@pytest.mark.parametrize("loss", ["pg", "imitation"])
+def test_estimator_nucleus_is_refused_for_losses_that_need_finite_rewards(loss):
+    """top_p < 1 sets pi* = 0 outside the nucleus: reward -inf for such a sampled token, nan gradients in pg / imitation."""
+    with pytest.raises(UserError, match="estimator.top_p"):
+        load_recipe("smollm2_cpu", ["estimator.top_p=0.9", f"loss.type={loss}"])
+
+
+def test_estimator_nucleus_is_accepted_with_distill():
+    assert load_recipe("smollm2_cpu", ["estimator.top_p=0.9", "loss.type=distill"]).estimator.top_p == 0.9

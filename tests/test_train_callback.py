@@ -29,3 +29,23 @@ def test_on_step_sees_metrics_and_stops_early(tiny_path, tokenizer, tmp_path):
     assert last["step"] == 2
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_update_refuses_non_finite_rewards_before_any_gradient(tiny_path, tokenizer):
+    """A -inf reward (pi* = 0 for a sampled token) would make every LoRA gradient nan: the update stops first."""
+    from accelerate import Accelerator
+
+    from iqstar_lite.train import make_optimizer, make_scheduler, update
+
+    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}"])
+    model = make_policy(tiny_path, randomize_lora=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, _ = make_optimizer(params, cfg)
+    resp = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    mask = torch.ones(2, 3)
+    rewards = torch.zeros(2, 3)
+    rewards[1, 2] = float("-inf")
+    est = {"rewards": rewards, "logp_ref": torch.zeros(2, 3)}
+    with pytest.raises(RuntimeError, match="non-finite token rewards"):
+        update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True))
+    assert all(p.grad is None for p in params)
