@@ -60,7 +60,7 @@ def checkpoint_file(model_path: str, key: str) -> Path | None:
 
 
 def map_input_embeddings(model, model_path: str) -> bool:
-    """Swap the model's input embedding weight for a read-only mapped view of the checkpoint; True if done.
+    """Swap the model's input embedding weight for a private mapped view of the checkpoint; True if done.
 
     Call right after loading, before anything has read the embedding in full. Skipped (False) when the
     embedding is tied to the lm_head, not on CPU, or not stored in the checkpoint exactly as loaded.
@@ -92,14 +92,14 @@ def map_input_embeddings(model, model_path: str) -> bool:
         return False
     emb.weight = torch.nn.Parameter(view, requires_grad=False)
     emb.weight._iq_mapped = True
-    emb._iq_mapping = mapping  # the tensor already holds the buffer; kept visible for whoever inspects the module
+    emb._iq_mapping = mapping  # the mapping lives as long as the module
     log.info("input embeddings (%.2f GiB) mapped from %s: only the rows read become resident", nbytes / 2**30, file.name)
     return True
 
 
 def is_mapped(param: torch.Tensor) -> bool:
     """Whether ``param`` is a view of a mapped checkpoint made by ``map_input_embeddings``."""
-    return getattr(param, "_iq_mapped", False) or False
+    return bool(getattr(param, "_iq_mapped", False))
 
 
 def mapping_residency(param: torch.Tensor) -> tuple[int, int] | None:
