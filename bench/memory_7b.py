@@ -160,8 +160,9 @@ def static_split(model, optimizer) -> dict:
         q4 += tensor_bytes(qs.absmax) + (tensor_bytes(qs.code) if qs.code is not None else 0)
         if getattr(qs, "state2", None) is not None:
             q4 += tensor_bytes(qs.state2.absmax) + tensor_bytes(qs.state2.code)
-    frozen = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in seen and not is_mapped(p))
     mapped = [p for p in model.parameters() if is_mapped(p)]
+    seen.update(id(p) for p in mapped)
+    frozen = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in seen)
     resident = [mapping_residency(p) for p in mapped]
     lora = sum(tensor_bytes(p) for p in model.parameters() if p.requires_grad)
     grads = sum(tensor_bytes(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None)

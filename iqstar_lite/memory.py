@@ -57,21 +57,25 @@ def dtype_bytes(cfg: RecipeConfig, model_config) -> tuple[int, int]:
     return compute_dtype(cfg.model, cpu).itemsize, unquantized_dtype(cfg.model, cpu, model_config).itemsize
 
 
-def mapped_embedding_bytes(cfg: RecipeConfig, model_config, unquantized_bytes: int) -> int:
+def mapped_embedding_bytes(cfg: RecipeConfig, model_config) -> int:
     """Bytes of input embeddings that ``model.map_embeddings`` serves from the checkpoint file instead of memory.
 
-    Where it applies (CPU, untied, stored in the dtype they are used in; see ``iqstar_lite/mapped.py``) only the rows
-    read become resident: a few thousand distinct tokens x one row, counted as nothing here.
+    The rule of ``mapped.map_input_embeddings``: CPU, untied, stored in exactly the dtype ``model.load_base`` loads
+    them in. Only the rows read become resident (a few thousand distinct tokens x one row), counted as nothing here.
     """
     if not cfg.model.map_embeddings or cfg.model.device == "cuda" or getattr(model_config, "tie_word_embeddings", False):
         return 0
     import torch
 
+    from iqstar_lite.model import compute_dtype, unquantized_dtype
+
+    cpu = torch.device("cpu")
+    used = unquantized_dtype(cfg.model, cpu, model_config) if cfg.model.quantize == "nf4" else compute_dtype(cfg.model, cpu)
     stored = getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    if stored is None or stored.itemsize != unquantized_bytes:
+    if stored != used:
         return 0
-    return model_config.vocab_size * model_config.hidden_size * unquantized_bytes
+    return model_config.vocab_size * model_config.hidden_size * used.itemsize
 
 
 def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
@@ -82,9 +86,9 @@ def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
     if cfg.model.quantize == "nf4":
         per_param = 0.5 + (4.0 / 64 if not cfg.model.double_quant else 1.0 / 64 + 4.0 / (64 * 256))
         weights = quant * per_param + (total - quant) * unquantized_bytes
-        weights -= mapped_embedding_bytes(cfg, model_config, unquantized_bytes)
+        weights -= mapped_embedding_bytes(cfg, model_config)
     else:
-        weights = total * act_bytes - mapped_embedding_bytes(cfg, model_config, act_bytes)
+        weights = total * act_bytes - mapped_embedding_bytes(cfg, model_config)
     opt_state = 2 if cfg.train.optimizer == "adamw8bit" else 8
     lora_bytes = lora * (4 + 4 + opt_state)
     h = model_config.hidden_size
