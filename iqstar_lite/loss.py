@@ -38,6 +38,15 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(q) - q - 1.0
 
 
+def kl_shaped_advantages(rewards: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """A_t = r_t - beta (log pi_old(a_t) - log pi_ref(a_t)): the KL to pi_ref inside the advantage (as PPO's
+    KL-shaped reward). With r_t = beta (log pi* - log pi_ref) this is beta (log pi*(a_t) - log pi_old(a_t)):
+    the policy gradient of E[A] is then that of -beta KL(pi_theta || pi*), zero exactly at pi_theta = pi*.
+    Whitening such advantages rescales the whole objective, so it keeps that fixed point (whitening r_t alone
+    and adding beta k3 in the loss does not: it weighs the reward 1/std(r) times more than the KL)."""
+    return rewards - beta * (logp_old - logp_ref)
+
+
 def pg_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,

@@ -14,6 +14,7 @@ class Rollout:
     response_ids: torch.Tensor  # [N, T] (pad after EOS)
     response_mask: torch.Tensor  # [N, T] float: 1 up to and including the first EOS
     prompt_index: torch.Tensor  # [N]
+    logprobs: torch.Tensor | None = None  # [N, T] the model's log pi(y_t | s_t) (before temperature / top-p / min_new_tokens; 0 after EOS)
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -80,6 +81,7 @@ def sample(
     was_training = model.training
     model.eval()  # dropout off. Safe for NF4 on CPU: model.disable_cpu_repack ran at load.
     out: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
     try:
         res = model(input_ids=enc["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, z = res.past_key_values, res.logits[:, -1]
@@ -88,10 +90,10 @@ def sample(
             attn, pos, z = attn.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), z.repeat_interleave(k, 0)
         done = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
-            if t < min_new_tokens:
-                z = z.index_fill(-1, eos, float("-inf"))
-            nxt = torch.where(done, tokenizer.pad_token_id, next_token(z, temperature, top_p, greedy))
+            zs = z.index_fill(-1, eos, float("-inf")) if t < min_new_tokens else z
+            nxt = torch.where(done, tokenizer.pad_token_id, next_token(zs, temperature, top_p, greedy))
             out.append(nxt)
+            logps.append(torch.where(done, 0.0, torch.log_softmax(z.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)))
             done |= torch.isin(nxt, eos)
             if t + 1 == max_new_tokens or bool(done.all()):
                 break
@@ -102,8 +104,9 @@ def sample(
     finally:
         model.train(was_training)
     resp = torch.stack(out, dim=1) if out else torch.empty(len(contexts) * k, 0, dtype=torch.long, device=device)
+    logp = torch.stack(logps, dim=1) if logps else resp.new_zeros(resp.shape, dtype=torch.float32)
     index = torch.arange(len(contexts), device=device).repeat_interleave(k)
-    return Rollout(resp, response_mask(resp, eos_list), index)
+    return Rollout(resp, response_mask(resp, eos_list), index, logp)
 
 
 def pack(context_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
 from iqstar_lite.heap import freed_blocks_returned, release_free_heap
 from iqstar_lite.logprobs import kl_to_logits, token_logprobs
-from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, masked_mean, pg_loss, whiten
+from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
 from iqstar_lite.model import assert_trainable_layout
 from iqstar_lite.rollout import pack, response_logits, sample
 from iqstar_lite.scoring import estimator_pass
@@ -69,14 +69,24 @@ def prompt_batch(examples: list[Example], step: int, n: int, seed: int) -> list[
     return out
 
 
-def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params, optimizer, scheduler, accelerator) -> dict:
-    """``loss.epochs`` optimizer steps over one rollout batch, micro-batched with token-weighted accumulation."""
+def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params, optimizer, scheduler, accelerator,
+           logp_sampled: torch.Tensor | None = None) -> dict:
+    """``loss.epochs`` optimizer steps over one rollout batch, micro-batched with token-weighted accumulation.
+
+    ``logp_sampled``: [N, T] log pi of the policy at the sampled tokens, recorded by the rollout (needed by
+    ``loss.kl_in_advantage``)."""
     n, T = resp.shape
     lc, chunk = cfg.loss, cfg.train.logprob_chunk
     total_tokens = mask.sum().clamp(min=1.0)
     if lc.type != "distill" and not torch.isfinite(est["rewards"][mask > 0]).all():  # would turn every gradient into nan
         raise RuntimeError("non-finite token rewards (pi* = 0 for a sampled token?); the pg / imitation losses need estimator.top_p=1.0")
-    adv = whiten(est["rewards"], mask) if (lc.type == "pg" and lc.whiten) else est["rewards"]  # pg only; batch-wide
+    adv, kl_coef = est["rewards"], lc.beta
+    if lc.type == "pg" and lc.kl_in_advantage:
+        if logp_sampled is None:
+            raise ValueError("loss.kl_in_advantage needs the rollout's log-probs (logp_sampled)")
+        adv, kl_coef = kl_shaped_advantages(adv, logp_sampled, est["logp_ref"], lc.beta), 0.0
+    if lc.type == "pg" and lc.whiten:  # pg only; batch-wide
+        adv = whiten(adv, mask)
     logp_old: dict[int, torch.Tensor] = {}
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
     model.train()
@@ -93,7 +103,7 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
                 loss, met = distill_loss(kl_to_logits(est["logp_star_full"][sl], logits, chunk), m)
                 met["kl"] = masked_mean(k3_kl(logp.detach(), est["logp_ref"][sl]), m).item()
             elif lc.type == "pg":
-                loss, met = pg_loss(logp, logp_old[s], est["logp_ref"][sl], adv[sl], m, lc.beta, lc.clip_eps, whiten_advantages=False)
+                loss, met = pg_loss(logp, logp_old[s], est["logp_ref"][sl], adv[sl], m, kl_coef, lc.clip_eps, whiten_advantages=False)
             else:
                 loss, met = imitation_loss(logp, est["logp_ref"][sl], est["rewards"][sl], m, lc.beta)
             w = float(m.sum() / total_tokens)
@@ -162,7 +172,8 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
         settle()
         t2 = time.time()
         with update_heap():
-            sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator)
+            sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator,
+                          logp_sampled=roll.logprobs)
         settle()
         t3 = time.time()
         n_tok = float(roll.response_mask.sum())

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from iqstar_lite.estimator import token_rewards
 from iqstar_lite.logprobs import kl_to_logits
-from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, masked_mean, pg_loss, whiten
+from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
 
 D = torch.float64
 LN2 = math.log(2.0)
@@ -81,6 +81,32 @@ def test_whiten_degenerate():
     """Constant x -> 0 / sqrt(0 + eps) = 0 (no nan); empty mask -> all 0."""
     assert_close(whiten(t(3.0, 3.0, 5.0), t(1, 1, 0)), t(0.0, 0.0, 0.0))
     assert_close(whiten(t(3.0, float("nan")), t(0, 0)), t(0.0, 0.0))
+
+
+def test_kl_shaped_advantages_hand():
+    """A = r - beta (log pi_old - log pi_ref), beta = 0.1: r = [0.2, -0.1], log pi_old = [-1, -2], log pi_ref = [-1.5, -1]
+    -> [0.2 - 0.1 * 0.5, -0.1 - 0.1 * (-1)] = [0.15, 0]."""
+    assert_close(kl_shaped_advantages(t(0.2, -0.1), t(-1.0, -2.0), t(-1.5, -1.0), 0.1), t(0.15, 0.0))
+
+
+def test_kl_shaped_advantages_give_the_reverse_kl_gradient_to_pi_star():
+    """On one state with a 4-token vocabulary: the exact policy gradient sum_a pi(a) A(a) grad log pi(a), with
+    r = beta (log pi* - log pi_ref) and A = kl_shaped_advantages, equals -grad beta KL(pi || pi*) (autograd), and
+    is zero at pi = pi*. (Whitened r plus a separate beta k3 term has no such fixed point.)"""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, dtype=D, generator=g, requires_grad=True)
+    lp_ref, lp_star, beta = torch.randn(4, dtype=D, generator=g).log_softmax(-1), torch.randn(4, dtype=D, generator=g).log_softmax(-1), 0.3
+
+    def policy_gradient(z):
+        lp = z.log_softmax(-1)
+        adv = kl_shaped_advantages(token_rewards(lp_star, lp_ref, beta), lp.detach(), lp_ref, beta)
+        return torch.autograd.grad((lp.exp().detach() * adv * lp).sum(), z)[0]
+
+    lp = z.log_softmax(-1)
+    (want,) = torch.autograd.grad(-beta * (lp.exp() * (lp - lp_star)).sum(), z)
+    assert_close(policy_gradient(z), want)
+    assert policy_gradient(z).abs().max() > 1e-3
+    assert_close(policy_gradient(lp_star.clone().requires_grad_(True)), torch.zeros(4, dtype=D), atol=1e-12, rtol=0)
 
 
 def test_k3_kl_hand():

@@ -35,3 +35,22 @@ def test_sample_shapes_and_k(tiny_path, tokenizer):
     r = sample(model, tokenizer, texts, samples_per_prompt=3, max_new_tokens=5)
     assert r.response_ids.shape == (6, 5) and r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert model.training  # mode restored
+
+
+def test_sample_records_the_models_logprobs_of_its_tokens(tiny_path, tokenizer):
+    """Rollout.logprobs = log pi(y_t | s_t) of the sampled tokens, untempered: equal to scoring the responses
+    afterwards with a full forward (the KV-cache loop and the packed forward agree); 0 after EOS."""
+    from iqstar_lite.logprobs import token_logprobs
+
+    model = make_policy(tiny_path, quantize="none")
+    fmt = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)  # noqa: E731
+    texts = [fmt("a?"), fmt("a longer question?")]
+    torch.manual_seed(0)
+    r = sample(model, tokenizer, texts, samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
+    ctx = [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in r.prompt_index.tolist()]
+    model.eval()
+    with torch.no_grad():
+        scored = token_logprobs(response_logits(model, pack(ctx, r.response_ids, tokenizer.pad_token_id), 6), r.response_ids)
+    assert r.logprobs.shape == r.response_ids.shape and (r.logprobs <= 0).all()
+    torch.testing.assert_close(r.logprobs * r.response_mask, scored * r.response_mask, atol=1e-4, rtol=1e-4)
+    assert (r.logprobs[r.response_mask == 0] == 0).all()

@@ -49,3 +49,26 @@ def test_update_refuses_non_finite_rewards_before_any_gradient(tiny_path, tokeni
     with pytest.raises(RuntimeError, match="non-finite token rewards"):
         update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True))
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("kl_in_advantage", [True, False])
+def test_kl_in_advantage_has_no_gradient_when_the_policy_already_samples_pi_star(tiny_path, tokenizer, kl_in_advantage):
+    """r = beta (log pi* - log pi_ref) and log pi_old = log pi* on every sampled token: A = beta (log pi* - log pi_old) = 0,
+    so loss.kl_in_advantage moves nothing; the default (whitened r + beta k3 in the loss) still does."""
+    from accelerate import Accelerator
+
+    from iqstar_lite.train import make_optimizer, make_scheduler, update
+
+    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg", f"loss.kl_in_advantage={str(kl_in_advantage).lower()}"])
+    model = make_policy(tiny_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, _ = make_optimizer(params, cfg)
+    g = torch.Generator().manual_seed(0)
+    resp, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3)
+    lp_star, lp_ref = -torch.rand(2, 3, generator=g) * 3, -torch.rand(2, 3, generator=g) * 3
+    est = {"rewards": cfg.loss.beta * (lp_star - lp_ref), "logp_ref": lp_ref}
+    before = [p.detach().clone() for p in params]
+    update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True),
+           logp_sampled=lp_star)
+    moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+    assert moved is not kl_in_advantage
