@@ -132,6 +132,36 @@ def onnx_speed(r: dict) -> list[str]:
     return out
 
 
+def onnx_speed_over_runs(runs: list[tuple[Path, dict]]) -> list[str]:
+    """Ratios and agreement as min / median / max over the runs (each run's own medians) of the newest settings with >= 2 runs."""
+    import statistics
+
+    key = lambda d: json.dumps({k: v for k, v in d["settings"].items() if k != "prompt_tokens"}, sort_keys=True)  # noqa: E731
+    groups: dict[str, list[tuple[Path, dict]]] = {}
+    for path, d in runs:  # newest first
+        groups.setdefault(key(d), []).append((path, d))
+    same = next((g for g in groups.values() if len(g) >= 2), None)
+    if same is None:
+        return []
+    res = [d["results"] for _, d in same]
+
+    def row(label, vals):
+        vals = [v for v in vals if v is not None]
+        return [label, len(vals), min(vals), statistics.median(vals), max(vals)] if vals else [label, 0, None, None, None]
+
+    rows = [row(f"{k} (batch {b[6:]})", [r["ratios"].get(b, {}).get(k) for r in res])
+            for b in res[0]["ratios"] for k in res[0]["ratios"][b]]
+    for b in res[0]["ratios"]:  # int8 over its own fp32 graph, e.g. genai-int8 / genai
+        for k in res[0]["ratios"][b]:
+            base = k[: -len("-int8_over_onnx")] if k.endswith("-int8_over_onnx") else None
+            if base and f"{base}_over_onnx" in res[0]["ratios"][b]:
+                rows.append(row(f"{base}-int8 / {base} (batch {b[6:]})",
+                                [r["ratios"][b][k] / r["ratios"][b][f"{base}_over_onnx"] for r in res if k in r["ratios"].get(b, {})]))
+    rows += [row(f"top-1 agreement {k}", [r["agreement"].get(k, {}).get("agreement") for r in res]) for k in res[0]["agreement"]]
+    names = ", ".join(f"`{p.name}`" for p, _ in same)
+    return [f"### onnx_speed over {len(same)} runs (same settings: {names})", ""] + table(["ratio", "runs", "min", "median", "max"], rows) + [""]
+
+
 def decode_vs_trained(r: dict) -> list[str]:
     head = ["decoder", "batch", "tokens/s min", "median", "max", "× contrastive (median)"]
     out = table(head, per_batch(r["tokens_per_s"], r["ratios"], lambda n: f"{n}_over_contrastive")) + [""]
@@ -268,6 +298,8 @@ def main() -> None:
         png = None if args.no_plots else plot(runs[0][1])
         if png:
             lines += [f"![{bench}](plots/{png.name})", ""]
+        if bench == "onnx_speed":
+            lines += onnx_speed_over_runs(runs)
         for path, d in runs:
             lines += header(d, path) + SECTIONS.get(bench, lambda r: ["(unknown benchmark)"])(d["results"]) + [""]
             lines += [f"- note: {n}" for n in d.get("notes", [])] + [""]
