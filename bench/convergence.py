@@ -39,7 +39,8 @@ def recipe(s: dict, loss: str = "distill"):
     from iqstar_lite.config import load_recipe
 
     return load_recipe("smollm2_cpu", [f"model.path={s['model']}", f"rollout.max_new_tokens={s['tokens']}", f"loss.type={loss}",
-                                       f"train.steps={MAX_STEPS}", "train.checkpoint_every=0", "eval.enabled=false"])
+                                       f"train.steps={MAX_STEPS}", "train.checkpoint_every=0", "eval.enabled=false",
+                                       f"train.seed={s.get('seed', 0)}"])
 
 
 def heldout(cfg, n: int):
@@ -256,6 +257,8 @@ def notes(args) -> list[str]:
         "time_to_trl_final = training seconds of the first evaluation point at or above TRL's final median judge rate (evaluation every "
         f"{args.eval_every_s} s, so a resolution of one interval); median_never_as_inf counts runs that never got there as infinitely slow.",
         "judge_rate_per_s = (final - baseline judge rate) / training clock; winner_per_second = the iq loss with the highest median.",
+        "Run r (0, 1, 2, ...) of every peer trains with train.seed = r: LoRA init, sampling and prompt order differ between runs, "
+        "and both peers see the same prompt sequence within a run.",
         *(["TRL reward: log P(target language) from the judge's own classifier (py3langid, normalised), a dense version of the 0/1 judge."]
           if args.trl_reward == "logprob" else []),
         *([f"Runs of the peers not run now (and the contrastive runs) are reused from {args.add_to.name}."] if args.add_to else []),
@@ -294,17 +297,21 @@ def main() -> None:
         if diff := [k for k in same if prev["settings"].get(k) != settings[k]]:
             p.error(f"--add-to {args.add_to} was run with other settings: {', '.join(diff)}")
         settings["added_to"] = args.add_to.name
+        if "trl-grpo" not in peers:  # TRL's runs are reused: report the reward they were trained with, not this command's default
+            args.trl_reward = settings["trl_reward"] = prev["settings"].get("trl_reward", "judge")
     warn_if_busy()
-    child = lambda peer: run_child([sys.executable, __file__, "--child", peer, json.dumps(settings)], env={"TQDM_DISABLE": "1"})  # noqa: E731
+    # run r trains with train.seed = r (LoRA init, sampling, prompt order; TRL: its seed and the same prompt order)
+    child = lambda peer, r: run_child([sys.executable, __file__, "--child", peer, json.dumps({**settings, "seed": r})],  # noqa: E731
+                                      env={"TQDM_DISABLE": "1"})
     runs: dict[str, list[dict]] = {peer: [] for peer in peers}
     contrastive = []
     for r in range(args.runs):
         if not prev:
             print(f"run {r + 1}/{args.runs}: contrastive decoding ...", flush=True)
-            contrastive.append(child("contrastive"))
+            contrastive.append(child("contrastive", r))
         for peer in (peers if r % 2 == 0 else peers[::-1]):
             print(f"run {r + 1}/{args.runs}: {peer} ...", flush=True)
-            runs[peer].append(child(peer))
+            runs[peer].append(child(peer, r))
     if prev:
         runs = {**{k: v for k, v in prev["results"]["raw"].items() if k not in runs}, **runs}
         contrastive += prev["results"]["contrastive"]

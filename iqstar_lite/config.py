@@ -94,9 +94,10 @@ class EstimatorConfig:
 @dataclass
 class LossConfig:
     type: Literal["distill", "pg", "imitation"] = "pg"
-    """Default ``pg``: it won per second in bench/convergence.py (SmolLM2, French, 240 s x 3 runs: held-out
-    French 97.5% at repetition 0.15 vs distill 82.5% at 0.46 and imitation 90% at 0.50; distill gets to
-    ~85% first, by 120 s, then plateaus with more looping)."""
+    """Default ``pg``: best held-out French at the demo's 32 steps (SmolLM2, bench/convergence.py 2026-11-25, 240 s
+    = ~32 steps x 3 runs: 97.5% vs distill 82.5%, imitation 90%; with the KL in the advantage 87.5-97.5% over 5
+    seeds, README). ``distill`` gets there first and then plateaus: on 2026-11-28, a slower machine, 240 s was
+    ~19 steps and distill led (87.5% median vs pg 70%, imitation 15%)."""
     beta: float = 0.1
     """KL strength; rewards are r_t = beta (log pi* - log pi_ref)."""
     clip_eps: float = 0.2
