@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +80,9 @@ def sample(
     eos = torch.tensor(eos_list, device=device)
     attn = enc["attention_mask"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # positions from the first real token, as in pack()
-    was_training = model.training
-    model.eval()  # dropout off. Safe for NF4 on CPU: model.disable_cpu_repack ran at load.
     out: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
-    try:
+    with eval_mode(model):  # dropout off
         res = model(input_ids=enc["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, z = res.past_key_values, res.logits[:, -1]
         if k > 1:
@@ -101,8 +101,6 @@ def sample(
             pos = pos[:, -1:] + 1
             res = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
             past, z = res.past_key_values, res.logits[:, -1]
-    finally:
-        model.train(was_training)
     resp = torch.stack(out, dim=1) if out else torch.empty(len(contexts) * k, 0, dtype=torch.long, device=device)
     logp = torch.stack(logps, dim=1) if logps else resp.new_zeros(resp.shape, dtype=torch.float32)
     index = torch.arange(len(contexts), device=device).repeat_interleave(k)
@@ -134,3 +132,45 @@ def response_logits(model, batch: dict[str, torch.Tensor], T: int) -> torch.Tens
     """Logits [N, T, V] predicting the last T tokens (only T+1 positions go through lm_head)."""
     out = model(**batch, logits_to_keep=T + 1, use_cache=False)
     return out.logits[:, :-1]
+
+
+def shared_context_logits(model, context_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``response_logits(model, pack(context_ids, response_ids, pad_id), T)`` with each distinct context run once.
+
+    Rows that share a context (the K samples of a prompt) share its prefill: every distinct context but its
+    last token goes through the model once with the KV cache on (no lm_head), the cache is copied to every
+    row, then [last context token, response[:-1]] runs on top and gives the T logits that predict the
+    response. Same logits up to float rounding, and the same gradients where grad is on (the copies'
+    gradients sum into the shared prefill). Falls back to the packed pass when no context repeats, a context
+    is a single token, or in train mode with gradient checkpointing on (transformers then drops the cache).
+    """
+    n, T = response_ids.shape
+    keys = [tuple(c) for c in context_ids]
+    distinct = list(dict.fromkeys(keys))
+    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
+    if len(distinct) == n or T == 0 or min(len(k) for k in distinct) < 2 or checkpointing:
+        return response_logits(model, pack(context_ids, response_ids, pad_id), T)
+    device = response_ids.device
+    row = {k: i for i, k in enumerate(distinct)}
+    index = torch.tensor([row[k] for k in keys], device=device)
+    ctx = pack([list(k[:-1]) for k in distinct], response_ids.new_empty(len(distinct), 0), pad_id)
+    no_logits = torch.empty(0, dtype=torch.long, device=device)
+    past = model(**ctx, use_cache=True, logits_to_keep=no_logits).past_key_values
+    past.batch_select_indices(index)
+    last = torch.tensor([k[-1] for k in distinct], device=device)[index]
+    attn = torch.cat([ctx["attention_mask"][index], ctx["attention_mask"].new_ones(n, T)], dim=1)
+    pos = torch.tensor([len(k) - 1 for k in distinct], device=device)[index, None] + torch.arange(T, device=device)
+    ids = torch.cat([last[:, None], response_ids[:, :-1]], dim=1)
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True).logits
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Dropout off (and transformers' cache kept under gradient checkpointing) inside; the mode restored after.
+    Safe for NF4 on CPU: ``model.disable_cpu_repack`` ran at load."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

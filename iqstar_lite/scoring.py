@@ -2,6 +2,8 @@
 
 The estimator's two reference passes (principle in context / not) are stacked into one batch:
 measured here 1.15-1.2x the cost of one pass, against 1.9x for two passes one after the other.
+Rows of a micro-batch that share a context (the K samples of one prompt) share its prefill
+(``rollout.shared_context_logits``): 0.91x the estimator's time on SmolLM2 (micro-batch 4, K=2, CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from iqstar_lite.estimator import estimate, token_rewards
 from iqstar_lite.logprobs import kl_between_logits, token_logprobs
 from iqstar_lite.reference import reference_mode
-from iqstar_lite.rollout import pack, response_logits
+from iqstar_lite.rollout import eval_mode, pack, response_logits, shared_context_logits
 
 
 def _rows(n: int, size: int):
@@ -35,6 +37,7 @@ def estimator_pass(
     micro_batch: int = 8,
     chunk_size: int = 16,
     keep_full: bool = False,
+    share_context: bool = True,
 ) -> dict[str, torch.Tensor]:
     """pi* from the reference with/without the conditioning text; rows of ``plain_ids``/``cond_ids`` align with responses.
 
@@ -44,12 +47,15 @@ def estimator_pass(
     n, T = response_ids.shape
     ctx = reference_mode(model) if source == "ref" else nullcontext()
     parts: dict[str, list[torch.Tensor]] = {}
-    with ctx:
+    with ctx, eval_mode(model):
         for sl in _rows(n, micro_batch):
             m = sl.stop - sl.start
             resp = response_ids[sl]
-            batch = pack(cond_ids[sl] + plain_ids[sl], torch.cat([resp, resp]), pad_id)
-            logits = response_logits(model, batch, T)
+            contexts, both = cond_ids[sl] + plain_ids[sl], torch.cat([resp, resp])
+            if share_context:
+                logits = shared_context_logits(model, contexts, both, pad_id)
+            else:
+                logits = response_logits(model, pack(contexts, both, pad_id), T)
             z_pos, z_neg = logits[:m], logits[m:]
             est = estimate(z_pos, z_neg, resp, alpha, top_p, chunk_size, keep_full)
             est["logp_cond"] = token_logprobs(z_pos, resp, chunk_size)
