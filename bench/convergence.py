@@ -1,6 +1,6 @@
 """Alignment convergence: Inverse-Q* (never sees the judge) vs TRL GRPO whose reward *is* the judge, same wall-clock budget.
 
-    python bench/convergence.py                 # SmolLM2-135M-Instruct NF4, 240 s of training per peer and run, 3 runs
+    python bench/convergence.py                 # SmolLM2-135M-Instruct NF4, 400 s of training per peer and run, 3 runs
     python bench/convergence.py --quick         # tiny random model, smoke test only
 
 The judge is the demo's evaluation judge, ``iqstar_lite.judges.pick_judge('auto', principle)`` (py3langid
@@ -270,8 +270,8 @@ def main() -> None:
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     p.add_argument("--peers", default=",".join([*IQ_PEERS, "trl-grpo"]))
     p.add_argument("--runs", type=int, default=3, help="subprocess runs per peer")
-    p.add_argument("--budget-s", type=float, default=240, help="training-clock seconds per run")
-    p.add_argument("--eval-every-s", type=float, default=60, help="evaluate every this many training-clock seconds")
+    p.add_argument("--budget-s", type=float, default=400, help="training-clock seconds per run (400: the demo's 32 steps on a slow day)")
+    p.add_argument("--eval-every-s", type=float, default=100, help="evaluate every this many training-clock seconds")
     p.add_argument("--tokens", type=int, default=32, help="max new tokens per training response (both peers)")
     p.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts (the demo's eval.max_prompts)")
     p.add_argument("--eval-tokens", type=int, default=32)

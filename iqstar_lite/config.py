@@ -94,10 +94,11 @@ class EstimatorConfig:
 @dataclass
 class LossConfig:
     type: Literal["distill", "pg", "imitation"] = "pg"
-    """Default ``pg``: best held-out French at the demo's 32 steps (SmolLM2, bench/convergence.py 2026-11-25, 240 s
-    = ~32 steps x 3 runs: 97.5% vs distill 82.5%, imitation 90%; with the KL in the advantage 87.5-97.5% over 5
-    seeds, README). ``distill`` gets there first and then plateaus: on 2026-11-28, a slower machine, 240 s was
-    ~19 steps and distill led (87.5% median vs pg 70%, imitation 15%)."""
+    """Default ``pg``: it wins per second at the demo's length (SmolLM2, bench/convergence.py 2026-11-28, 400 s of
+    training = 30-32 pg steps, 3 runs each: held-out French pg 97.5% median (95-100%) vs distill 82.5% (82.5-87.5%);
+    at 240 s on 2026-11-25 old pg 97.5% vs distill 82.5%, imitation 90%). ``distill`` gets there first and then
+    plateaus: it passed contrastive decoding's 80% at ~213 s (15 steps) vs pg's ~312 s, peaked at 87.5-95% and
+    ended lower; it also costs ~10% more per step and a full-vocabulary target (more memory: see laptop_7b.yaml)."""
     beta: float = 0.1
     """KL strength; rewards are r_t = beta (log pi* - log pi_ref)."""
     clip_eps: float = 0.2
