@@ -47,21 +47,23 @@ def estimator_pass(
     n, T = response_ids.shape
     ctx = reference_mode(model) if source == "ref" else nullcontext()
     parts: dict[str, list[torch.Tensor]] = {}
+
+    def score(contexts: list[list[int]], resp: torch.Tensor) -> torch.Tensor:
+        if share_context:
+            return shared_context_logits(model, contexts, resp, pad_id)
+        return response_logits(model, pack(contexts, resp, pad_id), T)
+
     with ctx, eval_mode(model):
         for sl in _rows(n, micro_batch):
             m = sl.stop - sl.start
             resp = response_ids[sl]
-            contexts, both = cond_ids[sl] + plain_ids[sl], torch.cat([resp, resp])
-            if share_context:
-                logits = shared_context_logits(model, contexts, both, pad_id)
-            else:
-                logits = response_logits(model, pack(contexts, both, pad_id), T)
+            logits = score(cond_ids[sl] + plain_ids[sl], torch.cat([resp, resp]))
             z_pos, z_neg = logits[:m], logits[m:]
             est = estimate(z_pos, z_neg, resp, alpha, top_p, chunk_size, keep_full)
             est["logp_cond"] = token_logprobs(z_pos, resp, chunk_size)
             if source != "ref":  # pi* from the policy, but rewards and KL stay relative to the true reference
                 with reference_mode(model):
-                    est["logp_ref"] = token_logprobs(response_logits(model, pack(plain_ids[sl], resp, pad_id), T), resp, chunk_size)
+                    est["logp_ref"] = token_logprobs(score(plain_ids[sl], resp), resp, chunk_size)
             for k, v in est.items():
                 parts.setdefault(k, []).append(v)
             del logits, z_pos, z_neg
