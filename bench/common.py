@@ -123,6 +123,55 @@ def self_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class PhaseRss:
+    """Peak RSS of this process per phase, sampled by a thread (``interval`` s) from /proc/self/statm.
+
+    ``with rss.phase("update"): ...`` attributes the samples taken inside to that phase (nesting restores the outer
+    one); ``peaks`` maps phase -> bytes. Linux only (elsewhere ``peaks`` stays empty). A sampled peak can miss a
+    spike shorter than the interval: it is a lower bound, ru_maxrss stays the whole-process figure.
+    """
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        self.interval, self.current, self.peaks = interval, "load", {}
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if Path("/proc/self/statm").is_file():
+            self._thread.start()
+
+    def _sample(self) -> None:
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * self._page
+        if rss > self.peaks.get(self.current, 0):
+            self.peaks[self.current] = rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def phase(self, name: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope():
+            outer, self.current = self.current, name
+            try:
+                yield
+            finally:
+                if self._thread.is_alive():
+                    self._sample()  # the phase's last state, however short it was
+                self.current = outer
+
+        return scope()
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return dict(self.peaks)
+
+
 def run_child(argv: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
     """Run ``argv`` (a child that writes JSON to the path given as its last argument); add its peak RSS.
 

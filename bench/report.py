@@ -51,10 +51,13 @@ def step_vs_trl(r: dict) -> list[str]:
     keys = [("seconds", "s / step"), ("t_rollout", "rollout s"), ("t_estimator", "estimator / reference s"), ("t_update", "update s"),
             ("gen_tokens_per_s_step", "generated tokens / s (step)"), ("gen_tokens_per_s_rollout", "generated tokens / s (rollout)"),
             ("gen_tokens_per_step", "generated tokens / step"), ("warmup_seconds", "warm-up step s"), ("peak_rss_gib", "peak RSS GiB"),
-            ("load_peak_rss_gib", "peak RSS when loading ended GiB")]
+            ("load_peak_rss_gib", "peak RSS when loading ended GiB"), ("peak_rss_rollout_gib", "peak RSS in rollout GiB (sampled)"),
+            ("peak_rss_estimator_gib", "peak RSS in estimator / reference GiB (sampled)"), ("peak_rss_update_gib", "peak RSS in update GiB (sampled)")]
     head = ["metric"] + [f"{p} {s}" for p in peers for s in ("min", "median", "max")] + (["iq / trl (median)"] if len(peers) == 2 else [])
     rows = []
     for k, label in keys:
+        if not any(k in r[p] for p in peers):  # per-phase RSS: results from 2026-11-28 on
+            continue
         row = [label] + [x for p in peers for x in mmm(r[p].get(k))]
         if len(peers) == 2:
             a, b = (r["iq"].get(k) or {}).get("median"), (r["trl"].get(k) or {}).get("median")

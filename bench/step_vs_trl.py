@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (GIB, base_parser, parse_args, quiet_libraries, ratio, run_child, self_peak_rss, set_threads, stats, training_prompts,
+from common import (GIB, PhaseRss, base_parser, parse_args, quiet_libraries, ratio, run_child, self_peak_rss, set_threads, stats, training_prompts,
                     warn_if_busy, write_result)
 
 TARGETS = {"step_time_ratio_max": 0.5, "peak_rss_ratio_max": 0.7}
@@ -50,9 +50,9 @@ class Captured(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def child_iq(s: dict, cfg, tmp: Path) -> dict:
+def child_iq(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
+    import iqstar_lite.train as loop
     from iqstar_lite.model import compute_dtype, load_policy, load_tokenizer, pick_device
-    from iqstar_lite.train import train
 
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.path)
@@ -63,13 +63,24 @@ def child_iq(s: dict, cfg, tmp: Path) -> dict:
     captured = Captured()
     logging.getLogger("iqstar_lite").addHandler(captured)
     logging.getLogger("iqstar_lite").setLevel(logging.INFO)
-    train(cfg, tmp, model, tokenizer, training_prompts(cfg, tokenizer), device)
+    for name, phase in (("sample", "rollout"), ("estimator_pass", "estimator"), ("update", "update")):  # RSS per phase
+        setattr(loop, name, in_phase(rss, phase, getattr(loop, name)))
+    rss.current = "other"
+    loop.train(cfg, tmp, model, tokenizer, training_prompts(cfg, tokenizer), device)
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     steps = [{**{k: r[k] for k in PHASES}, "gen_tokens": round(r["response_len"] * n)} for r in rows]
     optimizer = next((line[len("optimizer: "):] for line in captured.lines if line.startswith("optimizer:")), "unknown")
     return {"steps": steps, "optimizer": optimizer, "compute_dtype": str(compute_dtype(cfg.model, device)), "load_peak_rss_bytes": loaded,
             **layer_facts(model)}
+
+
+def in_phase(rss: PhaseRss, phase: str, fn):
+    def wrapped(*a, **k):
+        with rss.phase(phase):
+            return fn(*a, **k)
+
+    return wrapped
 
 
 def layer_facts(model) -> dict:
@@ -86,7 +97,7 @@ def length_reward(completions, **_):
     return [float(len(c[-1]["content"]) if isinstance(c, list) else len(c)) for c in completions]
 
 
-def phase_timer(trainer):
+def phase_timer(trainer, rss: PhaseRss):
     """A TrainerCallback timing each optimizer step and, inside it, TRL's generation and scoring."""
     from transformers import TrainerCallback
 
@@ -95,7 +106,7 @@ def phase_timer(trainer):
             self.steps: list[dict] = []
             self.cur: dict = {}
             self.t0 = 0.0
-            gen, score = trainer._generate, trainer._generate_and_score_completions
+            gen, score = in_phase(rss, "rollout", trainer._generate), in_phase(rss, "estimator", trainer._generate_and_score_completions)
 
             def timed_generate(*a, **k):
                 t = time.perf_counter()
@@ -114,6 +125,7 @@ def phase_timer(trainer):
 
         def on_step_begin(self, args, state, control, **kw):
             self.cur = {"t_rollout": 0.0, "t_score": 0.0, "gen_tokens": 0}
+            rss.current = "update"  # all of TRL's step outside generation and scoring
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -125,7 +137,7 @@ def phase_timer(trainer):
     return PhaseTimer()
 
 
-def child_trl(s: dict, cfg, tmp: Path) -> dict:
+def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback
@@ -162,7 +174,7 @@ def child_trl(s: dict, cfg, tmp: Path) -> dict:
                           train_dataset=Dataset.from_list([{"prompt": e.messages} for e in order]), processing_class=tokenizer, peft_config=peft_cfg)
     loaded = self_peak_rss()
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict instead
-    timer = phase_timer(trainer)
+    timer = phase_timer(trainer, rss)
     trainer.add_callback(timer)
     trainer.train()
     return {"steps": timer.steps, "optimizer": f"{type(trainer.optimizer.optimizer).__module__}.{type(trainer.optimizer.optimizer).__name__}",
@@ -175,8 +187,10 @@ def child_main(peer: str, settings: str, out: str) -> None:
     s = json.loads(settings)
     set_threads(s["threads"])
     cfg = recipe(s)
+    rss = PhaseRss()
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer}-") as tmp:
-        data = (child_iq if peer == "iq" else child_trl)(s, cfg, Path(tmp))
+        data = (child_iq if peer == "iq" else child_trl)(s, cfg, Path(tmp), rss)
+    data["phase_peak_rss_bytes"] = rss.stop()
     data["peak_rss_self_bytes"] = self_peak_rss()
     Path(out).write_text(json.dumps(data))
 
@@ -193,6 +207,10 @@ def summarize(runs: list[dict]) -> dict:
     out["warmup_seconds"] = stats([run["steps"][0]["seconds"] for run in runs])
     out["peak_rss_gib"] = stats([run["peak_rss_bytes"] / GIB for run in runs], 3)
     out["load_peak_rss_gib"] = stats([run["load_peak_rss_bytes"] / GIB for run in runs], 3)  # high-water mark when loading ended
+    for phase in ("rollout", "estimator", "update"):  # sampled every 10 ms (bench.common.PhaseRss)
+        vals = [run["phase_peak_rss_bytes"][phase] / GIB for run in runs if phase in run.get("phase_peak_rss_bytes", {})]
+        if vals:
+            out[f"peak_rss_{phase}_gib"] = stats(vals, 3)
     for key in ("optimizer", "compute_dtype", "linear4bit_layers", "repacked_layers", "trainable_params"):
         out[key] = runs[0].get(key)
     return out
@@ -219,7 +237,10 @@ def notes(args) -> list[str]:
         "Fixed length: min_new_tokens = tokens on both sides, so both generate the same token count." if not args.natural_length
         else "Natural length: responses stop at EOS; compare tokens/s rather than s/step.",
         "Medians exclude the first (warm-up) step of every run; peak RSS is the child's ru_maxrss (os.wait4), whole process incl. loading; "
-        "load_peak_rss is the high-water mark when loading ended (iq: load_policy; TRL: GRPOTrainer built): if peak == load peak, training added nothing.",
+        "load_peak_rss is the high-water mark when loading ended (iq: load_policy; TRL: GRPOTrainer built): if peak == load peak, training added nothing. "
+        "Peak RSS per phase: /proc/self/statm sampled every 10 ms inside the child (a lower bound); TRL's update = its step outside generation and scoring.",
+        *([f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} for both peers: glibc serves blocks of that size or more with mmap and unmaps them "
+           "when freed, instead of keeping freed memory in its arenas."] if args.malloc_mmap_threshold else []),
     ]
 
 
@@ -237,6 +258,8 @@ def main() -> None:
     p.add_argument("--trl-load", choices=("native", "object"), default="native",
                    help="native: TRL loads the model via GRPOConfig.model_init_kwargs (NF4 BitsAndBytesConfig); object: pass load_base()'s model")
     p.add_argument("--trl-optim", default="adamw_bnb_8bit", help="TRL optim= (iqstar_lite uses bitsandbytes AdamW8bit)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="bytes: MALLOC_MMAP_THRESHOLD_ for both peers' processes (glibc returns freed blocks of this size or more at once; 0 = glibc default)")
     args = parse_args(p, {"model": "embedded:tiny-random", "prompts": 2, "samples": 2, "tokens": 8, "micro_batch": 4, "steps": 1, "runs": 1})
     n = args.prompts * args.samples
     if n % min(args.micro_batch, n):
@@ -244,13 +267,14 @@ def main() -> None:
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     settings = {"model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens, "micro_batch": args.micro_batch,
                 "steps": args.steps, "runs": args.runs, "fixed_length": not args.natural_length, "trl_optim": args.trl_optim, "trl_load": args.trl_load,
-                "threads": args.threads, "quick": args.quick, "peers": peers}
+                "threads": args.threads, "quick": args.quick, "peers": peers, "malloc_mmap_threshold": args.malloc_mmap_threshold}
+    env = {"TQDM_DISABLE": "1", **({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {})}
     warn_if_busy()
     runs: dict[str, list[dict]] = {peer: [] for peer in peers}
     for r in range(args.runs):
         for peer in (peers if r % 2 == 0 else peers[::-1]):
             print(f"run {r + 1}/{args.runs}: {peer} ...", flush=True)
-            runs[peer].append(run_child([sys.executable, __file__, "--child", peer, json.dumps(settings)], env={"TQDM_DISABLE": "1"}))
+            runs[peer].append(run_child([sys.executable, __file__, "--child", peer, json.dumps(settings)], env=env))
     results = {peer: summarize(rs) for peer, rs in runs.items()}
     results["raw"] = runs
     if "iq" in results and "trl" in results:
