@@ -195,7 +195,7 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
         }
         with metrics_path.open("a") as f:
             f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{last['loss']:.4f}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
+        bar.set_postfix(loss=f"{last['loss']:.3g}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
         every = cfg.train.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
             save_checkpoint(run_dir, step + 1, model, optimizer, scheduler)
