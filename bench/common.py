@@ -13,8 +13,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -132,8 +134,6 @@ class PhaseRss:
     """
 
     def __init__(self, interval: float = 0.01):
-        import threading
-
         self.interval, self.current, self.peaks = interval, "load", {}
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -150,20 +150,15 @@ class PhaseRss:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def phase(self, name: str):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def scope():
-            outer, self.current = self.current, name
-            try:
-                yield
-            finally:
-                if self._thread.is_alive():
-                    self._sample()  # the phase's last state, however short it was
-                self.current = outer
-
-        return scope()
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        outer, self.current = self.current, name
+        try:
+            yield
+        finally:
+            if self._thread.is_alive():
+                self._sample()  # the phase's last state, however short it was
+            self.current = outer
 
     def stop(self) -> dict[str, int]:
         self._stop.set()
