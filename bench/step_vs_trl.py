@@ -250,7 +250,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=2, help="K responses per prompt (TRL num_generations)")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per response (TRL max_completion_length)")
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (the smollm2_cpu recipe's train.micro_batch)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per run (after 1 warm-up step)")
     p.add_argument("--runs", type=int, default=3, help="subprocess runs per peer (peak RSS is one number per run)")
     p.add_argument("--peers", default="iq,trl")
