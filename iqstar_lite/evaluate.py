@@ -17,7 +17,7 @@ from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
 from iqstar_lite.estimator import contrastive_logits
 from iqstar_lite.reference import reference_mode
-from iqstar_lite.rollout import eos_token_ids, response_mask, sample
+from iqstar_lite.rollout import eos_token_ids, eval_mode, response_mask, sample
 from iqstar_lite.scoring import estimator_pass, policy_vs_reference
 
 
@@ -31,25 +31,20 @@ def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], al
     out, past, ids = [], None, enc["input_ids"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     done = torch.zeros(n, dtype=torch.bool, device=attn.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with reference_mode(model):
-            for _ in range(max_new_tokens):
-                res = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True, logits_to_keep=1)
-                past = res.past_key_values
-                z = res.logits[:, -1]
-                nxt = contrastive_logits(z[:n], z[n:], alpha).argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
-                out.append(nxt)
-                done |= torch.isin(nxt, eos)
-                if bool(done.all()):
-                    break
-                ids = torch.cat([nxt, nxt]).unsqueeze(1)
-                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                pos = pos[:, -1:] + 1
-    finally:
-        model.train(was_training)
+    with eval_mode(model), reference_mode(model):
+        for _ in range(max_new_tokens):
+            res = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = res.past_key_values
+            z = res.logits[:, -1]
+            nxt = contrastive_logits(z[:n], z[n:], alpha).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
+            out.append(nxt)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            ids = torch.cat([nxt, nxt]).unsqueeze(1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
     return torch.stack(out, dim=1)
 
 
