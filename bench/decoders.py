@@ -1,5 +1,5 @@
 """Batched greedy decoding shared by onnx_speed.py and decode_vs_trained.py: onnxruntime through the
-package's ``OrtGenerator.generate_batch`` (left-padded), PyTorch through ``model.generate``."""
+package's ``OrtGenerator.generate_batch`` (left-padded), PyTorch through the package's one loop, ``rollout.sample``."""
 
 from __future__ import annotations
 
@@ -28,17 +28,14 @@ def ort_greedy(gen, batch_ids: list[list[int]], new_tokens: int, pad_id: int, st
 
 
 def torch_greedy(model, batch_ids: list[list[int]], new_tokens: int, pad_id: int, eos_ids: list[int], fixed_length: bool = True):
-    """Greedy ``model.generate`` on a left-padded batch (eager PyTorch, KV cache); tokens [B, steps]."""
-    import torch
+    """Greedy tokens [B, steps] from the package's one decoding loop (``rollout.sample``: left-padded, KV cache);
+    ``fixed_length`` blocks EOS so every row decodes ``new_tokens`` steps (speed runs)."""
+    from types import SimpleNamespace
 
-    from iqstar_lite.ort_generate import left_pad
+    from iqstar_lite.rollout import sample
 
-    ids, mask = (torch.from_numpy(a) for a in left_pad(batch_ids, pad_id))
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens if fixed_length else None, pad_token_id=pad_id, eos_token_id=eos_ids or None,
-                             temperature=None, top_p=None, top_k=None)
-    return out[:, ids.shape[1]:]
+    ids_only = SimpleNamespace(pad_token_id=pad_id, eos_token_id=eos_ids[0] if eos_ids else None)  # contexts are ids: no encoding
+    return sample(model, ids_only, batch_ids, max_new_tokens=new_tokens, greedy=True, min_new_tokens=new_tokens if fixed_length else 0).response_ids
 
 
 def until_eos(tokens, eos_ids: list[int]) -> list[int]:

@@ -63,6 +63,10 @@ class DataConfig:
     """The preference, stated as one sentence. Seen by the estimator only, never at inference."""
     principle_placement: Literal["auto", "system", "prefix"] = "auto"
     """``auto``: system message when the chat template has a system role, else prefixed to the user turn."""
+    keep_default_system: bool = True
+    """With a system message: keep the chat template's default system prompt (SmolLM2's "You are a helpful AI
+    assistant named SmolLM, ...") and append the principle to it, so the contexts with and without the principle
+    differ only by the principle (false: the principle replaces it, so z+ - z0 also contrasts "persona removed")."""
     heldout_fraction: float = 0.25
     """For prompt files without a ``split`` column: fraction held out for evaluation (stable hash)."""
     max_prompt_tokens: int = 256
@@ -77,6 +81,12 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    guided_samples: int = 0
+    """Of the K samples per prompt, how many are drawn from pi-hat* itself (principle-contrastive sampling of the
+    reference) instead of the policy; they are trained with the distill loss, KL(pi-hat* || pi_theta) over the vocabulary,
+    on the states pi-hat* visits - where its answers end (EOS) and where greedy evaluation goes. Same fixed point."""
+    guided_top_p: float = 1.0
+    """Nucleus of pi-hat* for the guided samples (the one nucleus rule, ``logprobs.nucleus_mask``)."""
 
 
 @dataclass
@@ -150,10 +160,11 @@ class EvalConfig:
     max_prompts: int = 40
     """Held-out prompts to evaluate (first N of the held-out split)."""
     max_new_tokens: int = 48
-    judge: Literal["auto", "french", "refusal", "none"] = "auto"
-    """Task judge: ``auto`` picks from the principle text (language -> language id, harm -> refusal)."""
-    contrastive_row: bool = True
-    """Also evaluate principle-contrastive decoding of the untrained model (decode-time reference)."""
+    judge: Literal["auto", "french", "refusal", "short", "none"] = "auto"
+    """Task judge: ``auto`` picks from the principle text (language -> language id, harm -> refusal, one sentence /
+    brief / concise -> ``short``: exactly one sentence of at most 20 words)."""
+    show_examples: int = 3
+    """Held-out answers printed side by side (untrained / contrastive decoding / trained) after the table."""
     batch_size: int = 16
 
 
@@ -326,6 +337,10 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(0.0 < cfg.data.heldout_fraction < 1.0, f"'data.heldout_fraction' must be in (0, 1), got {cfg.data.heldout_fraction}")
     for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
         need(getattr(cfg.rollout, key) > 0, f"'rollout.{key}' must be > 0, got {getattr(cfg.rollout, key)}")
+    need(0 <= cfg.rollout.guided_samples < cfg.rollout.samples_per_prompt,
+         f"'rollout.guided_samples' must be >= 0 and below rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} (on-policy samples "
+         f"stay the method), got {cfg.rollout.guided_samples}")
+    need(0.0 < cfg.rollout.guided_top_p <= 1.0, f"'rollout.guided_top_p' must be in (0, 1], got {cfg.rollout.guided_top_p}")
     need(cfg.rollout.temperature > 0, f"'rollout.temperature' must be > 0, got {cfg.rollout.temperature}")
     need(0.0 < cfg.rollout.top_p <= 1.0, f"'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
     need(cfg.estimator.alpha >= 0, f"'estimator.alpha' must be >= 0, got {cfg.estimator.alpha}")

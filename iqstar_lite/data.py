@@ -127,12 +127,35 @@ def has_system_role(tokenizer) -> bool:
     return sentinel in text
 
 
-def with_instruction(messages: list[dict[str, str]], instruction: str, placement: str, system_ok: bool) -> list[dict[str, str]]:
-    """Put an instruction (the principle, or a hindsight answer) in context: system message or user prefix."""
+def default_system_prompt(tokenizer) -> str | None:
+    """The system text a chat template inserts when the messages have none (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, trained by Hugging Face"), or None. Found by rendering one chat with a sentinel system
+    message and one without: the default is what the template puts where the sentinel was."""
+    if not getattr(tokenizer, "chat_template", None) or not has_system_role(tokenizer):
+        return None
+    sentinel, user = "SYSTEM-SENTINEL-7f3a", [{"role": "user", "content": "USER-SENTINEL-51c2"}]
+    try:
+        with_s = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}, *user], tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    except Exception:
+        return None
+    head, tail = with_s.split(sentinel, 1)
+    if not (without.startswith(head) and without.endswith(tail) and len(without) > len(head) + len(tail)):
+        return None
+    return without[len(head) : len(without) - len(tail)] or None
+
+
+def with_instruction(messages: list[dict[str, str]], instruction: str, placement: str, system_ok: bool,
+                     default_system: str | None = None) -> list[dict[str, str]]:
+    """Put an instruction (the principle, or a hindsight answer) in context: after the system message (the chat's
+    own, else the template's default ``default_system``, so that context and plain one differ only by the
+    instruction), or prefixed to the first user turn."""
     msgs = [dict(m) for m in messages]
     if placement == "system" or (placement == "auto" and system_ok):
         if msgs[0]["role"] == "system":
-            msgs[0]["content"] = f"{instruction}\n\n{msgs[0]['content']}"
+            msgs[0]["content"] = f"{msgs[0]['content']}\n\n{instruction}"
+        elif default_system:
+            msgs.insert(0, {"role": "system", "content": f"{default_system}\n\n{instruction}"})
         else:
             msgs.insert(0, {"role": "system", "content": instruction})
         return msgs
@@ -155,6 +178,7 @@ class Formatter:
         self.cfg = cfg
         self.kind = kind
         self.system_ok = has_system_role(tokenizer)
+        self.default_system = default_system_prompt(tokenizer) if cfg.keep_default_system else None
 
     def plain(self, ex: Example) -> str:
         return render(self.tokenizer, ex.messages)
@@ -166,7 +190,8 @@ class Formatter:
             instruction = HINDSIGHT_TEMPLATE.format(reference=ex.reference)
         else:
             instruction = self.cfg.principle
-        return render(self.tokenizer, with_instruction(ex.messages, instruction, self.cfg.principle_placement, self.system_ok))
+        return render(self.tokenizer, with_instruction(ex.messages, instruction, self.cfg.principle_placement, self.system_ok,
+                                                       self.default_system))
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -15,23 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from iqstar_lite.logprobs import chunked_over_time
+from iqstar_lite.logprobs import chunked_over_time, nucleus_mask
 
 
 def contrastive_logits(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:
     """z* = (1 + alpha) z+ - alpha z0, in fp32. alpha = 0 gives plain principle conditioning."""
     return (1.0 + alpha) * z_pos.float() - alpha * z_neg.float()
-
-
-def nucleus_mask(z_pos: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean mask of the smallest token set whose softmax(z+) mass reaches top_p (always keeps the argmax)."""
-    if top_p >= 1.0:
-        return torch.ones_like(z_pos, dtype=torch.bool)
-    probs = torch.softmax(z_pos.float(), dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    keep_sorted = mass_before < top_p
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def log_pi_star(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float, top_p: float = 1.0) -> torch.Tensor:

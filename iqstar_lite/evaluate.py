@@ -3,7 +3,9 @@
 - principle score: mean_t [log pi_ref(y_t | P, s_t) - log pi_ref(y_t | s_t)] of the model's greedy answer,
 - KL(pi_theta || pi_ref) per token on the same answers,
 - a task judge (language id / refusal detector), per kind of prompt (harmful / benign),
-- decode-time reference row: principle-contrastive greedy decoding of the untrained model.
+- decode-time reference row: principle-contrastive greedy decoding of the untrained model (pi-hat*'s greedy answers),
+- convergence: KL(pi-hat* || pi_theta) per token, teacher-forced on pi-hat*'s greedy answers,
+- degeneration: word repetition, loop rate (answers that repeat themselves), mean length.
 """
 
 from __future__ import annotations
@@ -15,37 +17,14 @@ import torch
 
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
-from iqstar_lite.estimator import contrastive_logits
-from iqstar_lite.reference import reference_mode
-from iqstar_lite.rollout import eos_token_ids, eval_mode, response_mask, sample
+from iqstar_lite.logprobs import kl_to_logits
+from iqstar_lite.rollout import eos_token_ids, eval_mode, pack, response_logits, response_mask, sample
 from iqstar_lite.scoring import estimator_pass, policy_vs_reference
 
 
-@torch.no_grad()
 def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], alpha: float, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding from z* = (1+alpha) z+ - alpha z0 of the reference: two contexts stacked, KV cache on."""
-    n = len(plain)
-    enc = tokenizer(cond + plain, return_tensors="pt", padding=True, add_special_tokens=False).to(next(model.parameters()).device)
-    attn = enc["attention_mask"]
-    eos = torch.tensor(eos_token_ids(model, tokenizer), device=attn.device)
-    out, past, ids = [], None, enc["input_ids"]
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    done = torch.zeros(n, dtype=torch.bool, device=attn.device)
-    with eval_mode(model), reference_mode(model):
-        for _ in range(max_new_tokens):
-            res = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = res.past_key_values
-            z = res.logits[:, -1]
-            nxt = contrastive_logits(z[:n], z[n:], alpha).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
-            out.append(nxt)
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()):
-                break
-            ids = torch.cat([nxt, nxt]).unsqueeze(1)
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-    return torch.stack(out, dim=1)
+    """Greedy principle-contrastive decoding of the reference (pi-hat*'s greedy answers): ``rollout.sample`` with ``contrast``."""
+    return sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True, contrast=cond, alpha=alpha, guided_reference=True).response_ids
 
 
 def repetition(text: str) -> float:
@@ -54,16 +33,53 @@ def repetition(text: str) -> float:
     return 1.0 - len(set(words)) / len(words) if words else 0.0
 
 
+LOOP_MIN_WORDS, LOOP_REPETITION = 12, 0.6
+
+
+def loops(text: str) -> bool:
+    """An answer of >= 12 words whose word repetition exceeds 0.6 (e.g. one 4-word phrase said 3 times and more)."""
+    return len(text.split()) >= LOOP_MIN_WORDS and repetition(text) > LOOP_REPETITION
+
+
 def _rate(scores: list[float]) -> float | None:
     return round(sum(scores) / len(scores), 4) if scores else None
 
 
+@torch.no_grad()
+def kl_to_target(model, plain_ids: list[list[int]], cond_ids: list[list[int]], target: torch.Tensor, pad_id: int, alpha: float,
+                 micro_batch: int = 8, chunk_size: int = 16) -> torch.Tensor:
+    """[N, T] KL(pi-hat* || pi_theta) per position, teacher-forced on ``target`` (pi-hat*'s own greedy answers).
+
+    The direct convergence measure: 0 when the policy is pi-hat* on the states pi-hat* visits (where greedy
+    evaluation goes). pi-hat* comes from the reference (adapters off) with / without the principle, as in training.
+    """
+    parts = []
+    for s in range(0, target.shape[0], micro_batch):
+        sl = slice(s, s + micro_batch)
+        est = estimator_pass(model, plain_ids[sl], cond_ids[sl], target[sl], pad_id, alpha, 1.0, micro_batch=micro_batch,
+                             chunk_size=chunk_size, keep_full=True)
+        with eval_mode(model):
+            logits = response_logits(model, pack(plain_ids[sl], target[sl], pad_id), target.shape[1])
+        parts.append(kl_to_logits(est["logp_star_full"], logits, chunk_size))
+    return torch.cat(parts)
+
+
+def _ids(tokens: list[int], width: int, pad_id: int) -> list[int]:
+    return tokens + [pad_id] * (width - len(tokens))
+
+
 def evaluate(
-    model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge: Callable[[str], float] | None, contrastive: bool = False
+    model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge: Callable[[str], float] | None,
+    contrastive: bool = False, target: list[list[int]] | None = None,
 ) -> dict:
-    """Greedy answers without the principle (or contrastive decoding with it), then scores."""
+    """Greedy answers without the principle (or, ``contrastive``, pi-hat*'s: contrastive decoding with it), then scores.
+
+    ``target``: pi-hat*'s greedy answers (token ids per example, from the contrastive row's ``response_ids``) for the
+    convergence measure ``kl_to_target``; the contrastive row is that target itself (0).
+    """
     t0 = time.time()
     bs, ec = cfg.eval.batch_size, cfg.eval
+    eos, pad = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
     records = []
     for s in range(0, len(examples), bs):
         chunk = examples[s : s + bs]
@@ -72,31 +88,50 @@ def evaluate(
             resp = contrastive_generate(model, tokenizer, [fmt.conditioned(e) for e in chunk], plain, cfg.estimator.alpha, ec.max_new_tokens)
         else:
             resp = sample(model, tokenizer, plain, max_new_tokens=ec.max_new_tokens, greedy=True).response_ids
-        mask = response_mask(resp, eos_token_ids(model, tokenizer))
+        mask = response_mask(resp, eos)
         plain_ids = [fmt.ids(p) for p in plain]
         cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
-        est = estimator_pass(model, plain_ids, cond_ids, resp, tokenizer.pad_token_id, cfg.estimator.alpha, cfg.loss.beta,
+        est = estimator_pass(model, plain_ids, cond_ids, resp, pad, cfg.estimator.alpha, cfg.loss.beta,
                              micro_batch=cfg.train.micro_batch, chunk_size=cfg.train.logprob_chunk)
-        pvr = policy_vs_reference(model, plain_ids, resp, tokenizer.pad_token_id, cfg.train.micro_batch, cfg.train.logprob_chunk)
+        pvr = policy_vs_reference(model, plain_ids, resp, pad, cfg.train.micro_batch, cfg.train.logprob_chunk)
+        kl_star = None
+        if target is not None and not contrastive:
+            rows = target[s : s + bs]
+            width = max(1, max(len(r) for r in rows))
+            tgt = torch.tensor([_ids(r, width, pad) for r in rows], dtype=torch.long, device=resp.device)
+            tmask = (torch.arange(width, device=resp.device)[None] < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]).float()
+            kl_star = (kl_to_target(model, plain_ids, cond_ids, tgt, pad, cfg.estimator.alpha, cfg.train.micro_batch, cfg.train.logprob_chunk), tmask)
         for i, ex in enumerate(chunk):
             m = mask[i]
             n_tok = max(float(m.sum()), 1.0)
-            text = tokenizer.decode(resp[i][m.bool()], skip_special_tokens=True)
-            records.append({
+            kept = resp[i][m.bool()]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            rec = {
                 "prompt": ex.text, "kind": ex.kind, "response": text, "tokens": int(m.sum()),
                 "principle_score": float((est["principle_gap"][i] * m).sum() / n_tok),
                 "kl_per_token": float((pvr["kl"][i] * m).sum() / n_tok),
                 "judge": judge(text) if judge else None,
                 "repetition": round(repetition(text), 4),
-            })
+                "loops": loops(text),
+            }
+            if kl_star is not None:
+                kl, km = kl_star[0][i], kl_star[1][i]
+                rec["kl_to_target"] = float((kl * km).sum() / km.sum().clamp(min=1.0))
+            elif contrastive:
+                rec["kl_to_target"] = 0.0
+            if contrastive:
+                rec["response_ids"] = kept.tolist()
+            records.append(rec)
     summary = {
         "n": len(records),
         "principle_score": _rate([r["principle_score"] for r in records]),
         "kl_per_token": _rate([r["kl_per_token"] for r in records]),
+        "kl_to_target": _rate([r["kl_to_target"] for r in records if "kl_to_target" in r]),
         "judge": getattr(judge, "__name__", None),
         "judge_rate": _rate([r["judge"] for r in records if r["judge"] is not None]),
         "mean_tokens": _rate([r["tokens"] for r in records]),
         "repetition": _rate([r["repetition"] for r in records]),
+        "loop_rate": _rate([float(r["loops"]) for r in records]),
         "seconds": round(time.time() - t0, 1),
     }
     for kind in sorted({r["kind"] for r in records if r["kind"]}):

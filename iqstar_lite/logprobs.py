@@ -74,3 +74,15 @@ def kl_between_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk_size
     if p_logits.shape != q_logits.shape:
         raise ValueError(f"logits must have the same shape, got {tuple(p_logits.shape)} and {tuple(q_logits.shape)}")
     return chunked_over_time(_kl_logits_rows, p_logits, q_logits, chunk_size=chunk_size)
+
+
+def nucleus_mask(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean mask of the smallest token set whose softmax(z) mass reaches top_p (the argmax always stays), as
+    transformers' TopPLogitsWarper. The one nucleus rule: sampling (``rollout.next_token``) and the estimator use it."""
+    if top_p >= 1.0:
+        return torch.ones_like(z, dtype=torch.bool)
+    probs = torch.softmax(z.float(), dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)

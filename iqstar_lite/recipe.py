@@ -52,13 +52,14 @@ def heldout_for_eval(heldout, n: int):
 
 
 def print_eval_table(rows: dict[str, dict]) -> None:
-    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_per_token", "repetition", "mean_tokens", "seconds"]
+    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_to_target", "kl_per_token", "repetition",
+            "loop_rate", "mean_tokens", "seconds"]
     keys = [k for k in keys if any(k in r for r in rows.values())]
     judge = next((r.get("judge") for r in rows.values() if r.get("judge")), None)
     print(f"\nheld-out evaluation, principle absent at inference (judge: {judge})")
-    print(f"{'':<34}" + "".join(f"{k:>20}" for k in keys))
+    print(f"{'':<34}" + "".join(f"{k:>19}" for k in keys))
     for name, r in rows.items():
-        print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>20}" for k in keys))
+        print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>19}" for k in keys))
 
 
 def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
@@ -86,25 +87,43 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
     log.info("%d training prompts, %d held out; device %s; model %s (%s)", len(train_set), len(prompts.heldout), device, cfg.model.path, cfg.model.quantize)
     judge = pick_judge(cfg.eval.judge, cfg.data.principle)
     heldout = heldout_for_eval(prompts.heldout, cfg.eval.max_prompts)
-    rows: dict[str, dict] = {}
+    target = None
     if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
-        before = evaluate(model, tokenizer, fmt, heldout, cfg, judge)
+        # pi-hat*'s greedy answers first: the contrastive row, and the trajectories of the KL(pi-hat* || pi_theta) measure
+        cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
+        (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
+        target = [r["response_ids"] for r in cd["records"]]
+        before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
         (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
-        if cfg.eval.contrastive_row:
-            cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
-            (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
+    elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
+        target = [r["response_ids"] for r in json.loads((run_dir / "eval_contrastive.json").read_text())["records"]]
     t0 = time.time()
     last = train(cfg, run_dir, model, tokenizer, train_set, device)
     log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
     if cfg.eval.enabled:
-        after = evaluate(model, tokenizer, fmt, heldout, cfg, judge)
+        after = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
         (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
-        for label, fname in (("before (untrained, no principle)", "eval_before.json"),
-                             ("contrastive decoding (untrained)", "eval_contrastive.json"),
-                             ("after (trained, no principle)", "eval_after.json")):
-            if (run_dir / fname).exists():
-                rows[label] = json.loads((run_dir / fname).read_text())["summary"]
-        print_eval_table(rows)
+        evals = {label: json.loads((run_dir / fname).read_text()) for label, fname in EVAL_ROWS if (run_dir / fname).exists()}
+        print_eval_table({label: e["summary"] for label, e in evals.items()})
+        print_examples(evals, cfg.eval.show_examples)
+
+
+EVAL_ROWS = (("before (untrained, no principle)", "eval_before.json"),
+             ("contrastive decoding (untrained)", "eval_contrastive.json"),
+             ("after (trained, no principle)", "eval_after.json"))
+
+
+def print_examples(evals: dict[str, dict], n: int) -> None:
+    """The first n held-out prompts with each row's answer under it: a reader trusts what they can read."""
+    rows = list(evals.items())
+    if not rows or n <= 0:
+        return
+    print(f"\nheld-out answers (greedy, principle absent except for contrastive decoding), first {n}:")
+    for i in range(min(n, len(rows[0][1]["records"]))):
+        print(f"\n[{i + 1}] {rows[0][1]['records'][i]['prompt']}")
+        for label, e in rows:
+            text = " ".join(e["records"][i]["response"].split())
+            print(f"  {label.split(' (')[0]:>20}: {text}")
 
 
 def heldout_texts(cfg: RecipeConfig, n: int) -> list[str]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from iqstar_lite.estimator import contrastive_logits
+from iqstar_lite.logprobs import nucleus_mask
 
 
 @dataclass
@@ -17,6 +20,9 @@ class Rollout:
     response_mask: torch.Tensor  # [N, T] float: 1 up to and including the first EOS
     prompt_index: torch.Tensor  # [N]
     logprobs: torch.Tensor | None = None  # [N, T] the model's log pi(y_t | s_t) (before temperature / top-p / min_new_tokens; 0 after EOS)
+    guided: torch.Tensor | None = None  # [N] bool: drawn from pi-hat* (principle-contrastive) rather than from the model's own z
+    star_logp_full: torch.Tensor | None = None  # [N_guided, T, V] log pi-hat*(.|s_t) of the guided rows (``keep_star``)
+    star_ref_logp: torch.Tensor | None = None  # [N_guided, T] log softmax(z0) at the guided rows' tokens (``keep_star``)
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -38,73 +44,152 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 def next_token(z: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
     """One token per row from logits [N, V]: argmax, or a draw from softmax(z / temperature) within the top-p nucleus.
 
-    The draw inverts the CDF with one uniform number per row (``searchsorted``); ``torch.multinomial``, which
-    ``generate`` uses, draws V exponentials per row: measured 10.7 ms per token for 16 x 49k on this CPU.
+    The nucleus is ``logprobs.nucleus_mask`` (the one rule, shared with the estimator). The draw inverts the CDF with
+    one uniform number per row (``searchsorted``); ``torch.multinomial``, which ``generate`` uses, draws V
+    exponentials per row: measured 10.7 ms per token for 16 x 49k on this CPU.
     """
     if greedy:
         return z.argmax(-1)
     z = z.float() / temperature
-    if top_p < 1.0:  # keep the smallest set whose mass reaches top_p (the argmax always stays), as generate's TopPLogitsWarper
-        sz, order = z.sort(-1, descending=True)
-        p = sz.softmax(-1)
-        z = z.scatter(-1, order, sz.masked_fill(p.cumsum(-1) - p >= top_p, float("-inf")))
+    if top_p < 1.0:
+        z = z.masked_fill(~nucleus_mask(z, top_p), float("-inf"))
     cdf = z.softmax(-1).cumsum(-1)
     u = torch.rand(z.shape[0], 1, device=z.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
+
+
+def _encode(tokenizer, contexts: list[str] | list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask from chat-formatted strings or from token-id lists."""
+    if contexts and not isinstance(contexts[0], str):
+        b = pack([list(c) for c in contexts], torch.empty(len(contexts), 0, dtype=torch.long, device=device), tokenizer.pad_token_id)
+        return b["input_ids"], b["attention_mask"]
+    enc = tokenizer(contexts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+BASE_ROWS = "__base__"  # peft's per-row adapter name for "adapters off" (LoRA's mixed-batch forward)
 
 
 @torch.no_grad()
 def sample(
     model,
     tokenizer,
-    contexts: list[str],
+    contexts: list[str] | list[list[int]],
     samples_per_prompt: int = 1,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
     min_new_tokens: int | None = None,
+    contrast: list[str] | list[list[int]] | None = None,
+    alpha: float = 1.0,
+    guided_samples: int | None = None,
+    guided_top_p: float | None = None,
+    guided_reference: bool = False,
+    keep_star: bool = False,
 ) -> Rollout:
-    """Generate K responses per chat-formatted context with the model as it is (adapters on).
+    """The one decoding loop (rollout, evaluation, benchmarks): K responses per context, KV cache on.
 
-    A plain KV-cache loop rather than ``generate``: each prompt is prefilled once and its cache repeated for
-    the K samples (``generate`` prefills every copy), and no per-token logits-processor machinery.
-    ``min_new_tokens`` (default: the model's generation_config) masks EOS until that many tokens exist.
+    Without ``contrast``: every row draws from the model's logits z, the model as it is. With ``contrast`` (the same
+    prompts with the principle in context): ``guided_samples`` rows per prompt (default: all K) are principle-contrastive,
+    drawn from z* = (1+alpha) z+ - alpha z0 (``estimator.contrastive_logits``: z+ from ``contrast``, z0 from ``contexts``,
+    stacked in the same batch) with nucleus ``guided_top_p`` (default ``top_p``); the other K - G rows draw from z.
+    ``guided_reference``: the contrastive rows run with adapters off (pi-hat* of the reference) - by peft's per-row adapter
+    names when rows of both kinds share the batch, so one forward per token serves policy and pi-hat* samples alike.
+    Rows come policy rows first, then guided ones, each prompt-major (``Rollout.guided`` flags them). ``keep_star`` keeps
+    the guided rows' full log pi-hat* per position (the distill target; [N_guided, T, V] fp32) and their log softmax(z0)
+    at the drawn tokens, so no second pass over them is needed.
+
+    ``logprobs`` records log softmax of the logits a row decodes from (z, or z*) at its tokens, before temperature,
+    top-p and ``min_new_tokens`` (0 after EOS). ``min_new_tokens`` (default: the model's generation_config) masks EOS
+    until that many tokens exist. A plain loop rather than ``generate``: each prompt is prefilled once and its cache
+    repeated for its K samples, and no per-token logits-processor machinery. Contexts are strings or token-id lists.
     """
     device = next(model.parameters()).device
-    enc = tokenizer(contexts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    n = len(contexts)
     k = 1 if greedy else samples_per_prompt
+    g = 0 if contrast is None else (k if guided_samples is None else guided_samples)
+    if contrast is not None and len(contrast) != n:
+        raise ValueError(f"{len(contrast)} contrast contexts for {n} contexts")
+    if not 0 <= g <= k:
+        raise ValueError(f"guided_samples must be in [0, {k}], got {g}")
+    kp = k - g  # rows per prompt drawn from z
+    groups = [(contexts, kp)] + ([(contrast, g), (contexts, g)] if g else [])
+    groups = [(c, r) for c, r in groups if r > 0]
+    ids, attn = _encode(tokenizer, [c for ctx, _ in groups for c in ctx], device)
     if min_new_tokens is None:
         min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
     eos_list = eos_token_ids(model, tokenizer)
     eos = torch.tensor(eos_list, device=device)
-    attn = enc["attention_mask"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # positions from the first real token, as in pack()
+    p_rows, g_rows = n * kp, n * g
+    g_top_p = top_p if guided_top_p is None else guided_top_p
+    extra: dict = {}
+    ref_ctx = nullcontext()
+    prefill_extra: dict = {}
+    if g and guided_reference:
+        if p_rows:
+            own = getattr(model, "active_adapter", "default")
+            extra["adapter_names"] = [own] * p_rows + [BASE_ROWS] * (2 * g_rows)
+            prefill_extra["adapter_names"] = [own] * n + [BASE_ROWS] * (2 * n)
+        else:
+            from iqstar_lite.reference import reference_mode
+
+            ref_ctx = reference_mode(model)
+
+    def pick(z: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [rows] and the logits they were drawn from, [policy rows; guided rows]."""
+        parts = []
+        if p_rows:
+            parts.append((z[:p_rows], top_p))
+        if g_rows:
+            parts.append((contrastive_logits(z[p_rows : p_rows + g_rows], z[p_rows + g_rows :], alpha), g_top_p))
+        if g_rows and keep_star:
+            stars.append(torch.log_softmax(parts[-1][0], -1))
+            refs.append(torch.log_softmax(z[p_rows + g_rows :].float(), -1))
+        toks, logits = [], []
+        for zd, tp in parts:
+            zs = zd.index_fill(-1, eos, float("-inf")) if t < min_new_tokens else zd
+            toks.append(next_token(zs, temperature, tp, greedy))
+            logits.append(zd)
+        return torch.cat(toks), torch.cat(logits)
+
     out: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
-    with eval_mode(model):  # dropout off
-        res = model(input_ids=enc["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, z = res.past_key_values, res.logits[:, -1]
-        if k > 1:
-            past.batch_repeat_interleave(k)
-            attn, pos, z = attn.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), z.repeat_interleave(k, 0)
-        done = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
+    stars: list[torch.Tensor] = []
+    refs: list[torch.Tensor] = []
+    with eval_mode(model), ref_ctx:  # dropout off
+        first = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **prefill_extra)
+        past, z = first.past_key_values, first.logits[:, -1]
+        reps = torch.tensor([r for _, r in groups for _ in range(n)], device=device)
+        if bool((reps != 1).any()):  # each context's cache repeated for its rows
+            index = torch.arange(len(reps), device=device).repeat_interleave(reps)
+            past.batch_select_indices(index)
+            attn, pos, z = attn[index], pos[index], z[index]
+        done = torch.zeros(p_rows + g_rows, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
-            zs = z.index_fill(-1, eos, float("-inf")) if t < min_new_tokens else z
-            nxt = torch.where(done, tokenizer.pad_token_id, next_token(zs, temperature, top_p, greedy))
+            nxt, zd = pick(z, t)
+            nxt = torch.where(done, tokenizer.pad_token_id, nxt)
             out.append(nxt)
-            logps.append(torch.where(done, 0.0, torch.log_softmax(z.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)))
+            logps.append(torch.where(done, 0.0, torch.log_softmax(zd.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)))
+            if refs:
+                refs[-1] = refs[-1].gather(-1, nxt[p_rows:, None]).squeeze(-1)
             done |= torch.isin(nxt, eos)
             if t + 1 == max_new_tokens or bool(done.all()):
                 break
+            step_ids = torch.cat([nxt, nxt[p_rows:]]) if g_rows else nxt
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
-            res = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+            res = model(input_ids=step_ids[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True, **extra)
             past, z = res.past_key_values, res.logits[:, -1]
-    resp = torch.stack(out, dim=1) if out else torch.empty(len(contexts) * k, 0, dtype=torch.long, device=device)
+    resp = torch.stack(out, dim=1) if out else torch.empty(p_rows + g_rows, 0, dtype=torch.long, device=device)
     logp = torch.stack(logps, dim=1) if logps else resp.new_zeros(resp.shape, dtype=torch.float32)
-    index = torch.arange(len(contexts), device=device).repeat_interleave(k)
-    return Rollout(resp, response_mask(resp, eos_list), index, logp)
+    prompts = torch.arange(n, device=device)
+    index = torch.cat([prompts.repeat_interleave(kp), prompts.repeat_interleave(g)])
+    guided = torch.cat([torch.zeros(p_rows, dtype=torch.bool, device=device), torch.ones(g_rows, dtype=torch.bool, device=device)])
+    star = torch.stack(stars, dim=1) if stars else None
+    star_ref = torch.stack(refs, dim=1) if refs else None
+    return Rollout(resp, response_mask(resp, eos_list), index, logp, guided, star, star_ref)
 
 
 def pack(context_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import resource
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from iqstar_lite.heap import freed_blocks_returned, release_free_heap
 from iqstar_lite.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
 from iqstar_lite.model import assert_trainable_layout
-from iqstar_lite.rollout import pack, response_logits, sample
+from iqstar_lite.rollout import Rollout, eos_token_ids, pack, response_logits, sample
 from iqstar_lite.scoring import estimator_pass
 
 log = logging.getLogger("iqstar_lite")
@@ -56,6 +57,44 @@ def make_scheduler(optimizer, cfg: RecipeConfig):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
 
 
+def rollout_step(model, tokenizer, plain: list[str], cond: list[str], cfg: RecipeConfig) -> tuple[Rollout, Rollout | None]:
+    """One decoding loop for the step's samples: K - G per prompt from the policy and, with ``rollout.guided_samples``
+    = G, G from pi-hat* (principle-contrastive sampling of the reference - or of the policy with
+    ``estimator.source=policy`` - at the rollout temperature and ``rollout.guided_top_p``), in the same batch.
+    Returns (policy rows, guided rows or None)."""
+    rc = cfg.rollout
+    if not rc.guided_samples:
+        return sample(model, tokenizer, plain, rc.samples_per_prompt, rc.max_new_tokens, rc.temperature, rc.top_p), None
+    roll = sample(model, tokenizer, plain, rc.samples_per_prompt, rc.max_new_tokens, rc.temperature, rc.top_p, contrast=cond,
+                  alpha=cfg.estimator.alpha, guided_samples=rc.guided_samples, guided_top_p=rc.guided_top_p,
+                  guided_reference=cfg.estimator.source == "ref", keep_star=reuses_rollout_star(cfg))
+    return rows_of(roll, ~roll.guided), rows_of(roll, roll.guided)
+
+
+def reuses_rollout_star(cfg: RecipeConfig) -> bool:
+    """The guided rows' distill target is the pi-hat* their sampling already computed (z+ and z0 of the reference, every
+    token): no second estimator pass over them. Only where that is the estimator's pi-hat* (no nucleus, source=ref)."""
+    return cfg.estimator.top_p == 1.0 and cfg.estimator.source == "ref"
+
+
+def rows_of(roll: Rollout, keep: torch.Tensor) -> Rollout:
+    """The rows ``keep`` of a rollout, trailing all-padding columns dropped; pi-hat* kept for guided rows only."""
+    mask = roll.response_mask[keep]
+    width = int(mask.sum(1).max()) if mask.shape[0] else 0
+    star = star_ref = None
+    if roll.star_logp_full is not None and bool(roll.guided[keep].all()):
+        star, star_ref = roll.star_logp_full[:, :width], roll.star_ref_logp[:, :width]
+    return Rollout(roll.response_ids[keep, :width], mask[:, :width], roll.prompt_index[keep], roll.logprobs[keep, :width], roll.guided[keep],
+                   star, star_ref)
+
+
+def eos_rate(roll, eos_ids: list[int]) -> float:
+    """Fraction of responses that ended with an EOS within the token limit (the rest were truncated)."""
+    if roll.response_ids.numel() == 0:
+        return 0.0
+    return float(torch.isin(roll.response_ids, torch.tensor(eos_ids, device=roll.response_ids.device)).any(1).float().mean())
+
+
 def prompt_batch(examples: list[Example], step: int, n: int, seed: int) -> list[Example]:
     """Deterministic epoch-wise shuffled cycling: the same step always gets the same prompts (resume)."""
     orders: dict[int, list[int]] = {}
@@ -69,15 +108,25 @@ def prompt_batch(examples: list[Example], step: int, n: int, seed: int) -> list[
     return out
 
 
+@dataclass
+class Guided:
+    """Responses sampled from pi-hat* itself (``rollout.guided_samples``), with their estimator pass (``keep_full``):
+    trained with the distill loss KL(pi-hat* || pi_theta) over the vocabulary on the states pi-hat* visits."""
+
+    plain_ids: list[list[int]]
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    est: dict[str, torch.Tensor]
+
+
 def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params, optimizer, scheduler, accelerator,
-           logp_sampled: torch.Tensor | None = None) -> dict:
+           logp_sampled: torch.Tensor | None = None, guided: Guided | None = None) -> dict:
     """``loss.epochs`` optimizer steps over one rollout batch, micro-batched with token-weighted accumulation.
 
     ``logp_sampled``: [N, T] log pi of the policy at the sampled tokens, recorded by the rollout (needed by
-    ``loss.kl_in_advantage``)."""
-    n, T = resp.shape
+    ``loss.kl_in_advantage``). ``guided``: pi-hat*'s own samples, trained with ``distill`` beside the on-policy rows
+    (``loss.type``); every token of both groups weighs the same."""
     lc, chunk = cfg.loss, cfg.train.logprob_chunk
-    total_tokens = mask.sum().clamp(min=1.0)
     if lc.type != "distill" and not torch.isfinite(est["rewards"][mask > 0]).all():  # would turn every gradient into nan
         raise RuntimeError("non-finite token rewards (pi* = 0 for a sampled token?); the pg / imitation losses need estimator.top_p=1.0")
     adv, kl_coef = est["rewards"], lc.beta
@@ -87,32 +136,43 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
         adv, kl_coef = kl_shaped_advantages(adv, logp_sampled, est["logp_ref"], lc.beta), 0.0
     if lc.type == "pg" and lc.whiten:  # pg only; batch-wide
         adv = whiten(adv, mask)
-    logp_old: dict[int, torch.Tensor] = {}
+    groups = [(lc.type, plain_ids, resp, mask, est)]
+    if guided is not None and guided.response_ids.shape[0]:
+        groups.append(("distill", guided.plain_ids, guided.response_ids, guided.response_mask, guided.est))
+    total_tokens = sum(g[3].sum() for g in groups).clamp(min=1.0)
+    logp_old: dict[tuple[int, int], torch.Tensor] = {}
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    if len(groups) > 1:
+        sums["kl_star_guided"] = 0.0
     model.train()
     assert_trainable_layout(model)
     for epoch in range(lc.epochs):
-        for s in range(0, n, cfg.train.micro_batch):
-            sl = slice(s, min(n, s + cfg.train.micro_batch))
-            m, r = mask[sl], resp[sl]
-            # packed, not rollout.shared_context_logits: sharing the K samples' prefill measured 1.08-1.12x slower here
-            # (SmolLM2, micro-batch 4 on CPU: two smaller GEMMs and two dequantizations per layer cost more than the saved rows)
-            logits = response_logits(model, pack(plain_ids[sl], r, pad_id), T)
-            logp = token_logprobs(logits, r, chunk)
-            if epoch == 0:
-                logp_old[s] = logp.detach()
-            if lc.type == "distill":
-                loss, met = distill_loss(kl_to_logits(est["logp_star_full"][sl], logits, chunk), m)
-                met["kl"] = masked_mean(k3_kl(logp.detach(), est["logp_ref"][sl]), m).item()
-            elif lc.type == "pg":
-                loss, met = pg_loss(logp, logp_old[s], est["logp_ref"][sl], adv[sl], m, kl_coef, lc.clip_eps, whiten_advantages=False)
-            else:
-                loss, met = imitation_loss(logp, est["logp_ref"][sl], est["rewards"][sl], m, lc.beta)
-            w = float(m.sum() / total_tokens)
-            accelerator.backward(loss * w)
-            sums["loss"] += loss.item() * w / lc.epochs
-            sums["kl"] += met["kl"] * w / lc.epochs
-            sums["clip_frac"] += met["clip_frac"] * w / lc.epochs
+        for gi, (kind, g_ids, g_resp, g_mask, g_est) in enumerate(groups):
+            n, T = g_resp.shape
+            g_tokens = g_mask.sum().clamp(min=1.0)
+            for s in range(0, n, cfg.train.micro_batch):
+                sl = slice(s, min(n, s + cfg.train.micro_batch))
+                m, r = g_mask[sl], g_resp[sl]
+                # packed, not rollout.shared_context_logits: sharing the K samples' prefill measured 1.08-1.12x slower here
+                # (SmolLM2, micro-batch 4 on CPU: two smaller GEMMs and two dequantizations per layer cost more than the saved rows)
+                logits = response_logits(model, pack(g_ids[sl], r, pad_id), T)
+                logp = token_logprobs(logits, r, chunk)
+                if epoch == 0:
+                    logp_old[gi, s] = logp.detach()
+                if kind == "distill":
+                    loss, met = distill_loss(kl_to_logits(g_est["logp_star_full"][sl], logits, chunk), m)
+                    met["kl"] = masked_mean(k3_kl(logp.detach(), g_est["logp_ref"][sl]), m).item()
+                elif kind == "pg":
+                    loss, met = pg_loss(logp, logp_old[gi, s], g_est["logp_ref"][sl], adv[sl], m, kl_coef, lc.clip_eps, whiten_advantages=False)
+                else:
+                    loss, met = imitation_loss(logp, g_est["logp_ref"][sl], g_est["rewards"][sl], m, lc.beta)
+                w = float(m.sum() / total_tokens)
+                accelerator.backward(loss * w)
+                sums["loss"] += loss.item() * w / lc.epochs
+                sums["kl"] += met["kl"] * w / lc.epochs
+                sums["clip_frac"] += met["clip_frac"] * w / lc.epochs
+                if gi == 1:
+                    sums["kl_star_guided"] += loss.item() * float(m.sum() / g_tokens) / lc.epochs
         grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         sums["grad_norm"] += float(grad_norm) / lc.epochs
         optimizer.step()
@@ -153,6 +213,7 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
+    eos = eos_token_ids(model, tokenizer)
     settle = release_free_heap if device.type == "cpu" else (lambda: None)  # keeps CPU RSS from creeping up between phases
     give_back = {"always": True, "never": False}.get(cfg.train.return_freed_memory, cfg.model.gradient_checkpointing)
     update_heap = freed_blocks_returned if (device.type == "cpu" and give_back) else nullcontext
@@ -161,21 +222,32 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     for step in bar:
         t0 = time.time()
         batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)
-        roll = sample(model, tokenizer, [fmt.plain(e) for e in batch], rc.samples_per_prompt, rc.max_new_tokens, rc.temperature, rc.top_p)
+        plain, cond = [fmt.plain(e) for e in batch], [fmt.conditioned(e) for e in batch]
+        roll, g_roll = rollout_step(model, tokenizer, plain, cond, cfg)
         rows = roll.prompt_index.tolist()
-        plain_ids = [fmt.ids(fmt.plain(batch[i])) for i in rows]
-        cond_ids = [fmt.ids(fmt.conditioned(batch[i])) for i in rows]
+        plain_ids = [fmt.ids(plain[i]) for i in rows]
+        cond_ids = [fmt.ids(cond[i]) for i in rows]
         settle()
         t1 = time.time()
         est = estimator_pass(
             model, plain_ids, cond_ids, roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta, cfg.estimator.top_p,
             cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=cfg.loss.type == "distill",
         )
+        guided = None
+        if g_roll is not None:
+            g_rows = g_roll.prompt_index.tolist()
+            g_plain, g_cond = [fmt.ids(plain[i]) for i in g_rows], [fmt.ids(cond[i]) for i in g_rows]
+            if g_roll.star_logp_full is not None:
+                g_est = {"logp_star_full": g_roll.star_logp_full, "logp_ref": g_roll.star_ref_logp}
+            else:
+                g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta,
+                                       cfg.estimator.top_p, cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=True)
+            guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
         settle()
         t2 = time.time()
         with update_heap():
             sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator,
-                          logp_sampled=roll.logprobs)
+                          logp_sampled=roll.logprobs, guided=guided)
         settle()
         t3 = time.time()
         n_tok = float(roll.response_mask.sum())
@@ -185,6 +257,9 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
             "reward_mean": round(masked_mean(est["rewards"], roll.response_mask).item(), 6),
             "principle_gap": round(masked_mean(est["principle_gap"], roll.response_mask).item(), 6),
             "response_len": round(n_tok / roll.response_mask.shape[0], 2),
+            "eos_rate": round(eos_rate(roll, eos), 4),
+            **({"response_len_guided": round(float(guided.response_mask.sum()) / guided.response_mask.shape[0], 2),
+                "eos_rate_guided": round(eos_rate(g_roll, eos), 4)} if guided is not None else {}),
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": round(n_tok / max(t3 - t0, 1e-9), 2),
             "seconds": round(t3 - t0, 3),

@@ -88,6 +88,11 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     after = json.loads((out / "eval_after.json").read_text())["summary"]
     assert after["n"] == 4 and after["principle_score"] is not None
+    for key in ("kl_to_target", "loop_rate", "repetition", "mean_tokens"):
+        assert after[key] is not None, key
+    cd = json.loads((out / "eval_contrastive.json").read_text())
+    assert cd["summary"]["kl_to_target"] == 0.0 and all("response_ids" in r for r in cd["records"])
+    assert "held-out answers" in res.stdout and "contrastive decoding:" in res.stdout
 
     # Training changed the LoRA B matrices (they start at zero) and the adapter reloads with peft.
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -101,3 +106,14 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert "resumed from" in res.stderr
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_guided_samples_train_from_pi_star_in_the_same_rollout(tmp_path, tiny_path):
+    """rollout.guided_samples=1 of 2: the step logs the guided rows' KL(pi* || pi_theta) and both groups' EOS rate."""
+    out = tmp_path / "guided"
+    res = cli("tiny_cpu", f"out_dir={out}", "stages=train", "eval.enabled=false", "rollout.samples_per_prompt=2", "rollout.guided_samples=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("kl_star_guided", "response_len_guided", "eos_rate", "eos_rate_guided"):
+        assert key in step, key
+    assert step["kl_star_guided"] >= 0

@@ -39,3 +39,20 @@ def test_estimator_nucleus_is_refused_for_losses_that_need_finite_rewards(loss):
 
 def test_estimator_nucleus_is_accepted_with_distill():
     assert load_recipe("smollm2_cpu", ["estimator.top_p=0.9", "loss.type=distill"]).estimator.top_p == 0.9
+
+
+def test_guided_samples_must_leave_on_policy_samples():
+    from iqstar_lite.config import load_recipe
+    from iqstar_lite.errors import UserError
+
+    assert load_recipe("smollm2_cpu", ["rollout.guided_samples=1"]).rollout.guided_samples == 1
+    with pytest.raises(UserError, match="guided_samples"):
+        load_recipe("smollm2_cpu", ["rollout.guided_samples=2"])
+
+
+def test_second_principle_recipe_picks_its_judge():
+    from iqstar_lite.judges import one_short_sentence, pick_judge
+
+    cfg = load_recipe("smollm2_short")
+    assert cfg.data.principle == "Answer in one short sentence." and cfg.data.keep_default_system
+    assert pick_judge(cfg.eval.judge, cfg.data.principle) is one_short_sentence

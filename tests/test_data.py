@@ -3,7 +3,7 @@ import json
 import pytest
 
 from iqstar_lite.config import DataConfig
-from iqstar_lite.data import Example, Formatter, load_prompts, with_instruction
+from iqstar_lite.data import default_system_prompt, Example, Formatter, load_prompts, with_instruction
 from iqstar_lite.errors import UserError
 
 
@@ -59,7 +59,9 @@ def test_principle_as_system_message_or_prefix(tokenizer):
     ex = Example([{"role": "user", "content": "What is rain?"}])
     assert fmt.system_ok
     cond = fmt.conditioned(ex)
-    assert "<|im_start|>system\nBe brief.<|im_end|>" in cond and "Be brief." not in fmt.plain(ex)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" not in cond and "Be brief." not in fmt.plain(ex)
+    fmt_replace = Formatter(tokenizer, DataConfig(principle="Be brief.", keep_default_system=False))
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in fmt_replace.conditioned(ex)
     msgs = with_instruction(ex.messages, "Be brief.", "auto", system_ok=False)
     assert msgs == [{"role": "user", "content": "Be brief.\n\nWhat is rain?"}]
     fmt_prefix = Formatter(tokenizer, DataConfig(principle="Be brief.", principle_placement="prefix"))
@@ -71,3 +73,25 @@ def test_hindsight_needs_reference(tokenizer):
     with pytest.raises(UserError, match="reference"):
         fmt.conditioned(Example([{"role": "user", "content": "x"}]))
     assert "excellent answer" in fmt.conditioned(Example([{"role": "user", "content": "x"}], reference="Yes."))
+
+
+def test_principle_keeps_the_templates_default_system_prompt(tokenizer):
+    """SmolLM2's template inserts a default system prompt when there is none. The conditioned context keeps it and
+    appends the principle, so plain and conditioned contexts differ by exactly the principle (and its separator)."""
+    fmt = Formatter(tokenizer, DataConfig(principle="Be brief."))
+    default = default_system_prompt(tokenizer)
+    assert default == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    ex = Example([{"role": "user", "content": "What is rain?"}])
+    plain, cond = fmt.plain(ex), fmt.conditioned(ex)
+    assert cond == plain.replace(default, f"{default}\n\nBe brief.", 1)
+    own = Example([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is rain?"}])
+    assert "<|im_start|>system\nYou are terse.\n\nBe brief.<|im_end|>" in fmt.conditioned(own)
+    assert default not in fmt.conditioned(own)
+
+
+def test_no_default_system_prompt_without_a_chat_template(tokenizer):
+    import copy
+
+    bare = copy.copy(tokenizer)
+    bare.chat_template = None
+    assert default_system_prompt(bare) is None

@@ -35,3 +35,39 @@ def test_contrastive_alpha0_is_principle_conditioned_greedy(tiny_path, tokenizer
         want = sample(model, tokenizer, cond, max_new_tokens=6, greedy=True).response_ids
     n = min(got.shape[1], want.shape[1])
     assert torch.equal(got[:, :n], want[:, :n])
+
+
+def test_loops():
+    """>= 12 words and repetition > 0.6: 'a b c' x 4 has 3 distinct of 12 words (0.75) -> a loop; 12 distinct words -> not;
+    'a a a' (too short to call) -> not."""
+    from iqstar_lite.evaluate import loops
+
+    assert loops("a b c " * 4)
+    assert not loops(" ".join(str(i) for i in range(12)))
+    assert not loops("a a a")
+
+
+def test_one_short_sentence_judge():
+    from iqstar_lite.judges import one_short_sentence, sentences
+
+    assert pick_judge("auto", "Answer in one short sentence.") is one_short_sentence
+    assert sentences("Rain is water. It falls!\nYes") == ["Rain is water", "It falls", "Yes"]
+    assert one_short_sentence("Rain is water falling from clouds.") == 1.0
+    assert one_short_sentence("Rain is water. It falls from clouds.") == 0.0
+    assert one_short_sentence(" ".join(["word"] * 21) + ".") == 0.0
+    assert one_short_sentence("") == 0.0
+
+
+def test_kl_to_target_is_zero_when_the_policy_is_pi_star(tiny_path, tokenizer):
+    """Adapters at identity (pi_theta = pi_ref) and the principle context equal to the plain one (z+ = z0, so
+    pi* = softmax((1+a) z0 - a z0) = pi_ref): KL(pi* || pi_theta) = 0 on every position. Random adapters: > 0."""
+    from iqstar_lite.evaluate import kl_to_target
+
+    ctx = [[1, 40, 41], [1, 50]]
+    target = torch.tensor([[11, 12, 13], [21, 22, 23]])
+    same = make_policy(tiny_path, quantize="none", randomize_lora=False)
+    kl = kl_to_target(same, ctx, ctx, target, tokenizer.pad_token_id, alpha=1.0)
+    assert kl.shape == (2, 3)
+    torch.testing.assert_close(kl, torch.zeros(2, 3), atol=1e-5, rtol=0)
+    moved = make_policy(tiny_path, quantize="none")
+    assert (kl_to_target(moved, ctx, ctx, target, tokenizer.pad_token_id, alpha=1.0) > 1e-4).all()

@@ -72,3 +72,41 @@ def test_kl_in_advantage_has_no_gradient_when_the_policy_already_samples_pi_star
            logp_sampled=lp_star)
     moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
     assert moved is not kl_in_advantage
+
+
+def test_guided_rows_move_nothing_when_the_policy_already_is_pi_star(tiny_path, tokenizer):
+    """Guided rows (pi-hat*'s own samples) train with KL(pi* || pi_theta) over the vocabulary: with pi* set to the
+    policy's own distribution there, and on-policy advantages 0 (log pi_old = log pi*), the LoRA gradient is 0 (to float
+    rounding: p - q); a target that differs from the policy on the guided rows gives a gradient and moves the weights."""
+    from accelerate import Accelerator
+
+    from iqstar_lite.rollout import pack, response_logits
+    from iqstar_lite.train import Guided, make_optimizer, make_scheduler, update
+
+    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg"])
+    model = make_policy(tiny_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    resp, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3)
+    lp_star, lp_ref = -torch.rand(2, 3, generator=g) * 3, -torch.rand(2, 3, generator=g) * 3
+    est = {"rewards": cfg.loss.beta * (lp_star - lp_ref), "logp_ref": lp_ref}
+    g_ids, g_resp, g_mask = [[1, 2], [3]], torch.tensor([[11, 12], [13, 2]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    model.train()
+    with torch.no_grad():
+        own = torch.log_softmax(response_logits(model, pack(g_ids, g_resp, 0), 2).float(), -1)
+
+    def run(target):
+        optimizer, _ = make_optimizer(params, cfg)
+        before = [p.detach().clone() for p in params]
+        guided = Guided(g_ids, g_resp, g_mask, {"logp_star_full": target, "logp_ref": torch.zeros(2, 2)})
+        sums = update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True),
+                      logp_sampled=lp_star, guided=guided)
+        moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+        for b, p in zip(before, params):
+            p.data.copy_(b)
+        return moved, sums
+
+    _, sums = run(own)
+    assert sums["grad_norm"] < 1e-5 and abs(sums["kl_star_guided"]) < 1e-5
+    moved, sums = run(torch.log_softmax(own + torch.randn(own.shape, generator=g), -1))
+    assert moved and sums["grad_norm"] > 1e-3 and sums["kl_star_guided"] > 1e-3
