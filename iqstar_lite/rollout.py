@@ -145,7 +145,6 @@ def sample(
         if g_rows:
             parts.append((contrastive_logits(z[p_rows : p_rows + g_rows], z[p_rows + g_rows :], alpha), g_top_p))
         if g_rows and keep_star:
-            stars.append(torch.log_softmax(parts[-1][0], -1))
             refs.append(torch.log_softmax(z[p_rows + g_rows :].float(), -1))
         toks, logits = [], []
         for zd, tp in parts:
@@ -171,7 +170,10 @@ def sample(
             nxt, zd = pick(z, t)
             nxt = torch.where(done, tokenizer.pad_token_id, nxt)
             out.append(nxt)
-            logps.append(torch.where(done, 0.0, torch.log_softmax(zd.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)))
+            lp = torch.log_softmax(zd.float(), -1)  # once per step: recorded log-probs, and the guided rows' pi-hat* (keep_star)
+            logps.append(torch.where(done, 0.0, lp.gather(-1, nxt[:, None]).squeeze(-1)))
+            if keep_star and g_rows:
+                stars.append(lp[p_rows:])
             if refs:
                 refs[-1] = refs[-1].gather(-1, nxt[p_rows:, None]).squeeze(-1)
             done |= torch.isin(nxt, eos)
