@@ -17,8 +17,10 @@ import torch
 
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
-from iqstar_lite.logprobs import kl_to_logits
-from iqstar_lite.rollout import eos_token_ids, eval_mode, pack, response_logits, response_mask, sample
+from iqstar_lite.estimator import log_pi_star
+from iqstar_lite.logprobs import chunked_over_time, kl_rows
+from iqstar_lite.reference import adapters_are_identity, reference_mode
+from iqstar_lite.rollout import eos_token_ids, eval_mode, pack, response_logits, response_mask, sample, shared_context_logits
 from iqstar_lite.scoring import estimator_pass, policy_vs_reference
 
 
@@ -52,15 +54,20 @@ def kl_to_target(model, plain_ids: list[list[int]], cond_ids: list[list[int]], t
 
     The direct convergence measure: 0 when the policy is pi-hat* on the states pi-hat* visits (where greedy
     evaluation goes). pi-hat* comes from the reference (adapters off) with / without the principle, as in training.
+    Adapters at identity (before training): pi_theta is the reference without the principle, no policy forward.
     """
+    identity = adapters_are_identity(model)
     parts = []
-    for s in range(0, target.shape[0], micro_batch):
-        sl = slice(s, s + micro_batch)
-        est = estimator_pass(model, plain_ids[sl], cond_ids[sl], target[sl], pad_id, alpha, 1.0, micro_batch=micro_batch,
-                             chunk_size=chunk_size, keep_full=True)
-        with eval_mode(model):
-            logits = response_logits(model, pack(plain_ids[sl], target[sl], pad_id), target.shape[1])
-        parts.append(kl_to_logits(est["logp_star_full"], logits, chunk_size))
+    with eval_mode(model):
+        for s in range(0, target.shape[0], micro_batch):
+            sl = slice(s, s + micro_batch)
+            m, tgt = len(plain_ids[sl]), target[sl]
+            with reference_mode(model):
+                z = shared_context_logits(model, cond_ids[sl] + plain_ids[sl], torch.cat([tgt, tgt]), pad_id)
+            z_pos, z_neg = z[:m], z[m:]
+            pol = z_neg if identity else response_logits(model, pack(plain_ids[sl], tgt, pad_id), tgt.shape[1])
+            parts.append(chunked_over_time(lambda zp, zn, zq: kl_rows(log_pi_star(zp, zn, alpha), zq), z_pos, z_neg, pol,
+                                           chunk_size=chunk_size))
     return torch.cat(parts)
 
 
@@ -80,6 +87,7 @@ def evaluate(
     t0 = time.time()
     bs, ec = cfg.eval.batch_size, cfg.eval
     eos, pad = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
+    identity = adapters_are_identity(model)
     records = []
     for s in range(0, len(examples), bs):
         chunk = examples[s : s + bs]
@@ -93,7 +101,9 @@ def evaluate(
         cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
         est = estimator_pass(model, plain_ids, cond_ids, resp, pad, cfg.estimator.alpha, cfg.loss.beta,
                              micro_batch=cfg.train.micro_batch, chunk_size=cfg.train.logprob_chunk)
-        pvr = policy_vs_reference(model, plain_ids, resp, pad, cfg.train.micro_batch, cfg.train.logprob_chunk)
+        # KL(pi_theta || pi_ref): exactly 0 while the adapters are at identity (before training; contrastive row)
+        kl_ref = (torch.zeros_like(est["logp_ref"]) if identity
+                  else policy_vs_reference(model, plain_ids, resp, pad, cfg.train.micro_batch, cfg.train.logprob_chunk)["kl"])
         kl_star = None
         if target is not None and not contrastive:
             rows = target[s : s + bs]
@@ -109,7 +119,7 @@ def evaluate(
             rec = {
                 "prompt": ex.text, "kind": ex.kind, "response": text, "tokens": int(m.sum()),
                 "principle_score": float((est["principle_gap"][i] * m).sum() / n_tok),
-                "kl_per_token": float((pvr["kl"][i] * m).sum() / n_tok),
+                "kl_per_token": float((kl_ref[i] * m).sum() / n_tok),
                 "judge": judge(text) if judge else None,
                 "repetition": round(repetition(text), 4),
                 "loops": loops(text),

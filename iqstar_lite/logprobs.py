@@ -45,7 +45,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int =
     return chunked_over_time(_gather_logprobs, logits, tokens, chunk_size=chunk_size)
 
 
-def _kl_rows(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def kl_rows(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL( p || softmax(logits) ) over the last dim, p given by log-probs (-inf where p = 0); one chunk, fp32."""
     logq = torch.log_softmax(logits.float(), dim=-1)
     # Non-finite target entries (p = 0 outside a nucleus; garbage at masked rows) become p = 0 *before*
     # any arithmetic, so neither the value nor the gradient can turn into nan.
@@ -62,11 +63,11 @@ def kl_to_logits(target_logp: torch.Tensor, logits: torch.Tensor, chunk_size: in
     """
     if target_logp.shape != logits.shape:
         raise ValueError(f"target_logp and logits must have the same shape, got {tuple(target_logp.shape)} and {tuple(logits.shape)}")
-    return chunked_over_time(_kl_rows, target_logp, logits, chunk_size=chunk_size)
+    return chunked_over_time(kl_rows, target_logp, logits, chunk_size=chunk_size)
 
 
 def _kl_logits_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    return _kl_rows(torch.log_softmax(p_logits.float(), dim=-1), q_logits)
+    return kl_rows(torch.log_softmax(p_logits.float(), dim=-1), q_logits)
 
 
 def kl_between_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
@@ -76,13 +77,23 @@ def kl_between_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk_size
     return chunked_over_time(_kl_logits_rows, p_logits, q_logits, chunk_size=chunk_size)
 
 
-def nucleus_mask(z: torch.Tensor, top_p: float) -> torch.Tensor:
+def nucleus_mask(z: torch.Tensor, top_p: float, candidates: int = 256) -> torch.Tensor:
     """Boolean mask of the smallest token set whose softmax(z) mass reaches top_p (the argmax always stays), as
-    transformers' TopPLogitsWarper. The one nucleus rule: sampling (``rollout.next_token``) and the estimator use it."""
+    transformers' TopPLogitsWarper. The one nucleus rule: sampling (``rollout.next_token``) and the estimator use it.
+
+    Exact with a shortcut: when the ``candidates`` most probable tokens of every row already hold top_p of the mass,
+    no token outside them can be kept, so only they are ranked (a full sort of 49k logits per row cost ~14 ms per
+    decoding step, 12% of a rollout); otherwise the whole vocabulary is sorted.
+    """
     if top_p >= 1.0:
         return torch.ones_like(z, dtype=torch.bool)
     probs = torch.softmax(z.float(), dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if candidates < probs.shape[-1]:
+        sorted_p, order = probs.topk(candidates, dim=-1)  # sorted, descending
+        if not bool((sorted_p.sum(-1) >= top_p).all()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_p.cumsum(-1) - sorted_p
     keep_sorted = mass_before < top_p
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)

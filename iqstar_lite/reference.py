@@ -31,3 +31,18 @@ def reference_mode(model) -> Iterator[None]:
         raise RuntimeError("reference_mode refuses a merged model: the base weights contain the adapter; unmerge first")
     with torch.no_grad(), model.disable_adapter():
         yield
+
+
+def adapters_are_identity(model) -> bool:
+    """True when every LoRA update B A is exactly zero (peft's initialisation, before any step): pi_theta = pi_ref
+    then, so a policy forward can be replaced by the reference's (evaluation before training skips it)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = False
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for b in m.lora_B.values():
+                found = True
+                if bool(b.weight.any()):
+                    return False
+    return found

@@ -80,6 +80,17 @@ def test_nucleus_mask_bf16_input():
     assert nucleus_mask(P.log().to(torch.bfloat16), 0.6).tolist() == [True, True, False]
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.9, 0.99])
+def test_nucleus_mask_shortcut_equals_full_sort(top_p):
+    """Ranking only the 4 most probable tokens (when they hold top_p of the mass) or sorting all of them (when some row's
+    top 4 do not: the fallback) gives the same mask as ranking everything; peaked and flat rows mixed."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(3, 50, generator=g) * 4, torch.randn(2, 50, generator=g) * 0.1])
+    full = nucleus_mask(z, top_p, candidates=50)
+    assert torch.equal(nucleus_mask(z, top_p, candidates=4), full)
+    assert torch.equal(nucleus_mask(z[:3], top_p, candidates=4), full[:3])
+
+
 # ----------------------------------------------------------------------------------------------
 # log_pi_star
 # ----------------------------------------------------------------------------------------------

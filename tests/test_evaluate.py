@@ -71,3 +71,20 @@ def test_kl_to_target_is_zero_when_the_policy_is_pi_star(tiny_path, tokenizer):
     torch.testing.assert_close(kl, torch.zeros(2, 3), atol=1e-5, rtol=0)
     moved = make_policy(tiny_path, quantize="none")
     assert (kl_to_target(moved, ctx, ctx, target, tokenizer.pad_token_id, alpha=1.0) > 1e-4).all()
+
+
+def test_identity_adapters_skip_the_policy_forward_with_the_same_kl(tiny_path, tokenizer, monkeypatch):
+    """Fresh LoRA (B = 0) is detected as identity; then KL(pi* || pi_theta) uses the reference's logits for pi_theta, and
+    equals the value computed with the policy's own forward (the shortcut forced off). Random adapters: not identity."""
+    import iqstar_lite.evaluate as ev
+    from iqstar_lite.reference import adapters_are_identity
+
+    cond, plain = [[1, 7, 40, 41], [1, 7, 50]], [[1, 40, 41], [1, 50]]
+    target = torch.tensor([[11, 12, 13], [21, 22, 23]])
+    fresh = make_policy(tiny_path, quantize="none", randomize_lora=False)
+    assert adapters_are_identity(fresh) and not adapters_are_identity(make_policy(tiny_path, quantize="none"))
+    fast = ev.kl_to_target(fresh, plain, cond, target, tokenizer.pad_token_id, alpha=1.0)
+    monkeypatch.setattr(ev, "adapters_are_identity", lambda model: False)
+    slow = ev.kl_to_target(fresh, plain, cond, target, tokenizer.pad_token_id, alpha=1.0)
+    assert (fast > 1e-4).all()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
