@@ -1,56 +1,142 @@
-"""Atomic adapter checkpoints and resume."""
+"""Atomic adapter checkpoints and resume: nothing unpickled, the newest checkpoint that loads wins.
+
+A checkpoint ``checkpoints/step-NNNNNN/`` holds ``adapter/`` (peft, safetensors) and the trainer state
+(optimizer, scheduler, RNG of torch / CUDA / Python) as ``state.safetensors`` + ``state.json`` (``state_io``).
+"""
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
 
 import torch
 
-from iqstar_lite.atomic import atomic_dir
+from iqstar_lite.atomic import atomic_dir, recover_dirs
+from iqstar_lite.errors import UserError
+from iqstar_lite.state_io import StateFormatError, load_state, save_state
+
+log = logging.getLogger("iqstar_lite")
 
 KEEP_LAST = 2
+STEP_GLOB = "step-*"
+
+
+class NonFiniteAdapterError(RuntimeError):
+    """The adapter holds nan / inf weights: it is never saved, merged or exported."""
+
+
+def assert_finite_adapter(model) -> None:
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteAdapterError(f"{len(bad)} adapter tensors hold nan/inf (first: {bad[0]}); not saved")
 
 
 def save_adapter_atomic(model, target: Path) -> None:
-    """Write a peft adapter directory so that ``target`` is either the old or the complete new one."""
+    """Write a peft adapter directory so that ``target`` is either the old or the complete new one; never a non-finite one."""
+    assert_finite_adapter(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
 
 
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("checkpoint has CUDA RNG states for %d devices, this machine %d: CUDA RNG not restored",
+                        len(cuda), torch.cuda.device_count())
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
+    assert_finite_adapter(model)
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{step:06d}"
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp / "adapter")
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-    for old in sorted(ckpt_root.glob("step-*"))[:-KEEP_LAST]:
+        save_state(tmp, {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+    for old in checkpoints(run_dir)[KEEP_LAST:]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first (an interrupted save's temporary is recovered or removed first)."""
+    root = Path(run_dir) / "checkpoints"
+    recover_dirs(root)
+    return sorted((p for p in root.glob(STEP_GLOB) if p.is_dir()), reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file())
-    return found[-1] if found else None
+    found = checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
-    """Restore adapter weights, optimizer, scheduler and RNG; returns the step to continue after."""
+    """Restore adapter weights, optimizer, scheduler and RNG; returns the step to continue after.
+
+    Raises StateFormatError (a ValueError) when the folder is not a complete checkpoint of this format; the model,
+    optimizer and scheduler are left untouched then (everything is read and checked before anything is applied).
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(path) / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    return int(state["step"])
+    path = Path(path)
+    if (path / "trainer_state.pt").exists() and not (path / "state.json").exists():
+        raise StateFormatError("written by an older version as a pickle (trainer_state.pt), which is never loaded")
+    state = load_state(path)
+    try:
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - torn or missing file
+        raise StateFormatError(f"adapter unreadable ({type(e).__name__}: {e})") from None
+    if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
+        raise StateFormatError("adapter holds nan/inf")
+    try:
+        step = int(state["step"])
+        opt, sched, rng = state["optimizer"], state["scheduler"], state["rng"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateFormatError(f"incomplete trainer state ({e})") from None
+    saved = {k: v.clone() for k, v in ((n, p) for n, p in model.named_parameters() if p.requires_grad)}
+    try:
+        set_peft_model_state_dict(model, weights)
+        optimizer.load_state_dict(opt)
+        scheduler.load_state_dict(sched)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        with torch.no_grad():  # leave the model as it was
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        raise StateFormatError(f"does not fit this run's model / optimizer ({type(e).__name__}: {e})") from None
+    set_rng_state(rng)
+    return step
+
+
+def resume_latest(run_dir: Path, model, optimizer, scheduler) -> tuple[Path | None, int]:
+    """Load the newest checkpoint that loads (warning about each one skipped); (None, 0) when there is none.
+
+    Raises UserError when checkpoints exist and none of them loads: starting over would overwrite the run.
+    """
+    found = checkpoints(run_dir)
+    reasons = []
+    for path in found:
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except StateFormatError as e:
+            log.warning("checkpoint %s skipped: %s", path, e)
+            reasons.append(f"{path.name}: {e}")
+    if found:
+        raise UserError(f"train.resume=true but no checkpoint in {Path(run_dir) / 'checkpoints'} loads ({'; '.join(reasons)}); "
+                        f"to start over, move that folder away or choose another out_dir")
+    return None, 0

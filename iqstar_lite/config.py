@@ -143,9 +143,15 @@ class TrainConfig:
     logprob_chunk: int = 16
     """Positions per chunk when reducing [T, V] logits to token log-probs."""
     checkpoint_every: int = 0
-    """Save an adapter checkpoint every N steps (0 = only at the end)."""
+    """Save a checkpoint (adapter + optimizer, scheduler, RNG) every N steps (0 = by time only, ``checkpoint_minutes``)."""
+    checkpoint_minutes: float = 10.0
+    """Also save one when this many minutes passed since the last (0 = off): a long run never loses more than that.
+    SIGTERM / Ctrl-C always save one after the current step."""
     resume: bool = False
-    """Continue from the last checkpoint in out_dir."""
+    """Continue from the newest checkpoint in out_dir that loads (older ones are tried when the newest is damaged)."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient is nan/inf is skipped (``nonfinite_skipped`` in metrics); this many in a row
+    stop the run with an error (the adapter stays at the last finite step)."""
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
     return_freed_memory: Literal["auto", "always", "never"] = "auto"
@@ -356,7 +362,13 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(cfg.train.micro_batch > 0, f"'train.micro_batch' must be > 0, got {cfg.train.micro_batch}")
     need(cfg.train.logprob_chunk > 0, f"'train.logprob_chunk' must be > 0, got {cfg.train.logprob_chunk}")
     need(cfg.train.max_grad_norm > 0, f"'train.max_grad_norm' must be > 0, got {cfg.train.max_grad_norm}")
-    need(cfg.eval.max_prompts > 0, f"'eval.max_prompts' must be > 0, got {cfg.eval.max_prompts}")
+    for section, key, low in (("lora", "alpha", 1), ("data", "max_prompt_tokens", 1), ("train", "warmup_steps", 0), ("train", "checkpoint_every", 0),
+                              ("train", "checkpoint_minutes", 0), ("train", "max_nonfinite_steps", 1), ("train", "threads", 0),
+                              ("train", "weight_decay", 0), ("eval", "max_prompts", 1), ("eval", "max_new_tokens", 1), ("eval", "batch_size", 1),
+                              ("eval", "show_examples", 0), ("export", "check_new_tokens", 1)):
+        value = getattr(getattr(cfg, section), key)
+        need(value >= low, f"'{section}.{key}' must be {'> 0' if low else '>= 0'}, got {value}")
+    need(cfg.export.max_logit_diff > 0, f"'export.max_logit_diff' must be > 0, got {cfg.export.max_logit_diff}")
     need(cfg.export.check_prompts > 0, f"'export.check_prompts' must be > 0, got {cfg.export.check_prompts}")
     b = cfg.export.int8_block
     need(b == 0 or (b >= 16 and b & (b - 1) == 0), f"'export.int8_block' must be 0 (per channel) or a power of two >= 16, got {b}")

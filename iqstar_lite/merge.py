@@ -55,10 +55,33 @@ def pick_prompts(prompts: list[str] | None, n: int) -> list[str]:
 
 
 def adapter_dir(run_dir: Path) -> Path:
+    """RUN_DIR/adapter, checked before any model is loaded: config readable, weights as safetensors (an
+    adapter_model.bin is a pickle and is never loaded), every weight finite."""
     path = Path(run_dir) / "adapter"
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{str(run_dir)!r} has no trained adapter (adapter/adapter_config.json); run the train stage first")
+    check_adapter(path)
     return path
+
+
+def check_adapter(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    fix = "train again, or restore it from the run's newest checkpoint (checkpoints/step-*/adapter)"
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{str(path / 'adapter_config.json')!r} is not valid JSON ({e}); {fix}") from None
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{str(path)!r} has no adapter_model.safetensors (only safetensors adapters are loaded, never a pickled .bin); {fix}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - SafetensorError on a torn / foreign file
+        raise UserError(f"{str(weights)!r} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{str(weights)!r} holds nan/inf in {len(bad)} tensors (first: {bad[0]}); it is not merged or exported; {fix}")
 
 
 def load_trained(model_cfg: ModelConfig, adapter: Path, device: torch.device | None = None, fp32_compute: bool = False):
@@ -155,7 +178,7 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
     save_merged(merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype)
     gc.collect()
     # Measured on the checkpoint as written (saved dtype, config round trip), computed in fp32.
-    merged_logits = _logits_of(lambda: AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval(), ids)
+    merged_logits = _logits_of(lambda: AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32, use_safetensors=True).eval(), ids)
 
     train_dtype = str(compute_dtype(cfg.model, device)).replace("torch.", "")
     exact = cfg.export.merge_base == "dequantized" or cfg.model.quantize == "none"

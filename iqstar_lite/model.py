@@ -77,7 +77,11 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub "
+                        f"is reachable") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -131,9 +135,10 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     qcfg = quantization_config(cfg, device)
     dtype = compute_dtype(cfg, device) if qcfg is None else unquantized_dtype(cfg, device, load_model_config(cfg.path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)})
+        # safetensors only: a pytorch_model.bin is a pickle, never loaded from a user's folder
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)}, use_safetensors=True)
     except OSError as e:
-        raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path") from None
+        raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path (weights must be .safetensors)") from None
     model.requires_grad_(False)
     if device.type == "cpu":
         if cfg.map_embeddings:

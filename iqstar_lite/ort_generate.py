@@ -130,7 +130,13 @@ class OrtGenerator:
         opts.log_severity_level = 3
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(find_onnx_file(self.dir)), opts, providers=["CPUExecutionProvider"])
+        path = find_onnx_file(self.dir)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (Fail, InvalidProtobuf, ...) on a damaged file
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"{str(path)!r} cannot be loaded by onnxruntime ({first}); re-export it with "
+                            f"'python -m iqstar_lite.export RUN_DIR'") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         if "input_ids" not in inputs:

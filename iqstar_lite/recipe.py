@@ -134,7 +134,7 @@ def heldout_texts(cfg: RecipeConfig, n: int) -> list[str]:
 
 def run(cfg: RecipeConfig, run_dir: Path) -> int:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir, "train" in stages and not cfg.train.resume)
     if "train" in stages:
         save_config(cfg, run_dir / "config.yaml")
         stage_train(cfg, run_dir)
@@ -152,6 +152,20 @@ def run(cfg: RecipeConfig, run_dir: Path) -> int:
         code = 0 if report.get("passed") else 1
     print(f"\nrun directory: {run_dir}")
     return code
+
+
+def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Create the run directory; refuse a path that is a file, and (``fresh``: training from step 0) a folder that already
+    holds a trained run, which a new run would overwrite."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out_dir {str(run_dir)!r} is a file, not a folder; choose another out_dir")
+    if fresh and ((run_dir / "adapter").is_dir() or any((run_dir / "checkpoints").glob("step-*"))):
+        raise UserError(f"out_dir {str(run_dir)!r} already holds a run (adapter/ or checkpoints/); continue it with train.resume=true, "
+                        f"or choose another out_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create out_dir {str(run_dir)!r} ({e.strerror}); choose another out_dir") from None
 
 
 def main() -> int:

@@ -10,18 +10,22 @@ import json
 import logging
 import random
 import resource
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from iqstar_lite.checkpoint import latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint
+from iqstar_lite.atomic import atomic_file
+from iqstar_lite.checkpoint import resume_latest, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
+from iqstar_lite.errors import Stopped, UserError
 from iqstar_lite.heap import freed_blocks_returned, release_free_heap
 from iqstar_lite.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
@@ -141,12 +145,13 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
         groups.append(("distill", guided.plain_ids, guided.response_ids, guided.response_mask, guided.est))
     total_tokens = sum(g[3].sum() for g in groups).clamp(min=1.0)
     logp_old: dict[tuple[int, int], torch.Tensor] = {}
-    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "nonfinite_skipped": 0}
     if len(groups) > 1:
         sums["kl_star_guided"] = 0.0
     model.train()
     assert_trainable_layout(model)
     for epoch in range(lc.epochs):
+        finite = True
         for gi, (kind, g_ids, g_resp, g_mask, g_est) in enumerate(groups):
             n, T = g_resp.shape
             g_tokens = g_mask.sum().clamp(min=1.0)
@@ -167,6 +172,7 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
                 else:
                     loss, met = imitation_loss(logp, g_est["logp_ref"][sl], g_est["rewards"][sl], m, lc.beta)
                 w = float(m.sum() / total_tokens)
+                finite = finite and bool(torch.isfinite(loss))
                 accelerator.backward(loss * w)
                 sums["loss"] += loss.item() * w / lc.epochs
                 sums["kl"] += met["kl"] * w / lc.epochs
@@ -175,7 +181,11 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
                     sums["kl_star_guided"] += loss.item() * float(m.sum() / g_tokens) / lc.epochs
         grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         sums["grad_norm"] += float(grad_norm) / lc.epochs
-        optimizer.step()
+        if finite and bool(torch.isfinite(grad_norm)):
+            optimizer.step()
+        else:  # a nan / inf loss or gradient would poison the adapter and AdamW's moments: this optimizer step is skipped
+            sums["nonfinite_skipped"] += 1
+            log.warning("non-finite loss or gradient (grad norm %s): optimizer step skipped", float(grad_norm))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return sums
@@ -201,15 +211,14 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
 
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.train.resume else None
+    ckpt, start = resume_latest(run_dir, model, optimizer, scheduler) if cfg.train.resume else (None, 0)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpt, start)
-        if metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        keep_metrics_until(metrics_path, start)
+    else:
+        if cfg.train.resume:
+            log.warning("train.resume=true but no checkpoint in %s loads: training from step 0", run_dir / "checkpoints")
+        metrics_path.unlink(missing_ok=True)
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
@@ -218,64 +227,124 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     give_back = {"always": True, "never": False}.get(cfg.train.return_freed_memory, cfg.model.gradient_checkpointing)
     update_heap = freed_blocks_returned if (device.type == "cpu" and give_back) else nullcontext
     last: dict = {}
+    nonfinite_run = 0
+    saved_at = time.time()
     bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps)
-    for step in bar:
-        t0 = time.time()
-        batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)
-        plain, cond = [fmt.plain(e) for e in batch], [fmt.conditioned(e) for e in batch]
-        roll, g_roll = rollout_step(model, tokenizer, plain, cond, cfg)
-        rows = roll.prompt_index.tolist()
-        plain_ids = [fmt.ids(plain[i]) for i in rows]
-        cond_ids = [fmt.ids(cond[i]) for i in rows]
-        settle()
-        t1 = time.time()
-        est = estimator_pass(
-            model, plain_ids, cond_ids, roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta, cfg.estimator.top_p,
-            cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=cfg.loss.type == "distill",
-        )
-        guided = None
-        if g_roll is not None:
-            g_rows = g_roll.prompt_index.tolist()
-            g_plain, g_cond = [fmt.ids(plain[i]) for i in g_rows], [fmt.ids(cond[i]) for i in g_rows]
-            if g_roll.star_logp_full is not None:
-                g_est = {"logp_star_full": g_roll.star_logp_full, "logp_ref": g_roll.star_ref_logp}
-            else:
-                g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta,
-                                       cfg.estimator.top_p, cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=True)
-            guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
-        settle()
-        t2 = time.time()
-        with update_heap():
-            sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator,
-                          logp_sampled=roll.logprobs, guided=guided)
-        settle()
-        t3 = time.time()
-        n_tok = float(roll.response_mask.sum())
-        last = {
-            "step": step + 1,
-            **{k: round(v, 6) for k, v in sums.items()},
-            "reward_mean": round(masked_mean(est["rewards"], roll.response_mask).item(), 6),
-            "principle_gap": round(masked_mean(est["principle_gap"], roll.response_mask).item(), 6),
-            "response_len": round(n_tok / roll.response_mask.shape[0], 2),
-            "eos_rate": round(eos_rate(roll, eos), 4),
-            **({"response_len_guided": round(float(guided.response_mask.sum()) / guided.response_mask.shape[0], 2),
-                "eos_rate_guided": round(eos_rate(g_roll, eos), 4)} if guided is not None else {}),
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": round(n_tok / max(t3 - t0, 1e-9), 2),
-            "seconds": round(t3 - t0, 3),
-            "t_rollout": round(t1 - t0, 3),
-            "t_estimator": round(t2 - t1, 3),
-            "t_update": round(t3 - t2, 3),
-            "peak_mem_gib": round(peak_memory_gib(device), 3),
-        }
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{last['loss']:.3g}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
-        every = cfg.train.checkpoint_every
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
-            save_checkpoint(run_dir, step + 1, model, optimizer, scheduler)
-        if on_step is not None and on_step(last):
-            break
+    with stop_requests() as stop:
+        for step in bar:
+            t0 = time.time()
+            batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)
+            plain, cond = [fmt.plain(e) for e in batch], [fmt.conditioned(e) for e in batch]
+            roll, g_roll = rollout_step(model, tokenizer, plain, cond, cfg)
+            rows = roll.prompt_index.tolist()
+            plain_ids = [fmt.ids(plain[i]) for i in rows]
+            cond_ids = [fmt.ids(cond[i]) for i in rows]
+            settle()
+            t1 = time.time()
+            est = estimator_pass(
+                model, plain_ids, cond_ids, roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta, cfg.estimator.top_p,
+                cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=cfg.loss.type == "distill",
+            )
+            guided = None
+            if g_roll is not None:
+                g_rows = g_roll.prompt_index.tolist()
+                g_plain, g_cond = [fmt.ids(plain[i]) for i in g_rows], [fmt.ids(cond[i]) for i in g_rows]
+                if g_roll.star_logp_full is not None:
+                    g_est = {"logp_star_full": g_roll.star_logp_full, "logp_ref": g_roll.star_ref_logp}
+                else:
+                    g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta,
+                                           cfg.estimator.top_p, cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=True)
+                guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
+            settle()
+            t2 = time.time()
+            with update_heap():
+                sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator,
+                              logp_sampled=roll.logprobs, guided=guided)
+            settle()
+            t3 = time.time()
+            n_tok = float(roll.response_mask.sum())
+            last = {
+                "step": step + 1,
+                **{k: round(v, 6) for k, v in sums.items()},
+                "reward_mean": round(masked_mean(est["rewards"], roll.response_mask).item(), 6),
+                "principle_gap": round(masked_mean(est["principle_gap"], roll.response_mask).item(), 6),
+                "response_len": round(n_tok / roll.response_mask.shape[0], 2),
+                "eos_rate": round(eos_rate(roll, eos), 4),
+                **({"response_len_guided": round(float(guided.response_mask.sum()) / guided.response_mask.shape[0], 2),
+                    "eos_rate_guided": round(eos_rate(g_roll, eos), 4)} if guided is not None else {}),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": round(n_tok / max(t3 - t0, 1e-9), 2),
+                "seconds": round(t3 - t0, 3),
+                "t_rollout": round(t1 - t0, 3),
+                "t_estimator": round(t2 - t1, 3),
+                "t_update": round(t3 - t2, 3),
+                "peak_mem_gib": round(peak_memory_gib(device), 3),
+            }
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{last['loss']:.3g}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
+            nonfinite_run = nonfinite_run + 1 if last["nonfinite_skipped"] == cfg.loss.epochs else 0
+            if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                bar.close()
+                raise UserError(f"training diverged: {nonfinite_run} steps in a row had nan/inf losses or gradients (skipped, adapter "
+                                f"kept at the last finite step, nothing saved); lower train.lr or train.max_grad_norm and start again")
+            every, minutes = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes
+            stopping = stop.requested is not None
+            if ((every and (step + 1) % every == 0) or step + 1 == cfg.train.steps or stopping
+                    or (minutes and time.time() - saved_at >= 60 * minutes)):
+                save_checkpoint(run_dir, step + 1, model, optimizer, scheduler)
+                saved_at = time.time()
+            if stopping:
+                bar.close()
+                raise Stopped(stop.requested, f"stopped by {signal.Signals(stop.requested).name} after step {step + 1} of {cfg.train.steps}; "
+                              f"checkpoint saved in {run_dir / 'checkpoints'}; continue with the same command plus "
+                              f"out_dir={run_dir} train.resume=true")
+            if on_step is not None and on_step(last):
+                break
     bar.close()
     save_adapter_atomic(model, run_dir / "adapter")
     return last
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps <= ``step`` (those the checkpoint has); a torn last line (killed mid-write) goes."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+
+
+class StopRequest:
+    """SIGTERM / SIGINT during training: the first one lets the current step finish and save a checkpoint (``requested``
+    holds the signal number); a second one interrupts at once (the previous checkpoint stays)."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.warning("%s: finishing this step, then saving a checkpoint (send it again to stop at once)", signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    req = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set from the main thread
+        yield req
+        return
+    previous = {sig: signal.signal(sig, req.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield req
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

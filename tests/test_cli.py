@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, module: str = "iqstar_lite.recipe") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def cli(*args: str, module: str = "iqstar_lite.recipe", **env_extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
@@ -38,6 +38,8 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["tiny_cpu", "train.lr=-1", "rollout.top_p=2"], ["2 problems", "train.lr", "rollout.top_p"]),
         (["tiny_cpu", "steps"], ["not key=value"]),
         (["tiny_cpu", "model.path=/no/such/model", "--dry-run"], ["does not exist", "model.path"]),
+        (["tiny_cpu", "eval.batch_size=0", "eval.max_new_tokens=0"], ["2 problems", "'eval.batch_size' must be > 0", "eval.max_new_tokens"]),
+        (["tiny_cpu", "export.check_new_tokens=0"], ["'export.check_new_tokens' must be > 0"]),
     ],
 )
 def test_bad_input_gives_one_line(args, needles):
@@ -54,6 +56,27 @@ def test_bad_prompt_file(tmp_path, tiny_path, content, needles):
     out = tmp_path / "run"
     res = cli("tiny_cpu", f"data.prompts={f}", f"out_dir={out}", f"model.path={tiny_path}", "stages=train")
     assert_one_line_error(res, *needles)
+
+
+def test_unreachable_hub_model_gives_one_line(tmp_path):
+    """A hub id that is not in the local cache while offline (HF_HUB_OFFLINE=1 fails at once, as no network does after retries)."""
+    res = cli("tiny_cpu", "model.path=SomeOrg/not-cached-model", f"out_dir={tmp_path / 'r'}", "stages=train", HF_HUB_OFFLINE="1")
+    assert_one_line_error(res, "SomeOrg/not-cached-model", "model.path")
+
+
+def test_out_dir_that_is_a_file_or_a_finished_run(tmp_path, tiny_path):
+    """out_dir naming a file is refused; so is training from step 0 into a folder that holds a run (it would be
+    overwritten): the message says to resume or pick another out_dir, and the run's files are untouched."""
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    assert_one_line_error(cli("tiny_cpu", f"out_dir={f}", f"model.path={tiny_path}"), "is a file", "out_dir")
+    assert f.read_text() == "keep me"
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    res = cli("tiny_cpu", f"out_dir={run}", f"model.path={tiny_path}", "stages=train")
+    assert_one_line_error(res, "already holds a run", "train.resume=true")
+    assert sorted(p.name for p in run.iterdir()) == ["adapter"]
 
 
 def test_missing_prompt_file(tmp_path):

@@ -509,3 +509,70 @@ def test_smollm2_export_and_check(tmp_path):
     result = check_run(tmp_path, cfg)
     assert result["passed"], result["failures"]
     assert result["greedy_equal"] and result["int8_agreement"] >= 0.9
+
+
+def _copy_run(run: Path, dst: Path, *parts: str) -> Path:
+    dst.mkdir()
+    shutil.copy2(run / "config.yaml", dst / "config.yaml")
+    for name in parts:
+        shutil.copytree(run / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("torn", "is damaged"),
+    ("nan", "holds nan/inf"),
+    ("pickle_only", "only safetensors adapters are loaded"),
+    ("config", "is not valid JSON"),
+])  # fmt: skip
+def test_damaged_adapter_is_refused_by_export_with_one_line(run_dir, tmp_path, damage, needle):
+    """Export never merges a torn, non-finite or pickled adapter: exit 2, one line, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy_run(run_dir, tmp_path / "run", "adapter")
+    weights = bad / "adapter" / "adapter_model.safetensors"
+    if damage == "torn":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "nan":
+        tensors = load_file(str(weights))
+        first = sorted(tensors)[0]
+        tensors[first][0, 0] = float("nan")
+        save_file(tensors, str(weights))
+    elif damage == "pickle_only":
+        weights.rename(bad / "adapter" / "adapter_model.bin")
+    else:
+        (bad / "adapter" / "adapter_config.json").write_text("{not json")
+    proc = _run("iqstar_lite.export", str(bad))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in bad.iterdir()) == ["adapter", "config.yaml"]
+
+
+@pytest.mark.parametrize("module", ["iqstar_lite.check", "iqstar_lite.chat"])
+def test_corrupted_onnx_file_exits_2_with_one_line(exported, tmp_path, module):
+    run, _ = exported
+    bad = _copy_run(run, tmp_path / "run", "merged", "onnx")
+    (bad / "onnx" / "model.onnx").write_bytes(b"not an onnx model" * 100)
+    proc = _run(module, str(bad / "onnx"), *(["hello"] if module.endswith("chat") else ["--no-int8"]))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "cannot be loaded by onnxruntime" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_parity_gate_fails_on_nan_logits(exported, tmp_path):
+    """A reference with a nan weight gives nan logits: |diff| is nan, which '> limit' would let through; the gate fails."""
+    from safetensors.torch import load_file, save_file
+
+    from iqstar_lite.check import check_onnx
+
+    run, _ = exported
+    bad = _copy_run(run, tmp_path / "run", "merged")
+    weights = next((bad / "merged").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if "layers.0" in k and k.endswith("weight") and tensors[k].dim() == 2)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    report = check_onnx(run / "onnx", bad / "merged", ExportConfig(check_prompts=2, check_new_tokens=4), PROMPTS)
+    assert report["passed"] is False and report["max_logit_diff"] != report["max_logit_diff"]  # nan
+    assert any("nan" in f for f in report["failures"])
