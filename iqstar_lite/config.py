@@ -18,7 +18,9 @@ import yaml
 
 from iqstar_lite.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The repository's recipes/ (source tree, editable install); an installed wheel carries them as iqstar_lite/recipes/.
+_PACKAGE = Path(__file__).resolve().parent
+RECIPES_DIR = _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 TINY_MODEL = "embedded:tiny-random"
 

@@ -22,7 +22,7 @@ log = logging.getLogger("iqstar_lite")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m iqstar_lite.recipe", description="Inverse-Q* alignment from a recipe.")
+    p = argparse.ArgumentParser(prog="iqstar-lite", description="Inverse-Q* alignment from a recipe.")
     p.add_argument("name", nargs="?", help="recipe name (see --list) or path to a .yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20 loss.type=pg")
     p.add_argument("--list", action="store_true", help="list the shipped recipes")
@@ -199,5 +199,10 @@ def _with_stages(saved: RecipeConfig, given: RecipeConfig) -> RecipeConfig:
     return saved
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``iqstar-lite`` (same arguments as ``python -m iqstar_lite.recipe``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,53 @@
+"""The package as users install it: a wheel built from the repository, installed into a new venv, run outside the
+source tree. Dependencies come from the test's own environment (a .pth at the end of sys.path), so the test needs no
+network; the package itself can only come from the wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp / "dist").glob("iqstar_lite-*.whl"))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # appended after the venv's own site-packages
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    return venv
+
+
+def run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(venv / "bin" / "iqstar-lite"), *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"})
+
+
+def test_installed_wheel_lists_dry_runs_and_trains_outside_the_source_tree(installed, tmp_path):
+    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import iqstar_lite; print(iqstar_lite.__file__)"], capture_output=True,
+                           text=True, cwd=tmp_path, check=True).stdout
+    assert str(installed) in where and str(ROOT) not in where
+    listed = run(installed, tmp_path, "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert set(listed.stdout.split()) == {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
+    dry = run(installed, tmp_path, "laptop_7b", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "estimated peak memory per step" in dry.stdout
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((ROOT / "recipes" / "tiny_cpu.yaml").read_text() + "\n")
+    trained = run(installed, tmp_path, str(mine), "out_dir=run", "stages=train", "train.steps=1", "eval.enabled=false")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
