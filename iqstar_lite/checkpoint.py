@@ -60,15 +60,27 @@ def set_rng_state(state: dict) -> None:
                         len(cuda), torch.cuda.device_count())
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accelerator=None) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically, keep the last ``KEEP_LAST``. Data-parallel (``accelerator`` with
+    several processes): every process's RNG state is gathered, the main process writes, all wait for it."""
     assert_finite_adapter(model)
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{step:06d}"
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp / "adapter")
-        save_state(tmp, {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
-    for old in checkpoints(run_dir)[KEEP_LAST:]:
-        shutil.rmtree(old, ignore_errors=True)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rngs = [rng_state()]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object(rngs)  # between the run's own processes (torch.distributed), never from a file
+    if accelerator is None or accelerator.is_main_process:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp / "adapter")
+            save_state(tmp, {"step": step, "world_size": world, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": rngs[0], "rng_ranks": rngs})
+        for old in checkpoints(run_dir)[KEEP_LAST:]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        accelerator.wait_for_everyone()
     return target
 
 
@@ -84,7 +96,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1) -> int:
     """Restore adapter weights, optimizer, scheduler and RNG; returns the step to continue after.
 
     Raises StateFormatError (a ValueError) when the folder is not a complete checkpoint of this format; the model,
@@ -105,9 +117,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
         raise StateFormatError("adapter holds nan/inf")
     try:
         step = int(state["step"])
-        opt, sched, rng = state["optimizer"], state["scheduler"], state["rng"]
-    except (KeyError, TypeError, ValueError) as e:
+        opt, sched = state["optimizer"], state["scheduler"]
+        saved_world = int(state.get("world_size", 1))
+        rng = state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         raise StateFormatError(f"incomplete trainer state ({e})") from None
+    if saved_world != world:
+        raise UserError(f"checkpoint {path} was written by {saved_world} processes and this run has {world}; resume with "
+                        f"the same number of processes (torchrun --nproc_per_node {saved_world} ...)")
     saved = {k: v.clone() for k, v in ((n, p) for n, p in model.named_parameters() if p.requires_grad)}
     try:
         set_peft_model_state_dict(model, weights)
@@ -123,7 +140,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     return step
 
 
-def resume_latest(run_dir: Path, model, optimizer, scheduler) -> tuple[Path | None, int]:
+def resume_latest(run_dir: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1) -> tuple[Path | None, int]:
     """Load the newest checkpoint that loads (warning about each one skipped); (None, 0) when there is none.
 
     Raises UserError when checkpoints exist and none of them loads: starting over would overwrite the run.
@@ -132,7 +149,7 @@ def resume_latest(run_dir: Path, model, optimizer, scheduler) -> tuple[Path | No
     reasons = []
     for path in found:
         try:
-            return path, load_checkpoint(path, model, optimizer, scheduler)
+            return path, load_checkpoint(path, model, optimizer, scheduler, rank, world)
         except StateFormatError as e:
             log.warning("checkpoint %s skipped: %s", path, e)
             reasons.append(f"{path.name}: {e}")

@@ -156,6 +156,9 @@ class TrainConfig:
     stop the run with an error (the adapter stays at the last finite step)."""
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
+    world_size: int = 1
+    """Processes of a data-parallel run: recorded from the launcher (torchrun / accelerate launch), not set by hand;
+    resume needs the same number."""
     return_freed_memory: Literal["auto", "always", "never"] = "auto"
     """CPU: during the update, glibc returns every freed block >= 1 MiB to the OS at once (``heap.freed_blocks_returned``):
     less RSS for more page faults. ``auto``: where ``model.gradient_checkpointing`` is on, i.e. where memory was already

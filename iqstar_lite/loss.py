@@ -12,6 +12,8 @@ All three have the fixed point pi_theta = pi* on visited states (Xia et al. 2024
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -25,10 +27,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _clean(x, mask).sum() / m.sum().clamp(min=1.0)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over unmasked entries; masked entries become 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over unmasked entries; masked entries become 0.
+
+    ``all_sum``: sums a tensor over the processes of a data-parallel run, so mean and std are those of the global
+    batch (each process holds a slice of it); None for one process."""
+    if all_sum is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        xm = torch.where(mask > 0, x, torch.zeros_like(x))
+        n = all_sum(mask.sum().reshape(1)).clamp(min=1.0)
+        mean = all_sum(xm.sum().reshape(1)) / n
+        var = all_sum(torch.where(mask > 0, (x - mean) ** 2, torch.zeros_like(x)).sum().reshape(1)) / n
     return _clean((x - mean) * torch.rsqrt(var + eps), mask)
 
 

@@ -19,6 +19,7 @@ import copy
 import gc
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -53,8 +54,13 @@ def pick_device(cfg: ModelConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device=cuda but no CUDA GPU is visible; use model.device=auto or cpu")
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+        cuda = torch.cuda.is_available()
+    else:
+        cuda = cfg.device == "cuda"
+        if not cuda:
+            return torch.device(cfg.device)
+    # one GPU per process under torchrun / accelerate launch (LOCAL_RANK), as accelerate places it
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
 
 
 def _cpu_has_bf16() -> bool:

@@ -62,7 +62,19 @@ def print_eval_table(rows: dict[str, dict]) -> None:
         print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>19}" for k in keys))
 
 
-def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
+def processes(device):
+    """accelerate's view of the launch: one process, or the N that torchrun / accelerate launch started (joined over gloo
+    on CPU, NCCL on GPUs)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    # the other processes wait while the main one evaluates (minutes on a 7B): far beyond the default 30-minute timeout
+    return PartialState(cpu=device.type == "cpu", timeout=timedelta(hours=12))
+
+
+def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
+    """Evaluate, train, evaluate (the main process; the others train). Returns whether this is the main process."""
     import torch
 
     from iqstar_lite.data import Formatter, load_prompts
@@ -75,6 +87,14 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
         torch.set_num_threads(cfg.train.threads)
     prompts = load_prompts(cfg.data)
     device = pick_device(cfg.model)
+    state = processes(device)
+    main = state.is_main_process
+    cfg.train.world_size = state.num_processes
+    if cfg.rollout.prompts_per_step % state.num_processes:
+        raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over {state.num_processes} processes; "
+                        f"make it a multiple of {state.num_processes}")
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.path)
     model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
@@ -88,6 +108,10 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
     judge = pick_judge(cfg.eval.judge, cfg.data.principle)
     heldout = heldout_for_eval(prompts.heldout, cfg.eval.max_prompts)
     target = None
+    if not main:  # evaluation and every file of the run: the main process; the others train their slice of each step
+        state.wait_for_everyone()
+        train(cfg, run_dir, model, tokenizer, train_set, device)
+        return False
     if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
         # pi-hat*'s greedy answers first: the contrastive row, and the trajectories of the KL(pi-hat* || pi_theta) measure
         cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
@@ -97,6 +121,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
         (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
     elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
         target = [r["response_ids"] for r in json.loads((run_dir / "eval_contrastive.json").read_text())["records"]]
+    state.wait_for_everyone()
     t0 = time.time()
     last = train(cfg, run_dir, model, tokenizer, train_set, device)
     log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
@@ -106,6 +131,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> None:
         evals = {label: json.loads((run_dir / fname).read_text()) for label, fname in EVAL_ROWS if (run_dir / fname).exists()}
         print_eval_table({label: e["summary"] for label, e in evals.items()})
         print_examples(evals, cfg.eval.show_examples)
+    return True
 
 
 EVAL_ROWS = (("before (untrained, no principle)", "eval_before.json"),
@@ -136,8 +162,8 @@ def run(cfg: RecipeConfig, run_dir: Path) -> int:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     prepare_run_dir(run_dir, "train" in stages and not cfg.train.resume)
     if "train" in stages:
-        save_config(cfg, run_dir / "config.yaml")
-        stage_train(cfg, run_dir)
+        if not stage_train(cfg, run_dir):
+            return 0  # a data-parallel run's other processes: the main one evaluates, exports and checks
     elif not (run_dir / "adapter").is_dir():
         raise UserError(f"{str(run_dir)!r} has no adapter/; run the train stage first (stages=train,...) or point out_dir at a trained run")
     code = 0
@@ -180,10 +206,13 @@ def main() -> int:
     if args.dry_run:
         dry_run(cfg)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.out_dir:
+        raise UserError("a multi-process run needs out_dir=RUN_DIR (every process must write to the same run directory)")
     run_dir = Path(cfg.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if "train" not in cfg.stages.split(",") and not cfg.out_dir:
         raise UserError("export/check alone need an existing run: pass out_dir=RUN_DIR")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iqstar_lite.atomic import atomic_file
-from iqstar_lite.checkpoint import resume_latest, save_adapter_atomic, save_checkpoint
+from iqstar_lite.checkpoint import checkpoints, resume_latest, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
 from iqstar_lite.errors import Stopped, UserError
@@ -124,12 +124,20 @@ class Guided:
 
 
 def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params, optimizer, scheduler, accelerator,
-           logp_sampled: torch.Tensor | None = None, guided: Guided | None = None) -> dict:
+           logp_sampled: torch.Tensor | None = None, guided: Guided | None = None, forward_model=None) -> dict:
     """``loss.epochs`` optimizer steps over one rollout batch, micro-batched with token-weighted accumulation.
 
     ``logp_sampled``: [N, T] log pi of the policy at the sampled tokens, recorded by the rollout (needed by
     ``loss.kl_in_advantage``). ``guided``: pi-hat*'s own samples, trained with ``distill`` beside the on-policy rows
-    (``loss.type``); every token of both groups weighs the same."""
+    (``loss.type``); every token of both groups weighs the same.
+
+    Data-parallel (``accelerator.num_processes`` > 1): each process holds a slice of the step's batch and
+    ``forward_model`` is the DDP-wrapped model, whose backward averages the LoRA gradients over processes (once per
+    optimizer step: the other micro-batches run under ``no_sync``). Token weights use the global token count, so the
+    update equals the one-process update of the whole batch (``tests/test_distributed.py``)."""
+    fwd = model if forward_model is None else forward_model
+    world = accelerator.num_processes
+    all_sum = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
     lc, chunk = cfg.loss, cfg.train.logprob_chunk
     if lc.type != "distill" and not torch.isfinite(est["rewards"][mask > 0]).all():  # would turn every gradient into nan
         raise RuntimeError("non-finite token rewards (pi* = 0 for a sampled token?); the pg / imitation losses need estimator.top_p=1.0")
@@ -138,12 +146,19 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
         if logp_sampled is None:
             raise ValueError("loss.kl_in_advantage needs the rollout's log-probs (logp_sampled)")
         adv, kl_coef = kl_shaped_advantages(adv, logp_sampled, est["logp_ref"], lc.beta), 0.0
-    if lc.type == "pg" and lc.whiten:  # pg only; batch-wide
-        adv = whiten(adv, mask)
+    if lc.type == "pg" and lc.whiten:  # pg only; batch-wide (global batch across processes)
+        adv = whiten(adv, mask, all_sum=all_sum)
     groups = [(lc.type, plain_ids, resp, mask, est)]
     if guided is not None and guided.response_ids.shape[0]:
         groups.append(("distill", guided.plain_ids, guided.response_ids, guided.response_mask, guided.est))
-    total_tokens = sum(g[3].sum() for g in groups).clamp(min=1.0)
+    total_tokens = sum(g[3].sum() for g in groups).reshape(1)
+    if all_sum is not None:  # DDP averages gradients over processes: weigh by the global count, times the world size
+        total_tokens = all_sum(total_tokens.float()) / world
+    total_tokens = total_tokens.clamp(min=1.0)
+    g_totals = [g[3].sum().reshape(1).float() for g in groups]
+    if all_sum is not None:
+        g_totals = [all_sum(t) / world for t in g_totals]
+    micro = [(gi, s) for gi, g in enumerate(groups) for s in range(0, g[2].shape[0], cfg.train.micro_batch)]
     logp_old: dict[tuple[int, int], torch.Tensor] = {}
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "nonfinite_skipped": 0}
     if len(groups) > 1:
@@ -152,15 +167,16 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
     assert_trainable_layout(model)
     for epoch in range(lc.epochs):
         finite = True
-        for gi, (kind, g_ids, g_resp, g_mask, g_est) in enumerate(groups):
+        for k, (gi, s) in enumerate(micro):
+            kind, g_ids, g_resp, g_mask, g_est = groups[gi]
             n, T = g_resp.shape
-            g_tokens = g_mask.sum().clamp(min=1.0)
-            for s in range(0, n, cfg.train.micro_batch):
-                sl = slice(s, min(n, s + cfg.train.micro_batch))
+            g_tokens = g_totals[gi].clamp(min=1.0)
+            sl = slice(s, min(n, s + cfg.train.micro_batch))
+            with accelerator.no_sync(fwd) if k + 1 < len(micro) else nullcontext():  # one gradient all-reduce per optimizer step
                 m, r = g_mask[sl], g_resp[sl]
                 # packed, not rollout.shared_context_logits: sharing the K samples' prefill measured 1.08-1.12x slower here
                 # (SmolLM2, micro-batch 4 on CPU: two smaller GEMMs and two dequantizations per layer cost more than the saved rows)
-                logits = response_logits(model, pack(g_ids[sl], r, pad_id), T)
+                logits = response_logits(fwd, pack(g_ids[sl], r, pad_id), T)
                 logp = token_logprobs(logits, r, chunk)
                 if epoch == 0:
                     logp_old[gi, s] = logp.detach()
@@ -201,24 +217,31 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_name = make_optimizer(params, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    log.info("optimizer: %s on %d LoRA tensors (%.2fM params)", opt_name, len(params), sum(p.numel() for p in params) / 1e6)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
+    scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
+    # data-parallel: DDP over the LoRA parameters (gloo on CPU, NCCL on GPUs); one process: the model as it is
+    forward_model = accelerator.prepare_model(model) if world > 1 else model
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    log.info("optimizer: %s on %d LoRA tensors (%.2fM params)%s", opt_name, len(params), sum(p.numel() for p in params) / 1e6,
+             f"; data-parallel over {world} processes" if world > 1 else "")
+    torch.manual_seed(cfg.train.seed + rank)  # sampling differs per process; the LoRA init (load_policy) does not
+    random.seed(cfg.train.seed + rank)
 
     metrics_path = run_dir / "metrics.jsonl"
-    start = 0
-    ckpt, start = resume_latest(run_dir, model, optimizer, scheduler) if cfg.train.resume else (None, 0)
-    if ckpt is not None:
-        log.info("resumed from %s (step %d)", ckpt, start)
-        keep_metrics_until(metrics_path, start)
-    else:
-        if cfg.train.resume:
-            log.warning("train.resume=true but no checkpoint in %s loads: training from step 0", run_dir / "checkpoints")
-        metrics_path.unlink(missing_ok=True)
+    if main:
+        checkpoints(run_dir)  # one process completes or removes what an interrupted save left
+    accelerator.wait_for_everyone()
+    ckpt, start = resume_latest(run_dir, model, optimizer, scheduler, rank, world) if cfg.train.resume else (None, 0)
+    if main:
+        if ckpt is not None:
+            log.info("resumed from %s (step %d)", ckpt, start)
+            keep_metrics_until(metrics_path, start)
+        else:
+            if cfg.train.resume:
+                log.warning("train.resume=true but no checkpoint in %s: training from step 0", run_dir / "checkpoints")
+            metrics_path.unlink(missing_ok=True)
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
@@ -229,11 +252,12 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     last: dict = {}
     nonfinite_run = 0
     saved_at = time.time()
-    bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps)
+    bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps,
+               disable=not main)
     with stop_requests() as stop:
         for step in bar:
             t0 = time.time()
-            batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)
+            batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)[rank::world]  # this process's slice
             plain, cond = [fmt.plain(e) for e in batch], [fmt.conditioned(e) for e in batch]
             roll, g_roll = rollout_step(model, tokenizer, plain, cond, cfg)
             rows = roll.prompt_index.tolist()
@@ -259,7 +283,7 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
             t2 = time.time()
             with update_heap():
                 sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator,
-                              logp_sampled=roll.logprobs, guided=guided)
+                              logp_sampled=roll.logprobs, guided=guided, forward_model=forward_model)
             settle()
             t3 = time.time()
             n_tok = float(roll.response_mask.sum())
@@ -280,8 +304,11 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
                 "t_update": round(t3 - t2, 3),
                 "peak_mem_gib": round(peak_memory_gib(device), 3),
             }
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
+            last, requested = across_processes(accelerator, last, stop.requested or 0)
+            last["world_size"] = world
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3g}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
             nonfinite_run = nonfinite_run + 1 if last["nonfinite_skipped"] == cfg.loss.epochs else 0
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
@@ -289,21 +316,44 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
                 raise UserError(f"training diverged: {nonfinite_run} steps in a row had nan/inf losses or gradients (skipped, adapter "
                                 f"kept at the last finite step, nothing saved); lower train.lr or train.max_grad_norm and start again")
             every, minutes = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes
-            stopping = stop.requested is not None
-            if ((every and (step + 1) % every == 0) or step + 1 == cfg.train.steps or stopping
-                    or (minutes and time.time() - saved_at >= 60 * minutes)):
-                save_checkpoint(run_dir, step + 1, model, optimizer, scheduler)
+            stopping = requested > 0  # any process asked: all stop after the same step
+            due = minutes and time.time() - saved_at >= 60 * minutes
+            if world > 1:  # the same decision on every process (clocks differ)
+                due = bool(accelerator.reduce(torch.tensor([float(bool(due))], device=accelerator.device), "sum").item())
+            if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps or stopping or due:
+                save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, accelerator)
                 saved_at = time.time()
             if stopping:
                 bar.close()
-                raise Stopped(stop.requested, f"stopped by {signal.Signals(stop.requested).name} after step {step + 1} of {cfg.train.steps}; "
+                raise Stopped(requested, f"stopped by {signal.Signals(requested).name} after step {step + 1} of {cfg.train.steps}; "
                               f"checkpoint saved in {run_dir / 'checkpoints'}; continue with the same command plus "
                               f"out_dir={run_dir} train.resume=true")
             if on_step is not None and on_step(last):
                 break
     bar.close()
-    save_adapter_atomic(model, run_dir / "adapter")
+    if main:
+        save_adapter_atomic(model, run_dir / "adapter")
+    accelerator.wait_for_everyone()
     return last
+
+
+MAX_KEYS = ("seconds", "t_rollout", "t_estimator", "t_update", "peak_mem_gib")  # the slowest / largest process
+SUM_KEYS = ("tokens_per_s",)
+
+
+def across_processes(accelerator, row: dict, stop: int) -> tuple[dict, int]:
+    """One step's metrics over all processes (means; sums for throughput; max for times and memory), and the stop
+    signal any process received (0 for none). One process: as they are."""
+    if accelerator.num_processes == 1:
+        return row, stop
+    keys = [k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
+    local = torch.tensor([[float(row[k]) for k in keys] + [float(stop)]], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(local)  # [world, keys + 1]
+    out = dict(row)
+    for i, k in enumerate(keys):
+        col = every[:, i]
+        out[k] = round(float(col.max() if k in MAX_KEYS else col.sum() if k in SUM_KEYS else col.mean()), 6)
+    return out, int(every[:, -1].max())
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
