@@ -29,6 +29,7 @@ from pathlib import Path
 from common import base_parser, parse_args, quiet_libraries, ratio, run_child, set_threads, stats, training_prompts, warn_if_busy, write_result
 
 IQ_PEERS = ("iq-distill", "iq-pg", "iq-imitation")
+TRL_PEERS = ("trl-grpo", "trl-sdft")
 MAX_STEPS = 2000  # the budget stops every run long before this
 
 
@@ -52,10 +53,10 @@ def heldout(cfg, n: int):
 
 def judge_eval(model, tok, fmt, examples, judge, s: dict, alpha: float | None = None) -> dict:
     """Greedy answers without the principle (alpha given: principle-contrastive decoding of the reference), judged."""
-    from iqstar_lite.evaluate import contrastive_generate, repetition
+    from iqstar_lite.evaluate import contrastive_generate, loops, repetition
     from iqstar_lite.rollout import eos_token_ids, response_mask, sample
 
-    t0, texts = time.perf_counter(), []
+    t0, texts, lengths = time.perf_counter(), [], []
     for i in range(0, len(examples), s["eval_batch"]):
         chunk = examples[i : i + s["eval_batch"]]
         plain = [fmt.plain(e) for e in chunk]
@@ -65,6 +66,7 @@ def judge_eval(model, tok, fmt, examples, judge, s: dict, alpha: float | None = 
             resp = contrastive_generate(model, tok, [fmt.conditioned(e) for e in chunk], plain, alpha, s["eval_tokens"])
         mask = response_mask(resp, eos_token_ids(model, tok))
         texts += [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, mask)]
+        lengths += mask.sum(1).tolist()
     scores = [judge(t) for t in texts]
 
     def rate(kind=None):
@@ -72,7 +74,8 @@ def judge_eval(model, tok, fmt, examples, judge, s: dict, alpha: float | None = 
         return round(statistics.mean(xs), 4) if xs else None
 
     return {"judge_rate": rate(), "judge_rate_harmful": rate("harmful"), "judge_rate_benign": rate("benign"),
-            "repetition": round(statistics.mean(repetition(t) for t in texts), 4), "eval_s": round(time.perf_counter() - t0, 2)}
+            "repetition": round(statistics.mean(repetition(t) for t in texts), 4), "loop_rate": round(statistics.mean(map(loops, texts)), 4),
+            "mean_tokens": round(statistics.mean(lengths), 2), "eval_s": round(time.perf_counter() - t0, 2)}
 
 
 class Clock:
@@ -114,15 +117,15 @@ def child_iq(s: dict, loss: str) -> dict:
     return {"curve": clock.curve, "samples_per_step": clock.per_step}
 
 
-def child_trl(s: dict) -> dict:
-    from datasets import Dataset
+def _trl_setup(s: dict) -> dict:
+    """What both TRL peers share: recipe, tokenizer, judge, held-out prompts, the iq prompt sequence, batch shape, LoRA
+    config, the common trainer arguments and a clock callback."""
     from peft import LoraConfig
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import TrainerCallback
 
     from iqstar_lite.data import Formatter
     from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import load_base, load_tokenizer, pick_device
+    from iqstar_lite.model import load_tokenizer, pick_device
     from iqstar_lite.train import prompt_batch
 
     cfg = recipe(s)
@@ -133,45 +136,84 @@ def child_trl(s: dict) -> dict:
     mb = min(cfg.train.micro_batch, n)
     prompts = training_prompts(cfg, tok)
     order = [e for step in range(MAX_STEPS) for e in prompt_batch(prompts, step, s["trl_prompts"], cfg.train.seed)]  # = iq's sequence
+    lora = cfg.lora
+    targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
+    args = dict(
+        output_dir=s["tmp"], per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=k,
+        max_completion_length=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+        learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=MAX_STEPS, lr_scheduler_type="constant",
+        optim=s["trl_optim"], use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
+        shuffle_dataset=False, disable_tqdm=True, seed=cfg.train.seed, dataloader_num_workers=0,
+    )
 
+    def timed(clock):
+        class Timed(TrainerCallback):
+            def on_train_begin(self, *a, **kw):
+                clock.point()
+
+            def on_step_begin(self, *a, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                control.should_training_stop = clock.tick(time.perf_counter() - self.t0)
+
+        return Timed()
+
+    return {"cfg": cfg, "device": device, "tok": tok, "fmt": fmt, "judge": judge, "examples": examples, "n": n, "order": order,
+            "peft": LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"),
+            "args": args, "timed": timed}
+
+
+def _train_timed(trainer, c: dict, s: dict) -> dict:
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    clock = Clock(s, lambda: judge_eval(trainer.model, c["tok"], c["fmt"], c["examples"], c["judge"], s), c["n"])
+    trainer.add_callback(c["timed"](clock))
+    trainer.train()
+    return {"curve": clock.curve, "samples_per_step": c["n"]}
+
+
+def child_trl(s: dict) -> dict:
+    """TRL GRPO rewarded by the judge (``--trl-reward judge``) or its dense form (``logprob``: log P(target language))."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from iqstar_lite.model import load_base
+
+    c = _trl_setup(s)
+    cfg, judge = c["cfg"], c["judge"]
     score = judge
-    if s.get("trl_reward", "judge") == "logprob":  # the judge's own classifier, dense: log P(target language), not 0/1
+    if s.get("trl_reward", "logprob") == "logprob":  # the judge's own classifier, dense: log P(target language), not 0/1
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
         ident, lang = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True), judge.__name__.split("=")[-1]
         score = lambda t: math.log(dict(ident.rank(t.strip())).get(lang, 0.0) + 1e-6)  # noqa: E731
 
     def judge_reward(completions, **_):
-        return [score(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
+        return [score(cc[-1]["content"] if isinstance(cc, list) else cc) for cc in completions]
 
-    args = GRPOConfig(
-        output_dir=s["tmp"], per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=k,
-        max_completion_length=rc.max_new_tokens, max_prompt_length=cfg.data.max_prompt_tokens, temperature=rc.temperature, top_p=rc.top_p,
-        beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps, learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=MAX_STEPS,
-        lr_scheduler_type="constant", optim=s["trl_optim"], use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
-        logging_steps=1, save_strategy="no", shuffle_dataset=False, disable_tqdm=True, seed=cfg.train.seed, dataloader_num_workers=0,
-    )
-    lora = cfg.lora
-    targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=load_base(cfg.model, device), reward_funcs=judge_reward, args=args, processing_class=tok, peft_config=peft_cfg,
-                          train_dataset=Dataset.from_list([{"prompt": e.messages} for e in order]))
-    trainer.remove_callback(PrinterCallback)
-    clock = Clock(s, lambda: judge_eval(trainer.model, tok, fmt, examples, judge, s), n)
+    args = GRPOConfig(**c["args"], beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps)
+    trainer = GRPOTrainer(model=load_base(cfg.model, c["device"]), reward_funcs=judge_reward, args=args, processing_class=c["tok"],
+                          peft_config=c["peft"], train_dataset=Dataset.from_list([{"prompt": e.messages} for e in c["order"]]))
+    return _train_timed(trainer, c, s)
 
-    class Timed(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            clock.point()
 
-        def on_step_begin(self, *a, **kw):
-            self.t0 = time.perf_counter()
+def child_sdft(s: dict) -> dict:
+    """TRL's on-policy self-distillation (``trl.experimental.sdft``): the teacher is the initial model (adapters off)
+    given the principle as ``privileged_context``; full-logit distillation on the student's own samples."""
+    from datasets import Dataset
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-        def on_step_end(self, args, state, control, **kw):
-            control.should_training_stop = clock.tick(time.perf_counter() - self.t0)
+    from iqstar_lite.model import load_base
 
-    trainer.add_callback(Timed())
-    trainer.train()
-    return {"curve": clock.curve, "samples_per_step": n}
+    c = _trl_setup(s)
+    cfg = c["cfg"]
+    args = SDFTConfig(**c["args"], max_prompt_length=cfg.data.max_prompt_tokens, teacher_model_kind="base", distillation_mode="full_logits")
+    data = [{"prompt": e.messages, "privileged_context": cfg.data.principle} for e in c["order"]]
+    trainer = SDFTTrainer(model=load_base(cfg.model, c["device"]), args=args, processing_class=c["tok"], peft_config=c["peft"],
+                          train_dataset=Dataset.from_list(data))
+    return _train_timed(trainer, c, s)
 
 
 def child_contrastive(s: dict) -> dict:
@@ -196,6 +238,8 @@ def child_main(peer: str, settings: str, out: str) -> None:
             data = child_contrastive(s)
         elif peer == "trl-grpo":
             data = child_trl({**s, "tmp": tmp})
+        elif peer == "trl-sdft":
+            data = child_sdft({**s, "tmp": tmp})
         else:
             data = child_iq(s, peer.removeprefix("iq-"))
     Path(out).write_text(json.dumps(data))
@@ -268,7 +312,7 @@ def notes(args) -> list[str]:
 def main() -> None:
     p = base_parser("Judge rate vs training seconds: Inverse-Q* (3 losses) vs TRL GRPO rewarded by the judge.")
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--peers", default=",".join([*IQ_PEERS, "trl-grpo"]))
+    p.add_argument("--peers", default=",".join([*IQ_PEERS, *TRL_PEERS]))
     p.add_argument("--runs", type=int, default=3, help="subprocess runs per peer")
     p.add_argument("--budget-s", type=float, default=400, help="training-clock seconds per run (400: the demo's 32 steps on a slow day)")
     p.add_argument("--eval-every-s", type=float, default=100, help="evaluate every this many training-clock seconds")
@@ -279,15 +323,15 @@ def main() -> None:
     p.add_argument("--trl-prompts", type=int, default=4)
     p.add_argument("--trl-samples", type=int, default=4, help="GRPO num_generations")
     p.add_argument("--trl-optim", default="adamw_bnb_8bit", help="TRL optim= (iqstar_lite uses bitsandbytes AdamW8bit)")
-    p.add_argument("--trl-reward", choices=("judge", "logprob"), default="judge",
+    p.add_argument("--trl-reward", choices=("judge", "logprob"), default="logprob",
                    help="judge: the 0/1 judge itself; logprob: log P(target language) from the judge's classifier (a dense reward)")
     p.add_argument("--add-to", type=Path, default=None,
                    help="an earlier convergence result: reuse its runs of the peers not in --peers and its contrastive runs (same settings)")
     args = parse_args(p, {"model": "embedded:tiny-random", "runs": 1, "budget_s": 4, "eval_every_s": 2, "tokens": 8, "eval_prompts": 8,
                           "eval_tokens": 8, "eval_batch": 8})
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
-    if unknown := [x for x in peers if x not in (*IQ_PEERS, "trl-grpo")]:
-        p.error(f"unknown peers {unknown}; choose from {', '.join([*IQ_PEERS, 'trl-grpo'])}")
+    if unknown := [x for x in peers if x not in (*IQ_PEERS, *TRL_PEERS)]:
+        p.error(f"unknown peers {unknown}; choose from {', '.join([*IQ_PEERS, *TRL_PEERS])}")
     settings = {k: getattr(args, k) for k in ("model", "runs", "budget_s", "eval_every_s", "tokens", "eval_prompts", "eval_tokens", "eval_batch",
                                               "trl_prompts", "trl_samples", "trl_optim", "trl_reward", "threads", "quick")}
     settings["peers"] = peers

@@ -156,7 +156,7 @@ def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
     mb = min(cfg.train.micro_batch, n)
     args = GRPOConfig(
         output_dir=str(tmp), per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=rc.samples_per_prompt,
-        max_completion_length=rc.max_new_tokens, max_prompt_length=cfg.data.max_prompt_tokens, temperature=rc.temperature, top_p=rc.top_p,
+        max_completion_length=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,  # trl 1.16: no max_prompt_length
         beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps, learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=steps,
         lr_scheduler_type="constant", optim=s["trl_optim"], use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
         logging_steps=1, save_strategy="no", shuffle_dataset=False, disable_tqdm=True, seed=cfg.train.seed, dataloader_num_workers=0,
