@@ -81,14 +81,13 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
-_TEMP = re.compile(r"^\.(?P<name>.+)-[a-z0-9_]{8}$")  # tempfile.mkdtemp(prefix=".NAME-")
-_OLD = re.compile(r"^\.(?P<name>.+)\.old$")
-
-
-def recover_dirs(parent: Path) -> list[str]:
-    """Finish what an interrupted ``atomic_dir`` left in ``parent``: a ``.NAME.old`` whose NAME is missing (killed
-    between the two renames) becomes NAME again; other ``.NAME.old`` and temporaries ``.NAME-XXXXXXXX`` are removed.
+def recover_dirs(parent: Path, names: str) -> list[str]:
+    """Finish what an interrupted ``atomic_dir`` left in ``parent`` for targets whose name matches the regex ``names``
+    (only those: other hidden folders are never touched): a ``.NAME.old`` whose NAME is missing (killed between the two
+    renames) becomes NAME again; other ``.NAME.old`` and temporaries ``.NAME-XXXXXXXX`` are removed.
     Returns what it did, one entry per folder."""
+    temp = re.compile(rf"^\.(?P<name>{names})-[a-z0-9_]{{8}}$")  # tempfile.mkdtemp(prefix=".NAME-")
+    old_re = re.compile(rf"^\.(?P<name>{names})\.old$")
     parent = Path(parent)
     done: list[str] = []
     if not parent.is_dir():
@@ -96,7 +95,7 @@ def recover_dirs(parent: Path) -> list[str]:
     for p in sorted(parent.iterdir()):
         if not p.is_dir():
             continue
-        if m := _OLD.match(p.name):
+        if m := old_re.match(p.name):
             target = parent / m["name"]
             if target.exists():
                 shutil.rmtree(p, ignore_errors=True)
@@ -104,7 +103,7 @@ def recover_dirs(parent: Path) -> list[str]:
             else:
                 os.replace(p, target)
                 done.append(f"restored {target.name}")
-        elif _TEMP.match(p.name):
+        elif temp.match(p.name):
             shutil.rmtree(p, ignore_errors=True)
             done.append(f"removed {p.name}")
     return done

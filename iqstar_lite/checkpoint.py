@@ -87,7 +87,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accel
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, newest first (an interrupted save's temporary is recovered or removed first)."""
     root = Path(run_dir) / "checkpoints"
-    recover_dirs(root)
+    recover_dirs(root, r"step-\d{6,}")
     return sorted((p for p in root.glob(STEP_GLOB) if p.is_dir()), reverse=True)
 
 
@@ -119,24 +119,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, worl
         step = int(state["step"])
         opt, sched = state["optimizer"], state["scheduler"]
         saved_world = int(state.get("world_size", 1))
-        rng = state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"]
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise StateFormatError(f"incomplete trainer state ({e})") from None
     if saved_world != world:
         raise UserError(f"checkpoint {path} was written by {saved_world} processes and this run has {world}; resume with "
                         f"the same number of processes (torchrun --nproc_per_node {saved_world} ...)")
+    try:
+        rng = state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"]
+        if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and len(rng.get("python", ())) == 3):
+            raise ValueError("malformed RNG state")
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise StateFormatError(f"incomplete trainer state ({e})") from None
     saved = {k: v.clone() for k, v in ((n, p) for n, p in model.named_parameters() if p.requires_grad)}
+    saved_opt, saved_sched = optimizer.state_dict(), scheduler.state_dict()
     try:
         set_peft_model_state_dict(model, weights)
         optimizer.load_state_dict(opt)
         scheduler.load_state_dict(sched)
+        set_rng_state(rng)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        with torch.no_grad():  # leave the model as it was
+        with torch.no_grad():  # leave model, optimizer and scheduler as they were
             for n, p in model.named_parameters():
                 if n in saved:
                     p.copy_(saved[n])
+        optimizer.load_state_dict(saved_opt)
+        scheduler.load_state_dict(saved_sched)
         raise StateFormatError(f"does not fit this run's model / optimizer ({type(e).__name__}: {e})") from None
-    set_rng_state(rng)
     return step
 
 

@@ -88,12 +88,12 @@ def nucleus_mask(z: torch.Tensor, top_p: float, candidates: int = 256) -> torch.
     if top_p >= 1.0:
         return torch.ones_like(z, dtype=torch.bool)
     probs = torch.softmax(z.float(), dim=-1)
-    if candidates < probs.shape[-1]:
-        sorted_p, order = probs.topk(candidates, dim=-1)  # sorted, descending
-        if not bool((sorted_p.sum(-1) >= top_p).all()):
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-    else:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+    if candidates + 1 < probs.shape[-1]:
+        sorted_p, order = probs.topk(candidates + 1, dim=-1)  # sorted, descending
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the same prefix sums as the full sort's
+        if not bool(keep_sorted[..., -1].any()):  # the (candidates+1)-th token is out in every row: so is every later one
+            return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_p.cumsum(-1) - sorted_p
     keep_sorted = mass_before < top_p
     return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)

@@ -29,7 +29,7 @@ import torch
 
 from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.errors import UserError
-from iqstar_lite.atomic import atomic_dir
+from iqstar_lite.atomic import atomic_dir, recover_dirs
 from iqstar_lite.embedded import resolve_model_path
 from iqstar_lite.model import compute_dtype, dequantize_4bit_, linear4bit_layers, load_base, pick_device
 from iqstar_lite.ort_generate import render_chat
@@ -58,6 +58,7 @@ def adapter_dir(run_dir: Path) -> Path:
     """RUN_DIR/adapter, checked before any model is loaded: config readable, weights as safetensors (an
     adapter_model.bin is a pickle and is never loaded), every weight finite."""
     path = Path(run_dir) / "adapter"
+    recover_dirs(Path(run_dir), "adapter")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{str(run_dir)!r} has no trained adapter (adapter/adapter_config.json); run the train stage first")
     check_adapter(path)

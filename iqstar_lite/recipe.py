@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from iqstar_lite.atomic import recover_dirs
 from iqstar_lite.config import RecipeConfig, list_recipes, load_recipe, load_run_config, save_config
 from iqstar_lite.errors import UserError, run_cli
 
@@ -78,6 +79,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     import torch
 
     from iqstar_lite.data import Formatter, load_prompts
+    from iqstar_lite.embedded import resolve_model_path
     from iqstar_lite.evaluate import evaluate
     from iqstar_lite.judges import pick_judge
     from iqstar_lite.model import load_policy, load_tokenizer, pick_device
@@ -89,6 +91,8 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     device = pick_device(cfg.model)
     state = processes(device)
     main = state.is_main_process
+    with state.main_process_first():  # the embedded model is converted into the cache once, not by every process at once
+        resolve_model_path(cfg.model.path)
     cfg.train.world_size = state.num_processes
     if cfg.rollout.prompts_per_step % state.num_processes:
         raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over {state.num_processes} processes; "
@@ -185,6 +189,8 @@ def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
     holds a trained run, which a new run would overwrite."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out_dir {str(run_dir)!r} is a file, not a folder; choose another out_dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # killed while re-saving adapter/: the complete version back, the temporary gone
+        recover_dirs(run_dir, "adapter")
     if fresh and ((run_dir / "adapter").is_dir() or any((run_dir / "checkpoints").glob("step-*"))):
         raise UserError(f"out_dir {str(run_dir)!r} already holds a run (adapter/ or checkpoints/); continue it with train.resume=true, "
                         f"or choose another out_dir")

@@ -25,6 +25,8 @@ class StateFormatError(ValueError):
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, torch.Tensor):
+        if path in tensors:
+            raise ValueError(f"two tensors would be stored under {path!r}")
         tensors[path] = obj.detach().to("cpu").clone().contiguous()
         return {"__tensor__": path}
     if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):

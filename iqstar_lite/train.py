@@ -151,10 +151,10 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
     groups = [(lc.type, plain_ids, resp, mask, est)]
     if guided is not None and guided.response_ids.shape[0]:
         groups.append(("distill", guided.plain_ids, guided.response_ids, guided.response_mask, guided.est))
-    total_tokens = sum(g[3].sum() for g in groups).reshape(1)
+    total_tokens = sum(g[3].sum() for g in groups).reshape(1).float()
     if all_sum is not None:  # DDP averages gradients over processes: weigh by the global count, times the world size
-        total_tokens = all_sum(total_tokens.float()) / world
-    total_tokens = total_tokens.clamp(min=1.0)
+        total_tokens = all_sum(total_tokens)
+    total_tokens = total_tokens.clamp(min=1.0) / world
     g_totals = [g[3].sum().reshape(1).float() for g in groups]
     if all_sum is not None:
         g_totals = [all_sum(t) / world for t in g_totals]
@@ -197,6 +197,8 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
                     sums["kl_star_guided"] += loss.item() * float(m.sum() / g_tokens) / lc.epochs
         grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         sums["grad_norm"] += float(grad_norm) / lc.epochs
+        if all_sum is not None:  # every process takes the same decision, or the LoRA replicas would drift apart
+            finite = bool(all_sum(torch.tensor([float(not finite)], device=accelerator.device)).item() == 0)
         if finite and bool(torch.isfinite(grad_norm)):
             optimizer.step()
         else:  # a nan / inf loss or gradient would poison the adapter and AdamW's moments: this optimizer step is skipped
@@ -222,6 +224,8 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     optimizer, opt_name = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     # data-parallel: DDP over the LoRA parameters (gloo on CPU, NCCL on GPUs); one process: the model as it is
+    if world > 1:  # DDP would broadcast (and, for mmap'ed embeddings, copy) every frozen weight at start: only the LoRA ones
+        model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
     forward_model = accelerator.prepare_model(model) if world > 1 else model
     optimizer = accelerator.prepare_optimizer(optimizer)
     log.info("optimizer: %s on %d LoRA tensors (%.2fM params)%s", opt_name, len(params), sum(p.numel() for p in params) / 1e6,
@@ -378,11 +382,14 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        self.at = 0.0
 
     def handle(self, signum, frame) -> None:
         if self.requested is not None:
+            if signum == self.requested and time.time() - self.at < 5:  # the same signal twice at once (a launcher forwarding it)
+                return
             raise KeyboardInterrupt
-        self.requested = signum
+        self.requested, self.at = signum, time.time()
         log.warning("%s: finishing this step, then saving a checkpoint (send it again to stop at once)", signal.Signals(signum).name)
 
 

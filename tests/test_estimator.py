@@ -235,3 +235,13 @@ def test_estimate_no_grad_needed_and_no_graph():
     zp, zn, tok = _inputs()
     out = estimate(zp, zn, tok, 1.0, 0.9, chunk_size=3, keep_full=True)
     assert not any(v.requires_grad for v in out.values())
+
+
+def test_nucleus_mask_shortcut_at_the_boundary():
+    """Prefix sums that meet top_p exactly: the shortcut (3 candidates) keeps what the full sort keeps (row 0); among equal
+    probabilities at the cut (row 1) the same number of tokens and the same mass (which of the ties may differ)."""
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125], [0.1] * 5 + [0.5]])
+    for top_p in (0.75, 0.875, 0.5, 0.6):
+        fast, full = nucleus_mask(p.log(), top_p, candidates=3), nucleus_mask(p.log(), top_p, candidates=100)
+        assert torch.equal(fast[0], full[0])
+        assert torch.equal(fast.sum(-1), full.sum(-1)) and torch.allclose((p * fast).sum(-1), (p * full).sum(-1))

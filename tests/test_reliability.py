@@ -165,3 +165,14 @@ def test_nan_loss_skips_the_step_and_a_run_of_them_stops_training(tiny_path, tok
     with pytest.raises(UserError, match="2 steps in a row had nan/inf"):
         train(cfg, tmp_path / "b", model, tokenizer, examples, torch.device("cpu"))
     assert not (tmp_path / "b" / "adapter").exists()
+
+
+def test_recovery_touches_only_the_folders_it_writes(tmp_path):
+    """Hidden folders of the same shapes but other names (a user's) stay; only step-* temporaries and .old go or return."""
+    from iqstar_lite.atomic import recover_dirs
+
+    for name in (".cache-datasets", ".notes.old", ".step-000001-abcd1234", ".step-000002.old"):
+        (tmp_path / name).mkdir()
+    done = recover_dirs(tmp_path, r"step-\d{6,}")
+    assert sorted(done) == ["removed .step-000001-abcd1234", "restored step-000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache-datasets", ".notes.old", "step-000002"]
