@@ -72,7 +72,7 @@ def step_vs_trl(r: dict) -> list[str]:
 
 
 def convergence(r: dict) -> list[str]:
-    peers = [p for p in ("iq-distill", "iq-pg", "iq-imitation", "trl-grpo") if p in r]
+    peers = [p for p in ("iq-distill", "iq-pg", "iq-imitation", "trl-grpo", "trl-sdft") if p in r]
     ratios = r.get("ratios_iq_over_trl", {})
     head = ["peer", "final judge rate min", "median", "max", "baseline (median)", "time to TRL final s min", "median †", "max", "runs reached",
             "Δ judge rate / s (median)", "clock s (median)", "samples (median)", "final repetition (median)", "time to TRL final iq / trl"]
