@@ -22,7 +22,8 @@ from test_cli import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-STEPS = 6
+KILLS = int(os.environ.get("IQSTAR_FAULT_KILLS", "3"))  # IQSTAR_FAULT_KILLS=10 pytest tests/test_faults.py: a longer trial
+STEPS = max(6, 3 * KILLS)
 ARGS = ["tiny_cpu", "stages=train", "eval.enabled=false", f"train.steps={STEPS}", "train.checkpoint_every=1"]
 
 
@@ -88,7 +89,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_kill_9_at_random_moments_then_resume_gives_the_same_adapter(reference, tmp_path, tiny_path):
     rng = random.Random(0)
     out, kills, lost = tmp_path / "run", 0, []
-    for _ in range(3):
+    for _ in range(KILLS):
         before = len(metrics_steps(out))
         proc = start(out, "train.resume=true")
         wait_for_steps(proc, out, min(before + 1, STEPS))
@@ -107,7 +108,8 @@ def test_kill_9_at_random_moments_then_resume_gives_the_same_adapter(reference, 
     proc = start(out, "train.resume=true")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert kills >= 2
+    print(f"kills {kills}/{KILLS} survived; metrics lines beyond the newest checkpoint at each kill {lost}")
+    assert kills >= KILLS - 1
     assert max(lost) <= 1  # checkpoint_every=1: at most the step being written when killed
     assert metrics_steps(out) == list(range(1, STEPS + 1))
     assert_same(adapter(out), reference)
