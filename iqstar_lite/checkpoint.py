@@ -6,6 +6,7 @@ A checkpoint ``checkpoints/step-NNNNNN/`` holds ``adapter/`` (peft, safetensors)
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from iqstar_lite.atomic import atomic_dir, recover_dirs
+from iqstar_lite.atomic import atomic_dir, atomic_file, recover_dirs
 from iqstar_lite.errors import UserError
 from iqstar_lite.state_io import StateFormatError, load_state, save_state
 
@@ -165,3 +166,19 @@ def resume_latest(run_dir: Path, model, optimizer, scheduler, rank: int = 0, wor
         raise UserError(f"train.resume=true but no checkpoint in {Path(run_dir) / 'checkpoints'} loads ({'; '.join(reasons)}); "
                         f"to start over, move that folder away or choose another out_dir")
     return None, 0
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps <= ``step`` (those the checkpoint has); a torn last line (killed mid-write) goes."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in kept))

@@ -11,18 +11,16 @@ import logging
 import random
 import resource
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from iqstar_lite.atomic import atomic_file
-from iqstar_lite.checkpoint import checkpoints, resume_latest, save_adapter_atomic, save_checkpoint
+from iqstar_lite.checkpoint import checkpoints, keep_metrics_until, resume_latest, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data import Example, Formatter
 from iqstar_lite.errors import Stopped, UserError
@@ -32,6 +30,7 @@ from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_adva
 from iqstar_lite.model import assert_trainable_layout
 from iqstar_lite.rollout import Rollout, eos_token_ids, pack, response_logits, sample
 from iqstar_lite.scoring import estimator_pass
+from iqstar_lite.stopping import stop_requests
 
 log = logging.getLogger("iqstar_lite")
 
@@ -358,50 +357,3 @@ def across_processes(accelerator, row: dict, stop: int) -> tuple[dict, int]:
         col = every[:, i]
         out[k] = round(float(col.max() if k in MAX_KEYS else col.sum() if k in SUM_KEYS else col.mean()), 6)
     return out, int(every[:, -1].max())
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Keep the metrics lines of steps <= ``step`` (those the checkpoint has); a torn last line (killed mid-write) goes."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line)
-    with atomic_file(path) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-
-
-class StopRequest:
-    """SIGTERM / SIGINT during training: the first one lets the current step finish and save a checkpoint (``requested``
-    holds the signal number); a second one interrupts at once (the previous checkpoint stays)."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self.at = 0.0
-
-    def handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            if signum == self.requested and time.time() - self.at < 5:  # the same signal twice at once (a launcher forwarding it)
-                return
-            raise KeyboardInterrupt
-        self.requested, self.at = signum, time.time()
-        log.warning("%s: finishing this step, then saving a checkpoint (send it again to stop at once)", signal.Signals(signum).name)
-
-
-@contextmanager
-def stop_requests() -> Iterator[StopRequest]:
-    req = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set from the main thread
-        yield req
-        return
-    previous = {sig: signal.signal(sig, req.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield req
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

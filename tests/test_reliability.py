@@ -16,7 +16,8 @@ from iqstar_lite.config import load_recipe
 from iqstar_lite.data import load_prompts
 from iqstar_lite.errors import UserError
 from iqstar_lite.state_io import StateFormatError, load_state, save_state
-from iqstar_lite.train import keep_metrics_until, make_optimizer, make_scheduler, train
+from iqstar_lite.checkpoint import keep_metrics_until
+from iqstar_lite.train import make_optimizer, make_scheduler, train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -176,3 +177,13 @@ def test_recovery_touches_only_the_folders_it_writes(tmp_path):
     done = recover_dirs(tmp_path, r"step-\d{6,}")
     assert sorted(done) == ["removed .step-000001-abcd1234", "restored step-000002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache-datasets", ".notes.old", "step-000002"]
+
+
+def test_checkpoint_minutes_saves_without_a_step_cadence(tiny_path, tokenizer, tmp_path):
+    """train.checkpoint_every=0 and a time cadence shorter than a step: a checkpoint after every step (the last 2 kept)."""
+    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "train.steps=3", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
+                                   "train.checkpoint_every=0", "train.checkpoint_minutes=0.00001"])
+    seen = []
+    train(cfg, tmp_path, make_policy(tiny_path, randomize_lora=False), tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"),
+          on_step=lambda m: seen.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))))
+    assert seen == [["step-000001"], ["step-000001", "step-000002"], ["step-000002", "step-000003"]]
