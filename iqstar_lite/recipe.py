@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from iqstar_lite.atomic import recover_dirs
-from iqstar_lite.config import RecipeConfig, list_recipes, load_recipe, load_run_config, save_config
+from iqstar_lite.config import RECIPES_DIR, RecipeConfig, list_recipes, load_recipe, load_run_config, save_config
 from iqstar_lite.errors import UserError, run_cli
 
 log = logging.getLogger("iqstar_lite")
@@ -69,7 +69,12 @@ def processes(device):
     from datetime import timedelta
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
+    for flag, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if parse_flag_from_env(flag):  # set by `accelerate launch` from a config file or --use_fsdp / --use_deepspeed
+            raise UserError(f"{engine} is not supported yet (rollout and estimator run the whole model in every process): launch with "
+                            f"DDP instead: accelerate launch --config_file {RECIPES_DIR / 'accelerate' / 'ddp_gpus.yaml'} -m iqstar_lite.recipe ...")
     # the other processes wait while the main one evaluates (minutes on a 7B): far beyond the default 30-minute timeout
     return PartialState(cpu=device.type == "cpu", timeout=timedelta(hours=12))
 

@@ -31,9 +31,9 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def run(venv: Path, cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(venv / "bin" / "iqstar-lite"), *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"})
+                          env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", **env})
 
 
 def test_installed_wheel_lists_dry_runs_and_trains_outside_the_source_tree(installed, tmp_path):
@@ -51,3 +51,17 @@ def test_installed_wheel_lists_dry_runs_and_trains_outside_the_source_tree(insta
     trained = run(installed, tmp_path, str(mine), "out_dir=run", "stages=train", "train.steps=1", "eval.enabled=false")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_launch_is_refused_with_the_shipped_ddp_config(installed, tmp_path):
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP: one line naming the DDP config the wheel ships."""
+    refused = run(installed, tmp_path, "tiny_cpu", "out_dir=run", "stages=train", ACCELERATE_USE_FSDP="true")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "FSDP is not supported" in line, refused.stderr[-2000:]
+    config = Path(line.split("--config_file ")[1].split()[0])
+    assert config.is_file() and str(installed) in str(config)
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(config)).distributed_type == "MULTI_GPU"
+    assert not (tmp_path / "run" / "adapter").exists()
