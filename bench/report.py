@@ -73,6 +73,34 @@ def step_vs_trl(r: dict) -> list[str]:
 
 def convergence(r: dict) -> list[str]:
     peers = [p for p in ("iq-distill", "iq-pg", "iq-imitation", "trl-grpo", "trl-sdft") if p in r]
+    med = lambda q, k: (q.get(k) or {}).get("median")  # noqa: E731
+    out = []
+    if "time_to_quality_iq_over_trl" in r:  # convergence v2 (2026-11-30 on): quality columns and time to target quality
+        head = ["peer", "final judge min", "median", "max", "baseline judge", "repetition", "loop rate", "mean tokens", "principle score",
+                "KL(π̂*‖π_θ)", "KL(π_θ‖π_ref)", "time to quality s (median †)", "runs reached", "samples to quality (median †)", "clock s", "steps"]
+        rows = []
+        for p in peers:
+            q, t = r[p], r[p]["time_to_quality_s"]
+            rows.append([p, *mmm(q["final_judge_rate"]), med(q, "baseline_judge_rate"), med(q, "final_repetition"), med(q, "final_loop_rate"),
+                         med(q, "final_mean_tokens"), med(q, "final_principle_score"), med(q, "final_kl_to_target"), med(q, "final_kl_per_token"),
+                         t.get("median_never_as_inf"), f"{t.get('reached', '-')}/{q['final_judge_rate']['n']}",
+                         q["samples_to_quality"].get("median_never_as_inf"), med(q, "clock_s"), med(q, "steps")])
+        rows.append(["contrastive decoding (π̂*)", *mmm(r["contrastive_judge_rate"]), None, med(r, "contrastive_repetition"),
+                     med(r, "contrastive_loop_rate"), med(r, "contrastive_mean_tokens"), med(r, "contrastive_principle_score"), 0.0, 0.0,
+                     None, None, None, None, None])
+        out += table(head, rows) + ["", "Final = the last evaluation (medians over runs). † time / samples to target quality (judge and "
+                                       "repetition bars in the notes); runs that never got there count as infinitely slow.", ""]
+        ratios = r["time_to_quality_iq_over_trl"]
+        trl = sorted({t for v in ratios.values() for t in v})
+        if trl:
+            out += table(["Inverse-Q* loss"] + [f"time to quality / {t}" for t in trl] + [f"samples to quality / {t}" for t in trl],
+                         [[p, *(ratios[p].get(t) for t in trl), *(r["samples_to_quality_iq_over_trl"][p].get(t) for t in trl)] for p in ratios]) + [""]
+        for p in peers:
+            for b in r[p].get("best_points_of_runs_not_reaching", []):
+                out.append(f"- {p}: a run that never reached target quality; its best point: judge {fmt(b['judge_rate'])}, repetition "
+                           f"{fmt(b['repetition'])}, loops {fmt(b.get('loop_rate'))} at {fmt(b['train_seconds'])} s (step {b['step']})")
+        out.append(f"- fastest Inverse-Q* loss per second (Δ judge rate / training s): {r.get('winner_per_second')}")
+        return out
     ratios = r.get("ratios_iq_over_trl", {})
     head = ["peer", "final judge rate min", "median", "max", "baseline (median)", "time to TRL final s min", "median †", "max", "runs reached",
             "Δ judge rate / s (median)", "clock s (median)", "samples (median)", "final repetition (median)", "time to TRL final iq / trl"]
@@ -210,23 +238,28 @@ SECTIONS = {"step_vs_trl": step_vs_trl, "memory_7b": memory_7b, "convergence": c
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_convergence(axes, r: dict) -> None:
-    """Judge rate vs training seconds and vs responses generated: every run faint, the median over runs at each evaluation bold."""
+def plot_convergence(axes, r: dict, y: str = "judge_rate", ylabel: str = "judge rate, held-out, principle absent") -> None:
+    """``y`` vs training seconds and vs responses generated: every run faint, the median over runs at each evaluation bold."""
     import statistics
 
     for i, (peer, runs) in enumerate(r["raw"].items()):
-        curves = [run["curve"] for run in runs]
+        curves = [[q for q in run["curve"] if q.get(y) is not None] for run in runs]
+        if not all(curves):
+            continue
         for ax, x in zip(axes, ("train_seconds", "samples_seen")):
             for c in curves:
-                ax.plot([q[x] for q in c], [q["judge_rate"] for q in c], color=f"C{i}", alpha=0.25, lw=0.8)
+                ax.plot([q[x] for q in c], [q[y] for q in c], color=f"C{i}", alpha=0.25, lw=0.8)
             at = [[c[j] for c in curves if j < len(c)] for j in range(max(map(len, curves)))]
-            ax.plot([statistics.median(q[x] for q in pts) for pts in at], [statistics.median(q["judge_rate"] for q in pts) for pts in at],
+            ax.plot([statistics.median(q[x] for q in pts) for pts in at], [statistics.median(q[y] for q in pts) for pts in at],
                     color=f"C{i}", marker="o", ms=3, label=peer)
+    ref = r.get(f"contrastive_{y}", {}).get("median")
     for ax, xlabel in zip(axes, ("training seconds (evaluation excluded)", "responses generated")):
-        ax.axhline(r["contrastive_judge_rate"]["median"], color="gray", ls="--", label="contrastive decoding (untrained)")
+        if ref is not None:
+            ax.axhline(ref, color="gray", ls="--", label="contrastive decoding (untrained)")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("judge rate, held-out, principle absent")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(ylabel)
+        if y in ("judge_rate", "loop_rate"):
+            ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
 
 
@@ -242,7 +275,8 @@ def plot(d: dict) -> Path | None:
 
     r, name = d["results"], d["bench"]
     two = name in ("step_vs_trl", "convergence")
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(10 if two else 7, 4), squeeze=False)
+    rows = 3 if name == "convergence" and "time_to_quality_iq_over_trl" in r else 1  # v2: loop rate and KL to pi* too
+    fig, axes = plt.subplots(rows, 2 if two else 1, figsize=(10 if two else 7, 4 * rows), squeeze=False)
     ax = axes[0][0]
     if name == "step_vs_trl":
         peers = [p for p in ("iq", "trl") if p in r]
@@ -257,6 +291,9 @@ def plot(d: dict) -> Path | None:
         axes[0][1].set_ylabel("peak RSS GiB")
     elif name == "convergence":
         plot_convergence(axes[0], r)
+        if rows == 3:
+            plot_convergence(axes[1], r, "loop_rate", "loop rate, held-out")
+            plot_convergence(axes[2], r, "kl_to_target", "KL(π̂*‖π_θ) per token on π̂*'s answers")
     elif name == "hardware":
         ax.bar(list(r["matmul_gflops"]), [v["median"] for v in r["matmul_gflops"].values()])
         ax.set_ylabel("matmul GFLOP/s (median)")
