@@ -75,6 +75,8 @@ def _load_split(cfg: DataConfig, split: str) -> list[dict]:
                             f"directory, a datasets name, or builtin")
         try:  # a datasets name: the hub, or offline its cache (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1)
             return list(_pick_split(datasets.load_dataset(name, cfg.config or None, split=split or None), split, where))
+        except UserError:
+            raise
         except (ConnectionError, FileNotFoundError) as e:
             raise UserError(f"{where} is neither a file nor a dataset the hub or the local datasets cache has ({_first_line(e)}); give a path, "
                             f"or load it once where the hub is reachable (then it is read offline from the cache)") from None
@@ -83,7 +85,11 @@ def _load_split(cfg: DataConfig, split: str) -> list[dict]:
     try:
         if p.is_dir():
             if _is_saved_dataset(p):
-                return list(_pick_split(datasets.load_from_disk(str(p)), split, where))
+                saved = datasets.load_from_disk(str(p))
+                if split and not isinstance(saved, datasets.DatasetDict):
+                    raise UserError(f"{where} is one saved Dataset without splits, so data.split / data.heldout_split={split!r} cannot "
+                                    f"apply; leave them empty, or save a DatasetDict")
+                return list(_pick_split(saved, split, where))
             return list(_pick_split(datasets.load_dataset(str(p), cfg.config or None, split=split or None), split, where))
         if p.suffix == ".jsonl" and not split:
             rows = []
@@ -316,8 +322,11 @@ class Formatter:
         if isinstance(ex.reference, str):
             return ex.reference
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(ex.reference, tokenize=False).strip()
-        return "\n\n".join(m["content"] for m in ex.reference)
+            try:
+                return self.tokenizer.apply_chat_template(ex.reference, tokenize=False).strip()
+            except Exception:  # noqa: BLE001 - templates that insist on user/assistant alternation from a user turn
+                pass
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in ex.reference)
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -57,6 +57,12 @@ def test_multi_turn_chosen_is_rendered_through_the_chat_template(tokenizer):
     text = Formatter(tokenizer, DataConfig(), kind="hindsight").reference_text(ex)
     assert text == tokenizer.apply_chat_template(turns, tokenize=False).strip()
     assert "<|im_start|>assistant\nLet me check.<|im_end|>" in text and "{'role'" not in text
+    import copy
+
+    strict = copy.copy(tokenizer)  # a template that refuses a conversation starting with the assistant
+    strict.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    text = Formatter(strict, DataConfig(), kind="hindsight").reference_text(ex)
+    assert text == "assistant: Let me check.\n\nuser: Please.\n\nassistant: Done."
 
 
 def test_saved_datasets_preference_dataset_with_a_test_split(tmp_path, tokenizer):
@@ -74,6 +80,19 @@ def test_saved_datasets_preference_dataset_with_a_test_split(tmp_path, tokenizer
     assert "Answer 2." in Formatter(tokenizer, DataConfig(), kind="hindsight").conditioned(ps.train[2])
     with pytest.raises(UserError, match="has splits train, test; choose one with data.split"):
         load_prompts(DataConfig(prompts=str(tmp_path / "prefs"), split="validation"))
+    split(4, 0).save_to_disk(str(tmp_path / "one"))
+    assert len(load_prompts(DataConfig(prompts=str(tmp_path / "one"))).train) >= 2
+    with pytest.raises(UserError, match="one saved Dataset without splits, so data.split / data.heldout_split='test' cannot apply"):
+        load_prompts(DataConfig(prompts=str(tmp_path / "one"), heldout_split="test"))
+
+
+def test_folder_of_data_files(tmp_path):
+    """A folder that is not a saved dataset: datasets.load_dataset(FOLDER) reads its data files (train / test by name)."""
+    (tmp_path / "data").mkdir()
+    _jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": f"Folder question {i}?"} for i in range(4)])
+    _jsonl(tmp_path / "data" / "test.jsonl", [{"prompt": "Folder test?"}])
+    ps = load_prompts(DataConfig(prompts=str(tmp_path / "data"), heldout_split="test"))
+    assert len(ps.train) == 4 and [e.text for e in ps.heldout] == ["Folder test?"]
 
 
 @pytest.fixture()
@@ -103,6 +122,8 @@ def test_datasets_name_config_split_offline_from_the_cache(cached_hub_dataset):
     assert ps.train[0].reference == "Answer 0." and ps.train[0].kind == "benign"
     with pytest.raises(UserError, match="cannot load dataset 'someorg/tiny-prefs'.*split='nope'.*Unknown split"):
         load_prompts(DataConfig(prompts=cached_hub_dataset, split="nope"))
+    with pytest.raises(UserError, match="cannot load dataset 'someorg/tiny-prefs'.*data.config='nocfg'"):
+        load_prompts(DataConfig(prompts=cached_hub_dataset, config="nocfg"))
     with pytest.raises(UserError, match="data.prompts='someorg/not-cached' is neither a file nor a dataset"):
         load_prompts(DataConfig(prompts="someorg/not-cached"))
     with pytest.raises(UserError, match=r"data.columns maps prompt=query, but that column is missing; columns found: question, answer, category"):

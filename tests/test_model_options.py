@@ -14,7 +14,7 @@ from conftest import make_policy
 from iqstar_lite.config import ModelConfig, load_recipe
 from iqstar_lite.data import load_prompts
 from iqstar_lite.errors import UserError
-from iqstar_lite.model import load_base, load_model_config, load_policy
+from iqstar_lite.model import load_base, load_model_config, load_policy, load_tokenizer
 from iqstar_lite.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -82,6 +82,9 @@ def test_revision_and_attention_implementation_reach_the_model(hub_cache):
     model = load_base(ModelConfig(path=hub_cache, revision="v2", quantize="none", attn_implementation="eager", device="cpu"))
     assert model.config.iq_marker == "v2" and model.config._attn_implementation == "eager"
     assert load_model_config(hub_cache).iq_marker == "main"
+    assert load_tokenizer(hub_cache, revision="v2").name_or_path == hub_cache  # read from the v2 snapshot, offline
+    with pytest.raises(UserError, match="cannot load the config of model 'org/tiny'.*check model.path and model.revision"):
+        load_model_config(hub_cache, revision="v3")
     with pytest.raises(UserError, match=r"model.attn_implementation='flash_attention_9' cannot be used here .*choose eager or sdpa"):
         load_base(ModelConfig(path=hub_cache, quantize="none", attn_implementation="flash_attention_9", device="cpu"))
 
