@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,6 +135,8 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2] and {"prompt", "answer", "judge"} <= set(samples[0])
     assert samples[0]["prompt"] == cd["records"][0]["prompt"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hparams = [yaml.safe_load(p.read_text()) for p in (out / "tensorboard").glob("*/hparams.yml")]  # the config, flat
+    assert len(hparams) == 1 and hparams[0]["train.steps"] == 2 and hparams[0]["model.path"] == "embedded:tiny-random"
 
     # Training changed the LoRA B matrices (they start at zero) and the adapter reloads with peft.
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -141,14 +144,18 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     model = PeftModel.from_pretrained(load_base(ModelConfig(path=tiny_path, device="cpu")), out / "adapter")
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0
 
-    # Resume: two more steps continue from the last checkpoint, metrics keep steps 1..4.
+    # Resume: two more steps continue from the last checkpoint, metrics keep steps 1..4; a samples line of a step after the
+    # checkpoint (a killed run's) is dropped and that step sampled again.
+    with (out / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "prompt": "stale", "answer": "stale", "judge": None}) + "\n")
     res = cli("tiny_cpu", f"out_dir={out}", "stages=train", "train.steps=4", "train.resume=true", "eval.enabled=false")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert [s.step for s in tensorboard_events(out).Scalars("train/loss")] == [1, 2, 3, 4]
-    assert [json.loads(ln)["step"] for ln in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4] and "stale" not in {r["prompt"] for r in samples}
 
 
 def tensorboard_events(run_dir: Path):
