@@ -71,7 +71,9 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     prompts: str = "builtin"
-    """``builtin`` or a path: .jsonl / .json / .csv / .parquet file or a saved HF dataset directory."""
+    """``builtin``, a path (.jsonl / .json / .csv / .parquet file, a saved HF dataset, a folder of data files) or a
+    ``datasets`` name (with ``data.config`` / ``data.split``; offline from the local cache). Rows in TRL's formats
+    (README, Data formats)."""
     principle: str = "Always answer in French."
     """The preference, stated as one sentence. Seen by the estimator only, never at inference."""
     principle_placement: Literal["auto", "system", "prefix"] = "auto"
