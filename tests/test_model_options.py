@@ -83,6 +83,10 @@ def test_revision_and_attention_implementation_reach_the_model(hub_cache):
     assert model.config.iq_marker == "v2" and model.config._attn_implementation == "eager"
     assert load_model_config(hub_cache).iq_marker == "main"
     assert load_tokenizer(hub_cache, revision="v2").name_or_path == hub_cache  # read from the v2 snapshot, offline
+    from iqstar_lite.mapped import checkpoint_file
+
+    assert checkpoint_file(hub_cache, "model.embed_tokens.weight", "v2").parent.name == "b" * 40  # the mapped embeddings' file
+    assert checkpoint_file(hub_cache, "model.embed_tokens.weight").parent.name == "a" * 40
     with pytest.raises(UserError, match="cannot load the config of model 'org/tiny'.*check model.path and model.revision"):
         load_model_config(hub_cache, revision="v3")
     with pytest.raises(UserError, match=r"model.attn_implementation='flash_attention_9' cannot be used here .*choose eager or sdpa"):
