@@ -256,6 +256,18 @@ def check_start_adapter(path: str) -> None:
         raise UserError(f"model.adapter={path!r} is a {peft_type} adapter; training continues LoRA adapters only")
 
 
+def lora_in_use(cfg: ModelConfig, lora: LoraSettings) -> LoraSettings:
+    """The LoRA shape training will have: ``model.adapter``'s own (checked), else ``lora.*`` (for ``--dry-run``'s estimate;
+    an adapter's full module names count as their last part, in every layer)."""
+    if not cfg.adapter:
+        return lora
+    check_start_adapter(cfg.adapter)
+    ac = json.loads((Path(cfg.adapter).expanduser() / "adapter_config.json").read_text())
+    targets = ac.get("target_modules") or lora.target_modules
+    return LoraSettings(r=int(ac.get("r", lora.r)), alpha=int(ac.get("lora_alpha", lora.alpha)), dropout=float(ac.get("lora_dropout", 0.0)),
+                        target_modules=targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})))
+
+
 def load_start_adapter(base, cfg: ModelConfig):
     """Base + the adapter of ``model.adapter``, trainable, as adapter "default" (the name checkpoints and export use)."""
     from peft import PeftModel

@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def dry_run(cfg: RecipeConfig) -> None:
     from iqstar_lite.memory import estimate_memory, format_estimate
-    from iqstar_lite.model import hub_kwargs, load_model_config
+    from iqstar_lite.model import hub_kwargs, load_model_config, lora_in_use
 
+    cfg.lora = lora_in_use(cfg.model, cfg.lora)  # model.adapter's own r / targets, printed and estimated
     estimate = format_estimate(estimate_memory(cfg, load_model_config(cfg.model.path, **hub_kwargs(cfg.model))))
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     print("---")

@@ -48,6 +48,19 @@ def test_training_continues_from_an_existing_adapter(tiny_path, tokenizer, tmp_p
     assert written.keys() == after.keys() and all(torch.equal(written[k], after[k]) for k in after)
 
 
+def test_dry_run_estimates_the_start_adapters_lora(tiny_path, tmp_path):
+    from iqstar_lite.memory import estimate_memory
+    from iqstar_lite.model import lora_in_use
+
+    start = make_policy(tiny_path)
+    start.save_pretrained(tmp_path / "sft")
+    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", f"model.adapter={tmp_path / 'sft'}", "lora.r=64", "lora.target_modules=q_proj"])
+    cfg.lora = lora_in_use(cfg.model, cfg.lora)
+    assert cfg.lora.r == 4 and cfg.lora.alpha == 8
+    lora = sum(p.numel() for p in start.parameters() if p.requires_grad)
+    assert estimate_memory(cfg, load_model_config(tiny_path)).params_lora == lora
+
+
 def test_bad_start_adapter_gives_one_line(tiny_path, tmp_path):
     with pytest.raises(UserError, match="model.adapter=.* is not a peft adapter folder.*save_pretrained"):
         load_policy(ModelConfig(path=tiny_path, adapter=str(tmp_path)), load_recipe("tiny_cpu").lora)
