@@ -168,17 +168,27 @@ def resume_latest(run_dir: Path, model, optimizer, scheduler, rank: int = 0, wor
     return None, 0
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Keep the metrics lines of steps <= ``step`` (those the checkpoint has); a torn last line (killed mid-write) goes."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
+def jsonl_rows(path: Path) -> list[dict]:
+    """The JSON objects of a run's .jsonl file (metrics.jsonl, samples.jsonl), in order; a torn line (killed mid-write)
+    is skipped; [] when the file is absent."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line)
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Keep the lines of steps <= ``step`` (those the checkpoint has) of metrics.jsonl / samples.jsonl; a torn last line
+    (killed mid-write) goes."""
+    if not path.exists():
+        return
+    kept = [row for row in jsonl_rows(path) if isinstance(row.get("step"), int) and row["step"] <= step]
     with atomic_file(path) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept), encoding="utf-8")

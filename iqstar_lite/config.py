@@ -46,6 +46,17 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant). Saves memory on long sequences / big models."""
+    adapter: str = ""
+    """A peft LoRA adapter directory (safetensors) to start training from (e.g. after your own SFT), instead of a fresh
+    LoRA; its own r / alpha / target modules apply (``lora.*`` is not used). The reference stays the base with adapters
+    off."""
+    revision: str = ""
+    """Hub revision (branch, tag or commit) of a hub-id ``model.path``; empty: the default branch."""
+    trust_remote_code: bool = False
+    """Run the Python code a model repository ships for a custom architecture. Off: such a model is refused with a
+    message that says so; read its code before turning this on."""
+    attn_implementation: str = ""
+    """transformers' attention kernel: ``eager``, ``sdpa``, ``flash_attention_2``, ...; empty: transformers' default."""
 
 
 @dataclass
@@ -60,7 +71,9 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     prompts: str = "builtin"
-    """``builtin`` or a path: .jsonl / .json / .csv / .parquet file or a saved HF dataset directory."""
+    """``builtin``, a path (.jsonl / .json / .csv / .parquet file, a saved HF dataset, a folder of data files) or a
+    ``datasets`` name (with ``data.config`` / ``data.split``; offline from the local cache). Rows in TRL's formats
+    (README, Data formats)."""
     principle: str = "Always answer in French."
     """The preference, stated as one sentence. Seen by the estimator only, never at inference."""
     principle_placement: Literal["auto", "system", "prefix"] = "auto"
@@ -72,7 +85,17 @@ class DataConfig:
     heldout_fraction: float = 0.25
     """For prompt files without a ``split`` column: fraction held out for evaluation (stable hash)."""
     max_prompt_tokens: int = 256
-    """Longer prompts are dropped (with a count in the log)."""
+    """Longer training prompts are dropped (the log says how many and the longest)."""
+    config: str = ""
+    """A ``datasets`` name's configuration (``datasets.load_dataset(prompts, config)``); empty: its default."""
+    split: str = ""
+    """The split to read (``load_dataset``'s syntax, e.g. ``train`` or ``train[:2000]``); empty: ``train``, or the only one."""
+    heldout_split: str = ""
+    """A split to hold out for evaluation (e.g. ``test``); empty: a ``split`` column decides, else a stable hash
+    (``data.heldout_fraction``)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping for other names, ours -> yours, e.g. ``{prompt: question, reference: answer}`` or on the command line
+    ``data.columns.prompt=question``. Ours: prompt, messages, chosen, rejected, completion, reference, kind, split."""
 
 
 @dataclass
@@ -159,6 +182,9 @@ class TrainConfig:
     world_size: int = 1
     """Processes of a data-parallel run: recorded from the launcher (torchrun / accelerate launch), not set by hand;
     resume needs the same number."""
+    report_to: str = "auto"
+    """Trackers, through accelerate's tracking API (comma list): ``tensorboard`` (files in RUN_DIR/tensorboard/),
+    ``wandb``, ``mlflow``, ``none``; ``auto``: tensorboard where installed, else none."""
     return_freed_memory: Literal["auto", "always", "never"] = "auto"
     """CPU: during the update, glibc returns every freed block >= 1 MiB to the OS at once (``heap.freed_blocks_returned``):
     less RSS for more page faults. ``auto``: where ``model.gradient_checkpointing`` is on, i.e. where memory was already
@@ -177,6 +203,11 @@ class EvalConfig:
     show_examples: int = 3
     """Held-out answers printed side by side (untrained / contrastive decoding / trained) after the table."""
     batch_size: int = 16
+    every: int = 10
+    """Every N training steps (and at the end) answer ``eval.samples`` held-out prompts greedily, principle absent:
+    RUN_DIR/samples.jsonl and the tracker's text tab. 0: at the end only."""
+    samples: int = 3
+    """Held-out prompts answered at each of those points (0: none)."""
 
 
 @dataclass
@@ -223,6 +254,8 @@ class RecipeConfig:
 
 
 STAGES = ("train", "export", "check")
+REPORT_TO = ("auto", "tensorboard", "wandb", "mlflow", "none")
+DATA_COLUMNS = ("prompt", "messages", "chosen", "rejected", "completion", "reference", "kind", "split")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -295,6 +328,8 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
             except ValueError:
                 return False, value
         return False, value
+    if typing.get_origin(hint) is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()), value
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, str(value)
@@ -305,6 +340,8 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is dict:
+        return "a mapping of names to non-empty names"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -373,6 +410,14 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
                               ("eval", "show_examples", 0), ("export", "check_new_tokens", 1)):
         value = getattr(getattr(cfg, section), key)
         need(value >= low, f"'{section}.{key}' must be {'> 0' if low else '>= 0'}, got {value}")
+    bad_cols = sorted(set(cfg.data.columns) - set(DATA_COLUMNS))
+    need(not bad_cols, f"'data.columns' maps unknown field(s) {', '.join(bad_cols)}; map ours ({', '.join(DATA_COLUMNS)}) to your column names, "
+                       f"e.g. data.columns.prompt=question")
+    trackers = [t.strip() for t in cfg.train.report_to.split(",") if t.strip()]
+    need(bool(trackers) and all(t in REPORT_TO for t in trackers) and (len(trackers) == 1 or not {"auto", "none"} & set(trackers)),
+         f"'train.report_to' must be one of {', '.join(REPORT_TO)} or a comma list of trackers (e.g. tensorboard,wandb), got {cfg.train.report_to!r}")
+    need(cfg.eval.every >= 0, f"'eval.every' must be >= 0, got {cfg.eval.every}")
+    need(cfg.eval.samples >= 0, f"'eval.samples' must be >= 0, got {cfg.eval.samples}")
     need(cfg.export.max_logit_diff > 0, f"'export.max_logit_diff' must be > 0, got {cfg.export.max_logit_diff}")
     need(cfg.export.check_prompts > 0, f"'export.check_prompts' must be > 0, got {cfg.export.check_prompts}")
     b = cfg.export.int8_block

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from iqstar_lite.config import DataConfig
 from iqstar_lite.errors import UserError
+
+log = logging.getLogger("iqstar_lite")
 
 HINDSIGHT_TEMPLATE = "Here is an excellent answer to the next request:\n{reference}\n\nAnswer the next request as well as that."
 
@@ -19,8 +22,8 @@ class Example:
     messages: list[dict[str, str]]
     """Chat turns up to and including the last user turn."""
     kind: str = ""
-    reference: str = ""
-    """A reference answer (hindsight estimator)."""
+    reference: str | list[dict[str, str]] = ""
+    """A reference answer (hindsight estimator): text, or assistant turns rendered through the chat template."""
     meta: dict = field(default_factory=dict)
 
     @property
@@ -34,56 +37,149 @@ class PromptSet:
     heldout: list[Example]
 
 
-def _read_rows(path: str) -> list[dict]:
-    p = Path(path).expanduser()
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+HELDOUT_SPLITS = ("heldout", "test", "eval", "validation")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _pick_split(ds, split: str, where: str):
+    """One split of a ``datasets`` DatasetDict: ``split``, else ``train``, else the only one."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    name = split or ("train" if "train" in ds else (list(ds)[0] if len(ds) == 1 else ""))
+    if name not in ds:
+        raise UserError(f"{where} has splits {', '.join(ds)}; choose one with data.split=NAME")
+    return ds[name]
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _load_split(cfg: DataConfig, split: str) -> list[dict]:
+    """The rows of one split of ``data.prompts``: a .jsonl / .json / .csv / .parquet file, a saved ``datasets`` directory
+    (``save_to_disk``), a folder of data files, or a ``datasets`` name (+ ``data.config``), read offline from the cache
+    when the hub is not reachable."""
+    import datasets
+
+    name, where = cfg.prompts, f"data.prompts={cfg.prompts!r}"
+    p = Path(name).expanduser()
     if not p.exists():
-        raise UserError(f"prompt file {path!r} not found; set data.prompts to a .jsonl/.json/.csv/.parquet file, a saved HF dataset directory, or builtin")
+        if name.startswith(("/", ".", "~")) or p.suffix in FILE_TYPES:
+            raise UserError(f"prompt file {name!r} not found; set data.prompts to a .jsonl/.json/.csv/.parquet file, a saved HF dataset "
+                            f"directory, a datasets name, or builtin")
+        try:  # a datasets name: the hub, or offline its cache (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1)
+            return list(_pick_split(datasets.load_dataset(name, cfg.config or None, split=split or None), split, where))
+        except UserError:
+            raise
+        except (ConnectionError, FileNotFoundError) as e:
+            raise UserError(f"{where} is neither a file nor a dataset the hub or the local datasets cache has ({_first_line(e)}); give a path, "
+                            f"or load it once where the hub is reachable (then it is read offline from the cache)") from None
+        except Exception as e:  # unknown config / split, damaged cache
+            raise UserError(f"cannot load dataset {name!r} (data.config={cfg.config!r}, split={split!r}): {_first_line(e)}") from None
     try:
         if p.is_dir():
-            import datasets
-
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[list(ds)[0]]
-            return list(ds)
-        if p.suffix == ".jsonl":
+            if _is_saved_dataset(p):
+                saved = datasets.load_from_disk(str(p))
+                if split and not isinstance(saved, datasets.DatasetDict):
+                    raise UserError(f"{where} is one saved Dataset without splits, so data.split / data.heldout_split={split!r} cannot "
+                                    f"apply; leave them empty, or save a DatasetDict")
+                return list(_pick_split(saved, split, where))
+            return list(_pick_split(datasets.load_dataset(str(p), cfg.config or None, split=split or None), split, where))
+        if p.suffix == ".jsonl" and not split:
             rows = []
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise UserError(f"prompt file {path!r} line {n} is not valid JSON ({e.msg}); fix that line") from None
+                        raise UserError(f"prompt file {name!r} line {n} is not valid JSON ({e.msg}); fix that line") from None
             return rows
-        if p.suffix == ".json":
+        if p.suffix == ".json" and not split:
             data = json.loads(p.read_text(encoding="utf-8"))
             return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-        if p.suffix in (".csv", ".parquet"):
-            import datasets
-
-            return list(datasets.load_dataset(p.suffix[1:], data_files=str(p), split="train"))
+        if p.suffix in FILE_TYPES:
+            builder = {".jsonl": "json", ".json": "json"}.get(p.suffix, p.suffix[1:])
+            return list(datasets.load_dataset(builder, data_files=str(p), split=split or "train"))
     except UserError:
         raise
-    except Exception as e:  # malformed csv/parquet/json/dataset
-        raise UserError(f"cannot read prompt file {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check its format") from None
-    raise UserError(f"prompt file {path!r} has unsupported type {p.suffix!r}; use .jsonl, .json, .csv, .parquet or a saved HF dataset directory")
+    except Exception as e:  # malformed csv/parquet/json/dataset, unknown split
+        raise UserError(f"cannot read prompt file {name!r} ({type(e).__name__}: {_first_line(e)}); check its format") from None
+    raise UserError(f"prompt file {name!r} has unsupported type {p.suffix!r}; use .jsonl, .json, .csv, .parquet, a saved HF dataset directory "
+                    f"or a datasets name")
+
+
+def _mapped(row: dict, columns: dict[str, str], where: str) -> dict:
+    """``data.columns`` (ours -> yours) applied to one row."""
+    if not columns:
+        return row
+    missing = [f"{ours}={theirs}" for ours, theirs in columns.items() if theirs not in row]
+    if missing:
+        raise UserError(f"{where}: data.columns maps {', '.join(missing)}, but that column is missing; columns found: "
+                        f"{', '.join(map(str, row)) or 'none'}")
+    return {**row, **{ours: row[theirs] for ours, theirs in columns.items()}}
+
+
+def _content(content, where: str) -> str:
+    """A message's text: a string, or the text parts of a list of typed parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text" for c in content):
+        return "".join(str(c.get("text", "")) for c in content)
+    raise UserError(f"{where}: a message's content must be text (a string or text parts), got {type(content).__name__}")
+
+
+def _turns(messages, where: str) -> list[dict[str, str]]:
+    if not (isinstance(messages, list) and all(isinstance(m, dict) and "role" in m for m in messages)):
+        raise UserError(f"{where}: a conversation must be a list of {{'role': ..., 'content': ...}} messages")
+    return [{"role": str(m["role"]), "content": _content(m.get("content", ""), where)} for m in messages]
+
+
+def _reference(value, where: str) -> str | list[dict[str, str]]:
+    """A reference answer: a string, or a conversational one (TRL's ``chosen`` / ``completion`` lists): one assistant turn
+    is its text; more turns stay messages, rendered through the chat template (``Formatter.reference_text``)."""
+    if not isinstance(value, list):
+        return "" if value is None else str(value).strip()
+    turns = _turns(value, where)
+    if len(turns) == 1 and turns[0]["role"] == "assistant":
+        return turns[0]["content"].strip()
+    return turns
 
 
 def _to_example(row: dict, where: str) -> Example:
+    """One row in any of the formats TRL users have: ``prompt`` (a string, or a conversational list of messages),
+    ``messages`` (a chat; a trailing assistant turn is the reference), preference rows (``prompt`` + ``chosen`` /
+    ``rejected``, or TRL's implicit-prompt form where ``chosen`` holds the whole conversation), prompt-completion rows;
+    the reference answer (hindsight estimator) from ``reference``, ``response``, ``completion`` or ``chosen``."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: each row must be an object with a 'prompt' or 'messages' column")
-    reference = str(row.get("reference") or row.get("response") or row.get("chosen") or "")
-    if isinstance(row.get("messages"), list) and row["messages"]:
-        msgs = [{"role": str(m.get("role")), "content": str(m.get("content"))} for m in row["messages"] if isinstance(m, dict)]
+    ref_key = next((k for k in ("reference", "response", "completion", "chosen") if row.get(k) not in (None, "", [])), None)
+    reference = _reference(row[ref_key], where) if ref_key else ""
+    meta = {"split": row.get("split")}
+    prompt, chat = row.get("prompt"), row.get("messages")
+    if chat is None and isinstance(prompt, list):  # TRL's conversational prompt
+        chat = prompt
+    if chat is None and prompt in (None, "") and isinstance(row.get("chosen"), list):  # TRL's implicit prompt: chosen holds it all
+        chat, reference = row["chosen"], ("" if ref_key == "chosen" else reference)
+    if isinstance(chat, list) and chat:
+        msgs = _turns(chat, where)
+        tail = []
         while msgs and msgs[-1]["role"] == "assistant":  # a trailing answer is the reference, not the prompt
-            reference = reference or msgs.pop()["content"]
+            tail.insert(0, msgs.pop())
+        if tail and not reference:
+            reference = _reference(tail, where)
         if not msgs or msgs[-1]["role"] != "user":
             raise UserError(f"{where}: 'messages' must end with a user turn")
-        return Example(msgs, str(row.get("kind", "")), reference, {"split": row.get("split")})
-    prompt = row.get("prompt")
+        return Example(msgs, str(row.get("kind", "") or ""), reference, meta)
     if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(f"{where}: needs a non-empty 'prompt' string or a 'messages' list; columns found: {', '.join(map(str, row)) or 'none'}")
-    return Example([{"role": "user", "content": prompt.strip()}], str(row.get("kind", "")), reference, {"split": row.get("split")})
+        raise UserError(f"{where}: needs a non-empty 'prompt' (a string or a list of messages) or a 'messages' list; columns found: "
+                        f"{', '.join(map(str, row)) or 'none'} (map other names with data.columns.prompt=NAME)")
+    return Example([{"role": "user", "content": prompt.strip()}], str(row.get("kind", "") or ""), reference, meta)
 
 
 def _is_heldout(ex: Example, fraction: float) -> bool:
@@ -91,26 +187,53 @@ def _is_heldout(ex: Example, fraction: float) -> bool:
     return h < fraction
 
 
+def _examples(rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
+    return [_to_example(_mapped(r, cfg.columns, f"{where} row {i + 1}") if isinstance(r, dict) else r, f"{where} row {i + 1}")
+            for i, r in enumerate(rows)]
+
+
 def load_prompts(cfg: DataConfig) -> PromptSet:
     if cfg.prompts == "builtin":
         text = resources.files("iqstar_lite.prompts").joinpath("builtin.jsonl").read_text(encoding="utf-8")
         rows, where = [json.loads(line) for line in text.splitlines() if line.strip()], "builtin prompts"
     else:
-        rows, where = _read_rows(cfg.prompts), f"prompt file {cfg.prompts!r}"
+        rows, where = _load_split(cfg, cfg.split), f"prompt file {cfg.prompts!r}"
     if not rows:
         raise UserError(f"{where} is empty; give at least a few prompts (one JSON object per line with a 'prompt' field)")
-    examples = [_to_example(r, f"{where} row {i + 1}") for i, r in enumerate(rows)]
+    examples = _examples(rows, cfg, where)
+    if cfg.heldout_split and cfg.prompts != "builtin":
+        heldout = _examples(_load_split(cfg, cfg.heldout_split), cfg, f"{where} split {cfg.heldout_split!r}")
+        if not heldout:
+            raise UserError(f"data.heldout_split={cfg.heldout_split!r} of {where} is empty; choose another split or leave it empty")
+        return PromptSet(examples, heldout)
     train, heldout = [], []
     has_split = any(ex.meta.get("split") for ex in examples)  # a split column decides; else a stable hash
     for ex in examples:
         split = ex.meta.get("split")
-        held = split in ("heldout", "test", "eval", "validation") if has_split else _is_heldout(ex, cfg.heldout_fraction)
+        held = split in HELDOUT_SPLITS if has_split else _is_heldout(ex, cfg.heldout_fraction)
         (heldout if held else train).append(ex)
     if not train:
         raise UserError(f"{where} leaves no training prompts after the held-out split; add prompts or lower data.heldout_fraction")
     if not heldout:
         heldout = train[-1:]
     return PromptSet(train, heldout)
+
+
+def drop_too_long(examples: list[Example], fmt: "Formatter", max_tokens: int) -> list[Example]:
+    """The training prompts whose principle-conditioned context fits ``data.max_prompt_tokens``; the log says how many were
+    dropped and the longest. None fits: a one-line error."""
+    lengths = [len(fmt.ids(fmt.conditioned(e))) for e in examples]
+    kept = [e for e, n in zip(examples, lengths) if n <= max_tokens]
+    if len(kept) < len(examples):
+        longest = max(range(len(examples)), key=lengths.__getitem__)
+        text = " ".join(examples[longest].text.split())
+        log.info("dropped %d of %d training prompts longer than data.max_prompt_tokens=%d (with the principle in context); the longest: "
+                 "%d tokens (%r); raise data.max_prompt_tokens to keep them", len(examples) - len(kept), len(examples), max_tokens,
+                 lengths[longest], text[:60] + ("..." if len(text) > 60 else ""))
+    if not kept:
+        raise UserError(f"every training prompt is longer than data.max_prompt_tokens={max_tokens} (the shortest: {min(lengths)} tokens with "
+                        f"the principle in context); raise it")
+    return kept
 
 
 # ----------------------------------------------------------------------------- chat formatting
@@ -187,11 +310,23 @@ class Formatter:
         if self.kind == "hindsight":
             if not ex.reference:
                 raise UserError("estimator.kind=hindsight needs a 'reference' (or 'response'/'chosen') column with an answer for every prompt")
-            instruction = HINDSIGHT_TEMPLATE.format(reference=ex.reference)
+            instruction = HINDSIGHT_TEMPLATE.format(reference=self.reference_text(ex))
         else:
             instruction = self.cfg.principle
         return render(self.tokenizer, with_instruction(ex.messages, instruction, self.cfg.principle_placement, self.system_ok,
                                                        self.default_system))
+
+    def reference_text(self, ex: Example) -> str:
+        """The hindsight reference as text: a string as it is; several turns (a conversational ``chosen``) rendered through
+        the chat template, never as a Python repr."""
+        if isinstance(ex.reference, str):
+            return ex.reference
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                return self.tokenizer.apply_chat_template(ex.reference, tokenize=False).strip()
+            except Exception:  # noqa: BLE001 - templates that insist on user/assistant alternation from a user turn
+                pass
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in ex.reference)
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -29,6 +29,20 @@ def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], al
     return sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True, contrast=cond, alpha=alpha, guided_reference=True).response_ids
 
 
+def greedy_answers(model, tokenizer, fmt: Formatter, examples: list[Example], max_new_tokens: int, eos: list[int],
+                   alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Greedy answers with the principle absent (``alpha`` given: pi-hat*'s, principle-contrastive decoding), through the
+    one decoding loop: (response ids [N, T], mask up to and including EOS, decoded texts)."""
+    plain = [fmt.plain(e) for e in examples]
+    if alpha is not None:
+        resp = contrastive_generate(model, tokenizer, [fmt.conditioned(e) for e in examples], plain, alpha, max_new_tokens)
+    else:
+        resp = sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True).response_ids
+    mask = response_mask(resp, eos)
+    texts = [tokenizer.decode(resp[i][mask[i].bool()], skip_special_tokens=True) for i in range(resp.shape[0])]
+    return resp, mask, texts
+
+
 def repetition(text: str) -> float:
     """1 - distinct words / words: 0 for no repeated word, -> 1 for a loop. A degeneration check beside the judge."""
     words = text.split()
@@ -92,11 +106,7 @@ def evaluate(
     for s in range(0, len(examples), bs):
         chunk = examples[s : s + bs]
         plain = [fmt.plain(e) for e in chunk]
-        if contrastive:
-            resp = contrastive_generate(model, tokenizer, [fmt.conditioned(e) for e in chunk], plain, cfg.estimator.alpha, ec.max_new_tokens)
-        else:
-            resp = sample(model, tokenizer, plain, max_new_tokens=ec.max_new_tokens, greedy=True).response_ids
-        mask = response_mask(resp, eos)
+        resp, mask, texts = greedy_answers(model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None)
         plain_ids = [fmt.ids(p) for p in plain]
         cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
         est = estimator_pass(model, plain_ids, cond_ids, resp, pad, cfg.estimator.alpha, cfg.loss.beta,
@@ -114,8 +124,7 @@ def evaluate(
         for i, ex in enumerate(chunk):
             m = mask[i]
             n_tok = max(float(m.sum()), 1.0)
-            kept = resp[i][m.bool()]
-            text = tokenizer.decode(kept, skip_special_tokens=True)
+            kept, text = resp[i][m.bool()], texts[i]
             rec = {
                 "prompt": ex.text, "kind": ex.kind, "response": text, "tokens": int(m.sum()),
                 "principle_score": float((est["principle_gap"][i] * m).sum() / n_tok),

@@ -40,13 +40,13 @@ def safetensors_entry(file: Path, key: str) -> tuple[torch.dtype, tuple[int, ...
     return SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, end - begin
 
 
-def checkpoint_file(model_path: str, key: str) -> Path | None:
-    """The safetensors file of a local directory or a hub id's cached snapshot that holds ``key`` (no network)."""
+def checkpoint_file(model_path: str, key: str, revision: str | None = None) -> Path | None:
+    """The safetensors file of a local directory or a hub id's cached snapshot (of ``revision``) that holds ``key`` (no network)."""
     from transformers.utils import cached_file
 
     def find(name: str) -> Path | None:
         try:
-            got = cached_file(model_path, name, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+            got = cached_file(model_path, name, revision=revision, local_files_only=True, _raise_exceptions_for_missing_entries=False,
                               _raise_exceptions_for_connection_errors=False)
         except OSError:
             return None
@@ -59,7 +59,7 @@ def checkpoint_file(model_path: str, key: str) -> Path | None:
     return find("model.safetensors")
 
 
-def map_input_embeddings(model, model_path: str) -> bool:
+def map_input_embeddings(model, model_path: str, revision: str | None = None) -> bool:
     """Swap the model's input embedding weight for a private mapped view of the checkpoint; True if done.
 
     Call right after loading, before anything has read the embedding in full. Skipped (False) when the
@@ -74,7 +74,7 @@ def map_input_embeddings(model, model_path: str) -> bool:
     if name is None:
         return False
     key = f"{name}.weight"
-    file = checkpoint_file(model_path, key)
+    file = checkpoint_file(model_path, key, revision)
     entry = safetensors_entry(file, key) if file is not None else None
     if entry is None or entry[0] != w.dtype or entry[1] != tuple(w.shape):
         log.info("input embeddings kept in memory (checkpoint tensor %s not stored as %s %s)", key, w.dtype, tuple(w.shape))

@@ -31,7 +31,7 @@ from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.errors import UserError
 from iqstar_lite.atomic import atomic_dir, recover_dirs
 from iqstar_lite.embedded import resolve_model_path
-from iqstar_lite.model import compute_dtype, dequantize_4bit_, linear4bit_layers, load_base, pick_device
+from iqstar_lite.model import compute_dtype, dequantize_4bit_, hub_kwargs, linear4bit_layers, load_base, pick_device
 from iqstar_lite.ort_generate import render_chat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,13 +121,14 @@ def merge_adapter(cfg: RecipeConfig, adapter: Path, device: torch.device | None 
     return merged.eval()
 
 
-def save_merged(model, tokenizer_src: str, out_dir: Path, dtype: str) -> None:
-    """Safetensors + config + generation_config + tokenizer (with chat template), written atomically."""
+def save_merged(model, tokenizer_src: str, out_dir: Path, dtype: str, hub: dict | None = None) -> None:
+    """Safetensors + config + generation_config + tokenizer (with chat template), written atomically. ``hub``: the
+    model's revision / trust_remote_code (``model.hub_kwargs``)."""
     from transformers import AutoTokenizer
 
     with atomic_dir(out_dir) as tmp:
         model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_src, **(hub or {})).save_pretrained(tmp)
         saved = json.loads((tmp / "config.json").read_text())
         if "quantization_config" in saved:  # a loader would try to re-quantize the merged weights
             raise RuntimeError("merged config.json still carries a quantization_config")
@@ -169,14 +170,14 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
     adapter = adapter_dir(run_dir)
     device = pick_device(cfg.model)
     model_path = resolve_model_path(cfg.model.path)
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, **hub_kwargs(cfg.model))
     texts = pick_prompts(prompts, cfg.export.check_prompts)
     ids = [render_chat(tok, p) for p in texts]
 
     # One model in memory at a time (a 7B base is loaded three times, the merged model once).
     trained_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device), ids)
     fp32_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device, fp32_compute=True), ids)
-    save_merged(merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype)
+    save_merged(merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype, hub_kwargs(cfg.model))
     gc.collect()
     # Measured on the checkpoint as written (saved dtype, config round trip), computed in fp32.
     merged_logits = _logits_of(lambda: AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32, use_safetensors=True).eval(), ids)

@@ -36,15 +36,31 @@ log = logging.getLogger(__name__)
 KNOWN_CONFIGS = Path(__file__).resolve().parent / "known_configs"
 
 
-def load_model_config(path: str):
+def hub_kwargs(cfg: ModelConfig) -> dict:
+    """What every ``from_pretrained`` of the user's model gets: ``model.revision`` and ``model.trust_remote_code``."""
+    return {"revision": cfg.revision or None, "trust_remote_code": cfg.trust_remote_code}
+
+
+def _remote_code_refused(e: ValueError, path: str) -> UserError | None:
+    """transformers' refusal to run a repository's own code, as one line that says which setting allows it."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return UserError(f"model {path!r} needs the Python code its repository ships (a custom architecture or tokenizer); read that code, then "
+                     f"set model.trust_remote_code=true to run it (default false)")
+
+
+def load_model_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's config without loading weights. For shipped hub ids (known_configs/) no network is needed."""
     known = KNOWN_CONFIGS / (path.replace("/", "--") + ".json")
-    if not Path(path).exists() and known.is_file():
+    if not Path(path).exists() and known.is_file() and not revision:
         return AutoConfig.for_model(**json.loads(known.read_text()))
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(path))
+        return AutoConfig.from_pretrained(resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UserError(f"cannot load the config of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub is reachable") from None
+        raise UserError(f"cannot load the config of model {path!r} ({str(e).splitlines()[0]}); check model.path"
+                        f"{' and model.revision' if revision else ''}, or run where the hub is reachable") from None
+    except ValueError as e:
+        raise _remote_code_refused(e, path) or e from None
 
 
 # ----------------------------------------------------------------------------- devices, dtypes
@@ -82,12 +98,14 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"cannot load the tokenizer of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub "
                         f"is reachable") from None
+    except ValueError as e:
+        raise _remote_code_refused(e, path) or e from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -139,16 +157,24 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     device = device or pick_device(cfg)
     path = resolve_model_path(cfg.path)
     qcfg = quantization_config(cfg, device)
-    dtype = compute_dtype(cfg, device) if qcfg is None else unquantized_dtype(cfg, device, load_model_config(cfg.path))
+    hub = hub_kwargs(cfg)
+    dtype = compute_dtype(cfg, device) if qcfg is None else unquantized_dtype(cfg, device, load_model_config(cfg.path, **hub))
+    attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     try:
         # safetensors only: a pytorch_model.bin is a pickle, never loaded from a user's folder
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)}, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)}, use_safetensors=True,
+                                                     **hub, **attn)
     except OSError as e:
         raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path (weights must be .safetensors)") from None
+    except (ValueError, ImportError) as e:
+        if cfg.attn_implementation and "attn" in str(e):
+            raise UserError(f"model.attn_implementation={cfg.attn_implementation!r} cannot be used here ({str(e).strip().splitlines()[0]}); "
+                            f"choose eager or sdpa, or leave it empty (transformers' default)") from None
+        raise (_remote_code_refused(e, cfg.path) if isinstance(e, ValueError) else None) or e from None
     model.requires_grad_(False)
     if device.type == "cpu":
         if cfg.map_embeddings:
-            map_input_embeddings(model, path)
+            map_input_embeddings(model, path, cfg.revision or None)
         own_cpu_memory(model)
     head = model.get_output_embeddings()
     head.register_forward_pre_hook(_head_input_2d)
@@ -186,7 +212,8 @@ def own_cpu_memory(model) -> None:
 
 
 def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | None = None, seed: int = 0):
-    """Base + fresh LoRA adapters (the only trainable parameters) as a peft ``PeftModel``.
+    """Base + fresh LoRA adapters (the only trainable parameters) as a peft ``PeftModel``; with ``model.adapter``, base +
+    that adapter, trainable, continuing from its weights (``load_start_adapter``).
 
     The adapters' random init (LoRA A; B starts at zero) is drawn from ``seed`` on a forked RNG, so the same
     recipe and ``train.seed`` give the same run; without it, A came from whatever state the global RNG had
@@ -194,18 +221,66 @@ def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | Non
     """
     from peft import LoraConfig, get_peft_model
 
+    if cfg.adapter:
+        check_start_adapter(cfg.adapter)
     model = load_base(cfg, device)
-    targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
-    try:
-        gpus = [model.device.index or 0] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=gpus):
-            torch.manual_seed(seed)
-            model = get_peft_model(model, peft_cfg)
-    except ValueError as e:
-        raise UserError(f"LoRA could not be attached ({str(e).splitlines()[0]}); check lora.target_modules") from None
+    if cfg.adapter:
+        model = load_start_adapter(model, cfg)
+    else:
+        targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
+        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+        try:
+            gpus = [model.device.index or 0] if model.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpus):
+                torch.manual_seed(seed)
+                model = get_peft_model(model, peft_cfg)
+        except ValueError as e:
+            raise UserError(f"LoRA could not be attached ({str(e).splitlines()[0]}); check lora.target_modules") from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def check_start_adapter(path: str) -> None:
+    """``model.adapter`` checked before any model loads: a peft LoRA folder, weights as safetensors (never a pickled .bin),
+    finite (``merge.check_adapter``)."""
+    from iqstar_lite.merge import check_adapter
+
+    p = Path(path).expanduser()
+    if not (p / "adapter_config.json").is_file():
+        raise UserError(f"model.adapter={path!r} is not a peft adapter folder (no adapter_config.json); point it at the folder "
+                        f"save_pretrained wrote (e.g. RUN_DIR/adapter)")
+    check_adapter(p)
+    peft_type = json.loads((p / "adapter_config.json").read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise UserError(f"model.adapter={path!r} is a {peft_type} adapter; training continues LoRA adapters only")
+
+
+def lora_in_use(cfg: ModelConfig, lora: LoraSettings) -> LoraSettings:
+    """The LoRA shape training will have: ``model.adapter``'s own (checked), else ``lora.*`` (for ``--dry-run``'s estimate;
+    an adapter's full module names count as their last part, in every layer)."""
+    if not cfg.adapter:
+        return lora
+    check_start_adapter(cfg.adapter)
+    ac = json.loads((Path(cfg.adapter).expanduser() / "adapter_config.json").read_text())
+    targets = ac.get("target_modules") or lora.target_modules
+    return LoraSettings(r=int(ac.get("r", lora.r)), alpha=int(ac.get("lora_alpha", lora.alpha)), dropout=float(ac.get("lora_dropout", 0.0)),
+                        target_modules=targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})))
+
+
+def load_start_adapter(base, cfg: ModelConfig):
+    """Base + the adapter of ``model.adapter``, trainable, as adapter "default" (the name checkpoints and export use)."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(Path(cfg.adapter).expanduser()), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model
+        raise UserError(f"model.adapter={cfg.adapter!r} does not fit model {cfg.path!r} ({str(e).strip().splitlines()[0][:200]}); use an "
+                        f"adapter trained on this base model") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lc = model.peft_config["default"]
+    log.info("starting from adapter %s (r=%s, alpha=%s, %d trainable parameters; lora.* settings not used)", cfg.adapter, lc.r,
+             lc.lora_alpha, trainable)
     return model
 
 

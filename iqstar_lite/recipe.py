@@ -33,9 +33,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def dry_run(cfg: RecipeConfig) -> None:
     from iqstar_lite.memory import estimate_memory, format_estimate
-    from iqstar_lite.model import load_model_config
+    from iqstar_lite.model import hub_kwargs, load_model_config, lora_in_use
 
-    estimate = format_estimate(estimate_memory(cfg, load_model_config(cfg.model.path)))
+    cfg.lora = lora_in_use(cfg.model, cfg.lora)  # model.adapter's own r / targets, printed and estimated
+    estimate = format_estimate(estimate_memory(cfg, load_model_config(cfg.model.path, **hub_kwargs(cfg.model))))
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     print("---")
     print(estimate)
@@ -83,11 +84,14 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     """Evaluate, train, evaluate (the main process; the others train). Returns whether this is the main process."""
     import torch
 
-    from iqstar_lite.data import Formatter, load_prompts
+    from iqstar_lite.curves import write_curves
+    from iqstar_lite.data import Formatter, drop_too_long, load_prompts
     from iqstar_lite.embedded import resolve_model_path
     from iqstar_lite.evaluate import evaluate
     from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.model import hub_kwargs, load_policy, load_tokenizer, pick_device
+    from iqstar_lite.samples import SampleWriter
+    from iqstar_lite.tracking import log_eval, make_accelerator, start_trackers
     from iqstar_lite.train import train
 
     if cfg.train.threads:
@@ -102,25 +106,23 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     if cfg.rollout.prompts_per_step % state.num_processes:
         raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over {state.num_processes} processes; "
                         f"make it a multiple of {state.num_processes}")
+    accelerator = make_accelerator(cfg, run_dir, device)  # trackers (train.report_to) checked before anything heavy loads
     if main:
         save_config(cfg, run_dir / "config.yaml")
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, **hub_kwargs(cfg.model))
     model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
-    too_long = [e for e in prompts.train if len(fmt.ids(fmt.conditioned(e))) > cfg.data.max_prompt_tokens]
-    train_set = [e for e in prompts.train if e not in too_long]
-    if too_long:
-        log.info("dropped %d prompts longer than data.max_prompt_tokens=%d", len(too_long), cfg.data.max_prompt_tokens)
-    if not train_set:
-        raise UserError(f"every training prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it")
+    train_set = drop_too_long(prompts.train, fmt, cfg.data.max_prompt_tokens)
     log.info("%d training prompts, %d held out; device %s; model %s (%s)", len(train_set), len(prompts.heldout), device, cfg.model.path, cfg.model.quantize)
     judge = pick_judge(cfg.eval.judge, cfg.data.principle)
     heldout = heldout_for_eval(prompts.heldout, cfg.eval.max_prompts)
     target = None
     if not main:  # evaluation and every file of the run: the main process; the others train their slice of each step
         state.wait_for_everyone()
-        train(cfg, run_dir, model, tokenizer, train_set, device)
+        train(cfg, run_dir, model, tokenizer, train_set, device, accelerator=accelerator)
+        accelerator.end_training()
         return False
+    start_trackers(accelerator, cfg, run_dir)
     if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
         # pi-hat*'s greedy answers first: the contrastive row, and the trajectories of the KL(pi-hat* || pi_theta) measure
         cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
@@ -128,18 +130,26 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
         target = [r["response_ids"] for r in cd["records"]]
         before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
         (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+        log_eval(accelerator, cd["summary"], 0, contrastive=True)
+        log_eval(accelerator, before["summary"], 0)
     elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
         target = [r["response_ids"] for r in json.loads((run_dir / "eval_contrastive.json").read_text())["records"]]
     state.wait_for_everyone()
     t0 = time.time()
-    last = train(cfg, run_dir, model, tokenizer, train_set, device)
+    samples = SampleWriter(model, tokenizer, fmt, heldout, cfg, judge, run_dir, accelerator)
+    last = train(cfg, run_dir, model, tokenizer, train_set, device, on_step=samples, accelerator=accelerator)
     log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
     if cfg.eval.enabled:
         after = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
         (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
+        log_eval(accelerator, after["summary"], last.get("step", cfg.train.steps))
         evals = {label: json.loads((run_dir / fname).read_text()) for label, fname in EVAL_ROWS if (run_dir / fname).exists()}
         print_eval_table({label: e["summary"] for label, e in evals.items()})
         print_examples(evals, cfg.eval.show_examples)
+    accelerator.end_training()
+    curves = write_curves(run_dir)
+    if curves:
+        log.info("curves: %s", curves)
     return True
 
 

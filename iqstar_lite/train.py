@@ -29,8 +29,10 @@ from iqstar_lite.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
 from iqstar_lite.model import assert_trainable_layout
 from iqstar_lite.rollout import Rollout, eos_token_ids, pack, response_logits, sample
+from iqstar_lite.samples import SAMPLES_FILE
 from iqstar_lite.scoring import estimator_pass
 from iqstar_lite.stopping import stop_requests
+from iqstar_lite.tracking import log_step
 
 log = logging.getLogger("iqstar_lite")
 
@@ -209,15 +211,17 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
 
 
 def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Example], device: torch.device,
-          on_step: Callable[[dict], bool | None] | None = None) -> dict:
-    """Run ``cfg.train.steps`` Inverse-Q* steps; writes metrics.jsonl, checkpoints/ and adapter/.
+          on_step: Callable[[dict], bool | None] | None = None, accelerator=None) -> dict:
+    """Run ``cfg.train.steps`` Inverse-Q* steps; writes metrics.jsonl, checkpoints/ and adapter/, and logs each metrics
+    row to ``accelerator``'s trackers (``tracking.make_accelerator``; default: an Accelerator without trackers).
 
     ``on_step(metrics)`` runs after each step (its metrics line and any checkpoint written); returning True
     stops training there (the adapter is still saved).
     """
-    from accelerate import Accelerator
+    if accelerator is None:
+        from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=device.type == "cpu")
+        accelerator = Accelerator(cpu=device.type == "cpu")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_name = make_optimizer(params, cfg)
@@ -240,11 +244,13 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     if main:
         if ckpt is not None:
             log.info("resumed from %s (step %d)", ckpt, start)
-            keep_metrics_until(metrics_path, start)
+            for path in (metrics_path, run_dir / SAMPLES_FILE):
+                keep_metrics_until(path, start)
         else:
             if cfg.train.resume:
                 log.warning("train.resume=true but no checkpoint in %s: training from step 0", run_dir / "checkpoints")
-            metrics_path.unlink(missing_ok=True)
+            for path in (metrics_path, run_dir / SAMPLES_FILE):
+                path.unlink(missing_ok=True)
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
@@ -312,6 +318,7 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
             if main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
+                log_step(accelerator, last)
             bar.set_postfix(loss=f"{last['loss']:.3g}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
             nonfinite_run = nonfinite_run + 1 if last["nonfinite_skipped"] == cfg.loss.epochs else 0
             if nonfinite_run >= cfg.train.max_nonfinite_steps:

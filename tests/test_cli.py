@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["tiny_cpu", "model.path=/no/such/model", "--dry-run"], ["does not exist", "model.path"]),
         (["tiny_cpu", "eval.batch_size=0", "eval.max_new_tokens=0"], ["2 problems", "'eval.batch_size' must be > 0", "eval.max_new_tokens"]),
         (["tiny_cpu", "export.check_new_tokens=0"], ["'export.check_new_tokens' must be > 0"]),
+        (["tiny_cpu", "train.report_to=tensorbord"], ["'train.report_to' must be one of", "tensorboard"]),
     ],
 )
 def test_bad_input_gives_one_line(args, needles):
@@ -117,18 +119,51 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert cd["summary"]["kl_to_target"] == 0.0 and all("response_ids" in r for r in cd["records"])
     assert "held-out answers" in res.stdout and "contrastive decoding:" in res.stdout
 
+    # Watching the run: TensorBoard's own reader finds every step's metrics and the evaluations; sample answers after
+    # every step (eval.every=1 in tiny_cpu) in samples.jsonl and the text tab; a picture of the run.
+    events = tensorboard_events(out)
+    assert [s.step for s in events.Scalars("train/loss")] == [1, 2]
+    assert [round(s.value, 5) for s in events.Scalars("train/reward_mean")] == [round(m["reward_mean"], 5) for m in steps]
+    assert {f"train/{k}" for k in steps[0] if k != "step"} <= set(events.Tags()["scalars"])
+    assert [(s.step, s.value) for s in events.Scalars("eval/principle_score")] == [
+        (0, pytest.approx(json.loads((out / "eval_before.json").read_text())["summary"]["principle_score"])),
+        (2, pytest.approx(after["principle_score"]))]
+    assert [s.step for s in events.Scalars("eval_contrastive/kl_to_target")] == [0]
+    text = events.Tensors("samples/text_summary")
+    assert [t.step for t in text] == [1, 2] and b"| prompt | answer | judge |" in text[0].tensor_proto.string_val[0]
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2] and {"prompt", "answer", "judge"} <= set(samples[0])
+    assert samples[0]["prompt"] == cd["records"][0]["prompt"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hparams = [yaml.safe_load(p.read_text()) for p in (out / "tensorboard").glob("*/hparams.yml")]  # the config, flat
+    assert len(hparams) == 1 and hparams[0]["train.steps"] == 2 and hparams[0]["model.path"] == "embedded:tiny-random"
+
     # Training changed the LoRA B matrices (they start at zero) and the adapter reloads with peft.
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     model = PeftModel.from_pretrained(load_base(ModelConfig(path=tiny_path, device="cpu")), out / "adapter")
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0
 
-    # Resume: two more steps continue from the last checkpoint, metrics keep steps 1..4.
+    # Resume: two more steps continue from the last checkpoint, metrics keep steps 1..4; a samples line of a step after the
+    # checkpoint (a killed run's) is dropped and that step sampled again.
+    with (out / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "prompt": "stale", "answer": "stale", "judge": None}) + "\n")
     res = cli("tiny_cpu", f"out_dir={out}", "stages=train", "train.steps=4", "train.resume=true", "eval.enabled=false")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    assert [s.step for s in tensorboard_events(out).Scalars("train/loss")] == [1, 2, 3, 4]
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4] and "stale" not in {r["prompt"] for r in samples}
+
+
+def tensorboard_events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
 
 
 def test_guided_samples_train_from_pi_star_in_the_same_rollout(tmp_path, tiny_path):
