@@ -36,7 +36,7 @@ def _summary(run_dir: Path, name: str) -> dict:
 def plot_run(run_dir: Path) -> Path:
     """Draw RUN_DIR/curves.png from the run's files; UserError when there is nothing to draw or no matplotlib."""
     run_dir = Path(run_dir)
-    rows = jsonl_rows(run_dir / "metrics.jsonl")
+    rows = [r for r in jsonl_rows(run_dir / "metrics.jsonl") if isinstance(r.get("step"), int)]
     if not rows:
         raise UserError(f"{str(run_dir)!r} has no metrics.jsonl rows to plot; pass the out_dir of a training run")
     try:
@@ -94,7 +94,7 @@ def write_curves(run_dir: Path) -> Path | None:
     """At the end of a run (and of a resumed one): curves.png, or a warning saying why not; never stops the run."""
     try:
         return plot_run(run_dir)
-    except UserError as e:
+    except Exception as e:  # noqa: BLE001 - an optional picture (matplotlib missing, odd metrics, disk full) never fails the run
         log.warning("curves.png not written: %s", e)
         return None
 

@@ -317,15 +317,11 @@ class Formatter:
                                                        self.default_system))
 
     def reference_text(self, ex: Example) -> str:
-        """The hindsight reference as text: a string as it is; several turns (a conversational ``chosen``) rendered through
-        the chat template, never as a Python repr."""
+        """The hindsight reference as text: a string as it is; several turns (a conversational ``chosen``) as ``role: content``
+        paragraphs, never a Python repr. Not through the chat template: its turn markers are special tokens and its default
+        system block would come with them, fake turn boundaries inside one message of the context."""
         if isinstance(ex.reference, str):
             return ex.reference
-        if getattr(self.tokenizer, "chat_template", None):
-            try:
-                return self.tokenizer.apply_chat_template(ex.reference, tokenize=False).strip()
-            except Exception:  # noqa: BLE001 - templates that insist on user/assistant alternation from a user turn
-                pass
         return "\n\n".join(f"{m['role']}: {m['content']}" for m in ex.reference)
 
     def ids(self, text: str) -> list[int]:

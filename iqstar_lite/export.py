@@ -112,6 +112,9 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    if cfg.model.trust_remote_code:  # the merged folder, ONNX and GGUF exporters and the gate load the model class by name
+        raise UserError("export of a model with custom code (model.trust_remote_code=true) is not supported; the trained adapter is in "
+                        f"{str(run_dir / 'adapter')!r} (load it with peft), or run with stages=train")
     adapter_dir(run_dir)  # fail early, before any model is loaded
     report: dict = {"adapter_card": str(write_adapter_card(run_dir, cfg))}
     report["merge"] = merge_run(run_dir, cfg, prompts)

@@ -251,9 +251,14 @@ def check_start_adapter(path: str) -> None:
         raise UserError(f"model.adapter={path!r} is not a peft adapter folder (no adapter_config.json); point it at the folder "
                         f"save_pretrained wrote (e.g. RUN_DIR/adapter)")
     check_adapter(p)
-    peft_type = json.loads((p / "adapter_config.json").read_text()).get("peft_type")
-    if peft_type != "LORA":
-        raise UserError(f"model.adapter={path!r} is a {peft_type} adapter; training continues LoRA adapters only")
+    ac = json.loads((p / "adapter_config.json").read_text())
+    if ac.get("peft_type") != "LORA":
+        raise UserError(f"model.adapter={path!r} is a {ac.get('peft_type')} adapter; training continues LoRA adapters only")
+    if ac.get("use_dora"):  # peft refuses per-row adapter names (pi-hat*'s rows in the rollout) with DoRA
+        raise UserError(f"model.adapter={path!r} is a DoRA adapter (use_dora); training continues plain LoRA adapters only")
+    if ac.get("modules_to_save"):  # fully trained copies of whole modules: the reference (adapters off) would not be the base
+        raise UserError(f"model.adapter={path!r} trains whole modules too (modules_to_save={ac['modules_to_save']}); "
+                        f"training continues plain LoRA adapters only")
 
 
 def lora_in_use(cfg: ModelConfig, lora: LoraSettings) -> LoraSettings:

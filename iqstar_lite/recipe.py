@@ -89,7 +89,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     from iqstar_lite.embedded import resolve_model_path
     from iqstar_lite.evaluate import evaluate
     from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import hub_kwargs, load_policy, load_tokenizer, pick_device
+    from iqstar_lite.model import hub_kwargs, load_policy, load_tokenizer, lora_in_use, pick_device
     from iqstar_lite.samples import SampleWriter
     from iqstar_lite.tracking import log_eval, make_accelerator, start_trackers
     from iqstar_lite.train import train
@@ -107,6 +107,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
         raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over {state.num_processes} processes; "
                         f"make it a multiple of {state.num_processes}")
     accelerator = make_accelerator(cfg, run_dir, device)  # trackers (train.report_to) checked before anything heavy loads
+    cfg.lora = lora_in_use(cfg.model, cfg.lora)  # model.adapter's own r / alpha / targets: what config.yaml and the model card say
     if main:
         save_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.path, **hub_kwargs(cfg.model))
@@ -123,30 +124,35 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
         accelerator.end_training()
         return False
     start_trackers(accelerator, cfg, run_dir)
-    if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
-        # pi-hat*'s greedy answers first: the contrastive row, and the trajectories of the KL(pi-hat* || pi_theta) measure
-        cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
-        (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
-        target = [r["response_ids"] for r in cd["records"]]
-        before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
-        (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
-        log_eval(accelerator, cd["summary"], 0, contrastive=True)
-        log_eval(accelerator, before["summary"], 0)
-    elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
-        target = [r["response_ids"] for r in json.loads((run_dir / "eval_contrastive.json").read_text())["records"]]
-    state.wait_for_everyone()
-    t0 = time.time()
-    samples = SampleWriter(model, tokenizer, fmt, heldout, cfg, judge, run_dir, accelerator)
-    last = train(cfg, run_dir, model, tokenizer, train_set, device, on_step=samples, accelerator=accelerator)
-    log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
-    if cfg.eval.enabled:
-        after = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
-        (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
-        log_eval(accelerator, after["summary"], last.get("step", cfg.train.steps))
-        evals = {label: json.loads((run_dir / fname).read_text()) for label, fname in EVAL_ROWS if (run_dir / fname).exists()}
-        print_eval_table({label: e["summary"] for label, e in evals.items()})
-        print_examples(evals, cfg.eval.show_examples)
-    accelerator.end_training()
+    try:  # trackers closed whatever happens (an MLflow / W&B run is not left open by a stop or an error)
+        if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
+            # pi-hat*'s greedy answers first: the contrastive row, and the trajectories of the KL(pi-hat* || pi_theta) measure
+            cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
+            (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
+            target = [r["response_ids"] for r in cd["records"]]
+            before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
+            (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+            log_eval(accelerator, cd["summary"], 0, contrastive=True)
+            log_eval(accelerator, before["summary"], 0)
+        elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
+            target = [r["response_ids"] for r in json.loads((run_dir / "eval_contrastive.json").read_text())["records"]]
+        state.wait_for_everyone()
+        t0 = time.time()
+        samples = SampleWriter(model, tokenizer, fmt, heldout, cfg, judge, run_dir, accelerator)
+        last = train(cfg, run_dir, model, tokenizer, train_set, device, on_step=samples, accelerator=accelerator)
+        log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
+        if cfg.eval.enabled:
+            after = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
+            (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
+            step = last.get("step", cfg.train.steps)
+            log_eval(accelerator, after["summary"], step)
+            if step == cfg.train.steps:
+                samples.from_evaluation(after["records"], step)
+            evals = {label: json.loads((run_dir / fname).read_text()) for label, fname in EVAL_ROWS if (run_dir / fname).exists()}
+            print_eval_table({label: e["summary"] for label, e in evals.items()})
+            print_examples(evals, cfg.eval.show_examples)
+    finally:
+        accelerator.end_training()
     curves = write_curves(run_dir)
     if curves:
         log.info("curves: %s", curves)

@@ -47,7 +47,18 @@ class SampleWriter:
         step = metrics["step"]
         if not (self.examples and samples_due(step, self.cfg)):
             return
-        rows = answer_samples(self.model, self.tokenizer, self.fmt, self.examples, self.cfg, self.judge, step)
+        if step == self.cfg.train.steps and self.cfg.eval.enabled:
+            return  # the held-out evaluation that follows answers the same prompts: ``from_evaluation`` writes them
+        self.write(answer_samples(self.model, self.tokenizer, self.fmt, self.examples, self.cfg, self.judge, step), step)
+
+    def from_evaluation(self, records: list[dict], step: int) -> None:
+        """The last step's samples: the first rows of the final evaluation (same prompts, greedy, principle absent)."""
+        self.write([{"step": step, "prompt": r["prompt"], "answer": r["response"], "judge": r.get("judge")}
+                    for r in records[: len(self.examples)]], step)
+
+    def write(self, rows: list[dict], step: int) -> None:
+        if not rows:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         log_samples(self.accelerator, rows, step)

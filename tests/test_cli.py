@@ -134,6 +134,8 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2] and {"prompt", "answer", "judge"} <= set(samples[0])
     assert samples[0]["prompt"] == cd["records"][0]["prompt"]
+    # the last step's samples are the final evaluation's first answers (not decoded twice)
+    assert [r["answer"] for r in samples[3:]] == [r["response"] for r in json.loads((out / "eval_after.json").read_text())["records"][:3]]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     hparams = [yaml.safe_load(p.read_text()) for p in (out / "tensorboard").glob("*/hparams.yml")]  # the config, flat
     assert len(hparams) == 1 and hparams[0]["train.steps"] == 2 and hparams[0]["model.path"] == "embedded:tiny-random"

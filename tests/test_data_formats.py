@@ -48,21 +48,19 @@ def test_trl_conversational_jsonl(tmp_path, tokenizer):
     assert "Good 3.\n\nAnswer the next request" in context and "Bad 3." not in context and "'role'" not in context
 
 
-def test_multi_turn_chosen_is_rendered_through_the_chat_template(tokenizer):
+def test_multi_turn_chosen_is_rendered_as_text_without_turn_markers(tokenizer):
     from iqstar_lite.data import _to_example
 
     turns = [{"role": "assistant", "content": "Let me check."}, {"role": "user", "content": "Please."}, {"role": "assistant", "content": "Done."}]
     ex = _to_example({"prompt": "Fix it?", "chosen": turns}, "row 1")
     assert ex.reference == turns
-    text = Formatter(tokenizer, DataConfig(), kind="hindsight").reference_text(ex)
-    assert text == tokenizer.apply_chat_template(turns, tokenize=False).strip()
-    assert "<|im_start|>assistant\nLet me check.<|im_end|>" in text and "{'role'" not in text
-    import copy
-
-    strict = copy.copy(tokenizer)  # a template that refuses a conversation starting with the assistant
-    strict.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
-    text = Formatter(strict, DataConfig(), kind="hindsight").reference_text(ex)
-    assert text == "assistant: Let me check.\n\nuser: Please.\n\nassistant: Done."
+    fmt = Formatter(tokenizer, DataConfig(), kind="hindsight")
+    assert fmt.reference_text(ex) == "assistant: Let me check.\n\nuser: Please.\n\nassistant: Done."
+    # inside the hindsight context the reference adds no turn boundary: one system and one user turn, as without it
+    context = fmt.conditioned(ex)
+    with_text = fmt.conditioned(_to_example({"prompt": "Fix it?", "chosen": "Done."}, "row 2"))
+    assert context.count("<|im_start|>") == with_text.count("<|im_start|>") and context.count("<|im_end|>") == with_text.count("<|im_end|>")
+    assert "Let me check." in context and "{'role'" not in context
 
 
 def test_saved_datasets_preference_dataset_with_a_test_split(tmp_path, tokenizer):

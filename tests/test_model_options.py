@@ -72,6 +72,26 @@ def test_bad_start_adapter_gives_one_line(tiny_path, tmp_path):
         load_policy(ModelConfig(path=tiny_path, adapter=str(bin_only)), load_recipe("tiny_cpu").lora)
 
 
+def test_start_adapters_peft_cannot_train_here_are_refused(tiny_path, tmp_path):
+    from safetensors.torch import save_file
+
+    for name, extra, message in (("dora", {"use_dora": True}, "DoRA adapter"), ("whole", {"modules_to_save": ["lm_head"]}, "trains whole modules")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **extra}))
+        save_file({"base_model.model.x.lora_A.weight": torch.zeros(4, 8)}, str(folder / "adapter_model.safetensors"))
+        with pytest.raises(UserError, match=message):
+            load_policy(ModelConfig(path=tiny_path, adapter=str(folder)), load_recipe("tiny_cpu").lora)
+
+
+def test_export_of_custom_code_models_is_refused_in_one_line(tmp_path):
+    from iqstar_lite.export import export_run
+
+    cfg = load_recipe("tiny_cpu", ["model.trust_remote_code=true"])
+    with pytest.raises(UserError, match="custom code .*not supported.*stages=train"):
+        export_run(tmp_path, cfg)
+
+
 @pytest.fixture()
 def hub_cache(tiny_path, tmp_path, monkeypatch):
     """A hub cache as huggingface_hub lays it out, read offline: org/tiny with branches main and v2 (v2's config carries
