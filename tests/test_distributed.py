@@ -53,6 +53,10 @@ def test_two_process_run_writes_one_consistent_run_directory_and_resumes(tmp_pat
     assert [r["step"] for r in rows] == [1, 2] and all(r["world_size"] == 2 for r in rows)
     assert "world_size: 2" in (out / "config.yaml").read_text()
     assert res.stdout.count("run directory:") == 1 and (out / "eval_after.json").is_file()
+    # one writer: one TensorBoard event file, one set of sample answers per step
+    writers = {p.name.split(".")[-2] for p in (out / "tensorboard").rglob("events.out.tfevents.*")}  # .<host>.<pid>.<n>
+    assert len(writers) == 1, writers
+    assert [json.loads(ln)["step"] for ln in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 1, 2, 2, 2]
     # each step's global batch (rollout.prompts_per_step = 4) split into disjoint halves
     ranks = [[json.loads(ln) for ln in (out / f"prompts-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     from iqstar_lite.config import load_recipe
