@@ -184,10 +184,10 @@ class ExportConfig:
     merge_base: Literal["dequantized", "original"] = "dequantized"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     onnx: bool = True
-    onnx_graph: Literal["optimum", "genai"] = "optimum"
-    """ONNX layout: ``optimum`` (optimum-onnx; standard ops, loads in optimum's ORTModelForCausalLM, any batch)
-    or ``genai`` (onnxruntime-genai's model builder: fused attention, faster in onnxruntime - bench/RESULTS.md,
-    onnx_speed; run it with ``OrtGenerator``, not optimum's loader). See ``onnx_export.export_onnx``."""
+    onnx_graph: Literal["optimum", "genai"] = "genai"
+    """ONNX layout: ``genai`` (default: onnxruntime-genai's model builder, fused attention; faster - bench/RESULTS.md,
+    onnx_speed; runs in onnxruntime-genai's own runtime and in ``OrtGenerator``) or ``optimum`` (optimum-onnx; standard
+    ops, the layout optimum's ``ORTModelForCausalLM`` loads). See ``onnx_export.export_onnx``."""
     int8: bool = True
     int8_block: int = 32
     """int8 weight groups: 16, 32, 64, ... = one scale per that many input rows of each output channel (onnxruntime

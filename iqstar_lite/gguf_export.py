@@ -18,6 +18,7 @@ gates it against the merged model.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def write_gguf(merged_dir: Path, path: Path, qtype: str, name: str = "model") ->
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # it warns about the post-processor's pair template, unused here
     special = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=len(tokens))
     if _bos_in_template(merged_dir):
         special.add_special_token["bos"] = False
