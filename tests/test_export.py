@@ -235,6 +235,20 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(run_dir, tmp
     assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai"]["tokens_per_s"] > 0
     assert result["genai"]["prompts"][0]["tokens"] == result["prompts"][0]["torch_tokens"]
     assert result["genai-int8"]["prompt_ids_equal"] and result["genai-int8"]["agreement"] >= 0.5
+    import onnxruntime_genai as og  # the README's snippet: genai's documented API alone gives the gate's tokens
+
+    model = og.Model(str(run / "onnx"))
+    tok = og.Tokenizer(model)
+    text = tok.apply_chat_template(json.dumps([{"role": "user", "content": PROMPTS[0]}]), add_generation_prompt=True)
+    params = og.GeneratorParams(model)
+    n = len(tok.encode(text))
+    params.set_search_options(do_sample=False, max_length=n + cfg.export.check_new_tokens)
+    g = og.Generator(model, params)
+    g.append_tokens(tok.encode(text))
+    while not g.is_done():
+        g.generate_next_token()
+    assert [int(t) for t in g.get_sequence(0)[n:]] == result["prompts"][0]["torch_tokens"]
+    del g, model
     chat = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", block_torch=True)  # genai's runtime
     assert chat.returncode == 0, chat.stderr
     same = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", "--runtime", "onnxruntime", block_torch=True)
@@ -654,6 +668,20 @@ def test_smollm2_export_and_check(tmp_path):
     result = check_run(tmp_path, cfg)
     assert result["passed"], result["failures"]
     assert result["greedy_equal"] and result["int8_agreement"] >= 0.9
+    # The default export: genai graph, run by onnxruntime-genai itself; GGUF f16 / q8_0 loaded back by transformers.
+    assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai-int8"]["agreement"] >= 0.9
+    assert result["gguf"]["f16"]["greedy_equal"] and result["gguf"]["q8_0"]["agreement"] >= 0.9
+
+
+@pytest.mark.slow
+def test_tiny_cpu_recipe_end_to_end_passes_every_client_gate(tmp_path):
+    """tiny_cpu (SmolLM2's GGUF-converted tokenizer, the one onnxruntime-genai misread): train, export, check."""
+    proc = _run("iqstar_lite.recipe", "tiny_cpu", f"out_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert report["passed"] and report["genai"]["prompt_ids_equal"] and report["genai"]["greedy_equal"]
+    assert report["gguf"]["f16"]["greedy_equal"] and report["gguf"]["f16"]["prompt_ids_equal"]
+    assert "onnxruntime-genai (genai):" in proc.stdout and "GGUF f16 via" in proc.stdout
 
 
 def _copy_run(run: Path, dst: Path, *parts: str) -> Path:
