@@ -6,7 +6,7 @@
 Clients: PyTorch (the merged checkpoint, fp32, the package's decoding loop); ``OrtGenerator`` (onnxruntime + numpy) on
 every ONNX folder; onnxruntime-genai's own runtime (``GenaiGenerator``) on every folder with ``genai_config.json``;
 each ``RUN_DIR/gguf/model-*.gguf`` through transformers' GGUF loader (dequantized to fp32: the file's numbers, PyTorch's
-speed). Every client decodes exactly --new-tokens greedy steps after each held-out prompt (EOS suppressed), 1 warm-up;
+speed), and in llama.cpp where llama-cpp-python is installed (``LlamaCppGenerator``). Every client decodes exactly --new-tokens greedy steps after each held-out prompt (EOS suppressed), 1 warm-up;
 ``same_tokens`` says whether its tokens equal PyTorch's on every prompt (the parity gate, ``iqstar_lite.check``, is the
 proof; this is the sanity check that the timed work is the same).
 """
@@ -18,6 +18,12 @@ from pathlib import Path
 from common import base_parser, parse_args, quiet_libraries, ratio, repeat, set_threads, stats, warn_if_busy, write_result
 from decoders import ort_generator, torch_greedy, until_eos
 from onnx_speed import held_out_prompts
+
+
+def same_until_eos(a: list[int], b: list[int], eos: list[int]) -> bool:
+    """Equal up to the first EOS in either row (OrtGenerator decodes past an EOS, the other clients suppress it)."""
+    k = min(len(until_eos(a, eos)), len(until_eos(b, eos)))
+    return a[:k] == b[:k]
 
 
 def clients(run_dir: Path, onnx: list[str], threads: int) -> dict:
@@ -42,9 +48,14 @@ def clients(run_dir: Path, onnx: list[str], threads: int) -> dict:
         if is_genai_folder(folder):
             gg = GenaiGenerator(folder)
             out[f"genai:{name}"] = (lambda ids, n, g=gg: g.generate(ids, n, stop_at_eos=False).tokens, f"onnxruntime-genai runtime on {folder.name}")
+    from iqstar_lite.llamacpp_generate import LlamaCppGenerator, available
+
     for path in sorted((run_dir / "gguf").glob("model-*.gguf")):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         out[f"transformers-gguf:{path.stem.removeprefix('model-')}"] = (torch_client(model, eos), f"transformers' GGUF loader on {path.name}")
+        if available():
+            lc = LlamaCppGenerator(path, threads=threads)
+            out[f"llama.cpp:{path.stem.removeprefix('model-')}"] = (lambda ids, n, g=lc: g.generate(ids, n, stop_at_eos=False).tokens, f"llama.cpp (llama-cpp-python) on {path.name}")
     return out
 
 
@@ -76,12 +87,14 @@ def main() -> None:
     base = speed["pytorch"]["median"]
     results = {"tokens_per_s": {n: {"batch_1": s} for n, s in speed.items()},
                "over_pytorch": {n: ratio(s["median"], base) for n, s in speed.items()},
-               "same_tokens": {n: [until_eos(t, eos) for t in tokens[n]] == [until_eos(t, eos) for t in tokens["pytorch"]] for n in tokens},
+               "same_tokens": {n: all(same_until_eos(a, b, eos) for a, b in zip(tokens[n], tokens["pytorch"])) for n in tokens},
+               "tokens": tokens,
                "clients": {n: d for n, (_, d) in all_clients.items()}}
     settings = {"run_dir": str(args.run_dir), "new_tokens": args.new_tokens, "prompts": args.prompts, "repeats": args.repeats,
                 "threads": args.threads, "onnx": args.onnx, "quick": args.quick, "prompt_tokens": [len(i) for i in prompt_ids]}
     notes = ["tokens/s = prompts x new_tokens / wall time of the greedy decodes of all prompts one at a time (prefill included); EOS suppressed; 1 warm-up.",
-             "same_tokens: the client's greedy tokens equal PyTorch's on every prompt, up to the first EOS (OrtGenerator decodes past an EOS, the others suppress it)."]
+             "same_tokens: the client's greedy tokens equal PyTorch's on every prompt, up to the first EOS in either (OrtGenerator decodes past an EOS, "
+             "the others suppress it). Lossy clients (int8, q8_0) may differ; the parity gate scores them by top-1 agreement."]
     write_result("deploy_clients", settings, results, notes, args.results)
 
 

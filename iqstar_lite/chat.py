@@ -10,7 +10,8 @@ What serves what (``--runtime auto``, the default):
   chat template and generator; ``genai_generate.py``); ``--runtime onnxruntime`` runs the same graph with
   ``OrtGenerator`` instead (batches in one call);
 * another ONNX folder (``export.onnx_graph=optimum``): onnxruntime + numpy + a tokenizer (``ort_generate.py``);
-* a ``.gguf`` file: transformers' GGUF loader and the package's PyTorch decoding loop (``rollout.sample``; needs torch).
+* a ``.gguf`` file: llama.cpp where llama-cpp-python is installed (``llamacpp_generate.py``), else transformers' GGUF
+  loader and the package's PyTorch decoding loop (``rollout.sample``; needs torch); ``--runtime`` picks either.
 
 The ONNX paths never import torch.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from iqstar_lite.errors import UserError, run_cli
 
-RUNTIMES = ("auto", "onnxruntime", "genai", "transformers")
+RUNTIMES = ("auto", "onnxruntime", "genai", "llama.cpp", "transformers")
 
 
 def pick_runtime(path: Path, runtime: str = "auto") -> str:
@@ -33,13 +34,15 @@ def pick_runtime(path: Path, runtime: str = "auto") -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{str(path)!r} does not exist; pass RUN_DIR/gguf/model-q8_0.gguf (or -f16) written by 'python -m iqstar_lite.export RUN_DIR'")
-        if runtime not in ("auto", "transformers"):
-            raise UserError(f"a GGUF file runs with --runtime transformers (or auto), not {runtime}")
-        return "transformers"
+        if runtime not in ("auto", "transformers", "llama.cpp"):
+            raise UserError(f"a GGUF file runs with --runtime llama.cpp or transformers (or auto), not {runtime}")
+        from iqstar_lite.llamacpp_generate import available
+
+        return ("llama.cpp" if available() else "transformers") if runtime == "auto" else runtime
     if path.is_dir() and sorted(path.glob("model-*.gguf")) and not (path / "model.onnx").exists():
         raise UserError(f"{str(path)!r} holds GGUF files; pass one of them, e.g. {sorted(path.glob('model-*.gguf'))[-1]}")
-    if runtime == "transformers":
-        raise UserError(f"--runtime transformers serves .gguf files; {str(path)!r} is not one")
+    if runtime in ("transformers", "llama.cpp"):
+        raise UserError(f"--runtime {runtime} serves .gguf files; {str(path)!r} is not one")
     if runtime == "genai" or (runtime == "auto" and is_genai_folder(path)):
         if not is_genai_folder(path):
             raise UserError(f"{str(path)!r} is not an onnxruntime-genai folder (no genai_config.json); export with export.onnx_graph=genai or use --runtime onnxruntime")
@@ -89,6 +92,11 @@ def answers(path: Path, prompts: list[str], runtime: str, max_new_tokens: int, *
     """One answer per prompt from the client ``runtime`` (see ``pick_runtime``)."""
     if runtime == "transformers":
         return GgufChat(path).chat_batch(prompts, max_new_tokens, **kw)
+    if runtime == "llama.cpp":
+        from iqstar_lite.llamacpp_generate import LlamaCppGenerator
+
+        gen = LlamaCppGenerator(path)
+        return [gen.chat(p, max_new_tokens, **kw) for p in prompts]
     if runtime == "genai":
         from iqstar_lite.genai_generate import GenaiGenerator
 

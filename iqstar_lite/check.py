@@ -7,8 +7,12 @@ For each check prompt (chat template applied):
   continuations (``export.check_new_tokens``, KV cache on both sides) must be identical.
 * int8 ONNX: top-1 agreement with the merged model, teacher-forced on the merged model's greedy
   continuation, and the first position where it differs; gated by ``export.min_int8_agreement``.
+* a genai folder (fp32 and int8) in onnxruntime-genai's own runtime, and each GGUF file in llama.cpp where installed:
+  prompt ids from the client's own template + tokenizer, its decoding, its greedy tokens (``check_clients.py``).
+* each GGUF file loaded back by transformers: prompt ids, f32/f16 identical greedy tokens, q8_0 top-1 agreement.
 
-The ONNX side runs through ``ort_generate.OrtGenerator`` (the same loop ``chat`` uses).
+The ONNX side runs through ``ort_generate.OrtGenerator`` (the same loop ``chat`` uses); every client's greedy
+tokens/s is reported.
 
     python -m iqstar_lite.check RUN_DIR/onnx [--against RUN_DIR/merged]
 
@@ -26,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from iqstar_lite.check_clients import first_diff, genai_client, tokens_per_s
+from iqstar_lite.check_clients import client_parity, first_diff, tokens_per_s
 from iqstar_lite.config import ExportConfig, RecipeConfig, load_run_config
 from iqstar_lite.errors import UserError, run_cli
 from iqstar_lite.genai_generate import GenaiGenerator, is_genai_folder
+from iqstar_lite.llamacpp_generate import LlamaCppGenerator
+from iqstar_lite.llamacpp_generate import available as llamacpp_available
 from iqstar_lite.merge import pick_prompts
 from iqstar_lite.ort_generate import Generation, OrtGenerator, eos_token_ids, find_onnx_file, render_chat
 
@@ -186,7 +192,7 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
     """Compare ``onnx_dir`` (and ``int8_dir``, the GGUF files in ``gguf_dir``) with ``merged_dir``; return the report
     (``passed``, ``failures``).
 
-    The three models run one after the other (a 7B export is never in memory twice).
+    The models run one after the other (a 7B export is never in memory twice).
     """
     from transformers import AutoTokenizer
 
@@ -227,11 +233,19 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
     for name, folder, floor in (("genai", onnx_dir, None), ("genai-int8", int8_dir, export.min_int8_agreement)):
         if folder is not None and is_genai_folder(folder):  # onnxruntime-genai's own runtime on the same folder
             gc.collect()
-            report[name], bad = genai_client(GenaiGenerator(folder), name, texts, prompt_ids, refs, tok, export.check_new_tokens, floor)
+            report[name], bad = client_parity(GenaiGenerator(folder), "onnxruntime-genai", name, texts, prompt_ids, refs, tok, export.check_new_tokens, floor)
             failures += bad
     if gguf_dir is not None and Path(gguf_dir).is_dir():
         report["gguf"], bad = _gguf_rows(Path(gguf_dir), texts, prompt_ids, refs, export, eos)
         failures += bad
+        if llamacpp_available():  # llama.cpp itself, where installed (the llamacpp extra)
+            n_ctx = max(len(i) for i in prompt_ids) + export.check_new_tokens + 8
+            for path in sorted(Path(gguf_dir).glob("model-*.gguf")):
+                gen = LlamaCppGenerator(path, n_ctx=n_ctx)
+                report.setdefault("llama.cpp", {})[path.stem.removeprefix("model-")], bad = client_parity(
+                    gen, "llama.cpp", f"llama.cpp {path.name}", texts, prompt_ids, refs, tok, export.check_new_tokens, export.min_int8_agreement)
+                failures += bad
+                del gen
     report["failures"] = failures
     report["passed"] = not failures
     return report
@@ -264,6 +278,9 @@ def format_table(report: dict) -> str:
         same = f"greedy {'same' if c['greedy_equal'] else 'differs'}, top-1 agreement {c['agreement']:.3f}, max |dlogit| {c['max_logit_diff']:.3g}"
         ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
         speed += f"\nGGUF {qtype} via {c['client']}: {c['tokens_per_s']:.1f} tokens/s, {ids}, {same}"
+    for qtype, c in report.get("llama.cpp", {}).items():
+        ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
+        speed += f"\nGGUF {qtype} in llama.cpp: {c['tokens_per_s']:.1f} tokens/s, {ids}, greedy {'same' if c['greedy_equal'] else 'differs'}, top-1 agreement {c['agreement']:.3f}"
     lines += [speed, "PASSED" if report["passed"] else "FAILED:\n  " + "\n  ".join(report["failures"])]
     return "\n".join(lines)
 
@@ -288,7 +305,7 @@ def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.check", description="ONNX vs merged PyTorch parity gate.")
+    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.check", description="ONNX / genai / GGUF vs merged PyTorch parity gate.")
     ap.add_argument("onnx_dir", type=Path, help="RUN_DIR/onnx (or RUN_DIR)")
     ap.add_argument("--against", type=Path, help="merged checkpoint (default: the onnx folder's sibling 'merged')")
     ap.add_argument("--int8", type=Path, help="int8 export to check too (default: sibling 'onnx-int8' if present)")

@@ -1,8 +1,9 @@
 """Parity of the clients users deploy with, against the merged model's greedy reference (``check._torch_reference``).
 
-* onnxruntime-genai's own runtime on a genai folder (``genai_generate.GenaiGenerator``): its chat template and
-  tokenizer must give the merged tokenizer's prompt ids, its decoding must give transformers' text, and its
-  generator the merged model's greedy tokens (fp32: identical; int8: teacher-forced top-1 agreement).
+A client runs end to end in its own runtime: onnxruntime-genai on a genai folder (``genai_generate.GenaiGenerator``),
+llama.cpp on a GGUF file (``llamacpp_generate.LlamaCppGenerator``). Its chat template and tokenizer must give the
+merged tokenizer's prompt ids, its decoding must give transformers' text, and its generator the merged model's greedy
+tokens (exact: identical; else teacher-forced top-1 agreement >= a floor).
 
 Each returns ``(report, failures)``; ``check.check_onnx`` adds them to its report and gate.
 """
@@ -27,10 +28,11 @@ def _decode_ref(ref_tok, tokens: list[int], eos: list[int]) -> str:
     return ref_tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def genai_client(gen, name: str, texts: list[str], prompt_ids: list[list[int]], refs: list[dict], ref_tok, new_tokens: int,
-                 min_agreement: float | None = None) -> tuple[dict, list[str]]:
-    """onnxruntime-genai end to end on each prompt. ``min_agreement=None``: exact (fp32): same prompt ids, same
-    decoded text, identical greedy tokens; else (int8) the same ids and text, top-1 agreement >= ``min_agreement``."""
+def client_parity(gen, label: str, name: str, texts: list[str], prompt_ids: list[list[int]], refs: list[dict], ref_tok, new_tokens: int,
+                  min_agreement: float | None = None) -> tuple[dict, list[str]]:
+    """Client ``gen`` (``chat_ids``, ``generate``, ``teacher_forced_top1``, ``decode``, ``eos_ids``; ``label`` names its
+    runtime) end to end on each prompt. ``min_agreement=None``: exact: same prompt ids, same decoded text, identical
+    greedy tokens; else the same ids and text, and top-1 agreement >= ``min_agreement``."""
     gen.generate(prompt_ids[0], 2)  # warm-up, not timed
     rows, failures, outs = [], [], []
     for i, (text, ids, ref) in enumerate(zip(texts, prompt_ids, refs)):
@@ -41,7 +43,7 @@ def genai_client(gen, name: str, texts: list[str], prompt_ids: list[list[int]], 
         row = {"prompt_ids_equal": own == ids, "tokens": out.tokens, "seconds": out.seconds, "first_divergence": first_diff(out.tokens, want)}
         if own != ids:
             k = first_diff(own, ids)
-            failures.append(f"{where}: onnxruntime-genai's tokenizer gives {len(own)} prompt ids, the merged model's {len(ids)}; "
+            failures.append(f"{where}: {label}'s tokenizer gives {len(own)} prompt ids, the merged model's {len(ids)}; "
                             f"first difference at id {k} ({own[k:k + 3]} != {ids[k:k + 3]}): re-export (tokenizer.json)")
         # Decoding: the prompt, and the reference answer when it is valid UTF-8 (a random model's bytes are not, and the
         # two libraries replace invalid bytes differently).
@@ -53,22 +55,20 @@ def genai_client(gen, name: str, texts: list[str], prompt_ids: list[list[int]], 
         for text_genai, text_ref in pairs:
             if text_genai != text_ref:
                 k = next((j for j, (x, y) in enumerate(zip(text_genai, text_ref)) if x != y), min(len(text_genai), len(text_ref)))
-                failures.append(f"{where}: onnxruntime-genai decodes to {text_genai[max(k - 10, 0):k + 20]!r}, transformers to {text_ref[max(k - 10, 0):k + 20]!r}")
+                failures.append(f"{where}: {label} decodes to {text_genai[max(k - 10, 0):k + 20]!r}, transformers to {text_ref[max(k - 10, 0):k + 20]!r}")
+        row["greedy_equal"] = row["first_divergence"] is None
         if min_agreement is None:
-            row["greedy_equal"] = row["first_divergence"] is None
             if not row["greedy_equal"]:
-                failures.append(f"{where} new token {row['first_divergence']}: onnxruntime-genai greedy {out.tokens[:12]} != pytorch {want[:12]}")
+                failures.append(f"{where} new token {row['first_divergence']}: {label} greedy {out.tokens[:12]} != pytorch {want[:12]}")
         else:
             top1 = gen.teacher_forced_top1(own, want)
             row["agree"], row["total"] = sum(a == b for a, b in zip(top1, want)), len(want)
         rows.append(row)
-    report = {"client": "onnxruntime-genai", "tokens_per_s": tokens_per_s(outs), "prompts": rows,
+    report = {"client": label, "tokens_per_s": tokens_per_s(outs), "prompts": rows, "greedy_equal": all(r["greedy_equal"] for r in rows),
               "prompt_ids_equal": all(r["prompt_ids_equal"] for r in rows)}
-    if min_agreement is None:
-        report["greedy_equal"] = all(r["greedy_equal"] for r in rows)
-    else:
+    if min_agreement is not None:
         report["agreement"] = sum(r["agree"] for r in rows) / max(sum(r["total"] for r in rows), 1)
         if not report["agreement"] >= min_agreement:
-            failures.append(f"{name}: onnxruntime-genai top-1 agreement {report['agreement']:.3f} < {min_agreement:g}")
+            failures.append(f"{name}: {label} top-1 agreement {report['agreement']:.3f} < {min_agreement:g}")
     return report, failures
 

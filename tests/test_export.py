@@ -251,9 +251,11 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(run_dir, tmp
     del g, model
     chat = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", block_torch=True)  # genai's runtime
     assert chat.returncode == 0, chat.stderr
-    same = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", "--runtime", "onnxruntime", block_torch=True)
+    from iqstar_lite.chat import answers
+
+    same = answers(run / "onnx", [PROMPTS[0]], "onnxruntime", 8)[0]  # --runtime onnxruntime: OrtGenerator on the same folder
     # Same text; a random model emits invalid UTF-8, whose bytes the two tokenizers replace by one or several U+FFFD.
-    assert same.returncode == 0 and re.sub("\ufffd+", "?", same.stdout) == re.sub("\ufffd+", "?", chat.stdout), same.stderr
+    assert re.sub("\ufffd+", "?", same) == re.sub("\ufffd+", "?", chat.stdout.strip())
 
     # The gate fails when genai's tokenizer does not read tokenizer.json as transformers does (the decoder that
     # transformers' GGUF converter writes made onnxruntime-extensions treat the vocabulary as SentencePiece).
@@ -295,7 +297,9 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(tiny_path, t
     for text in TRICKY:
         ids = a.encode(text, add_special_tokens=False).ids
         assert b.encode(text, add_special_tokens=False).ids == ids and b.decode(ids) == a.decode(ids)
-    assert rewrite({"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}}) == ({"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}}, [])
+    for other in ({"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}},
+                  {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}}):
+        assert rewrite(other) == (other, [])  # left alone: the gate says whether genai reads it
 
     ref = AutoTokenizer.from_pretrained(tiny_path)
     chat = ref.apply_chat_template([{"role": "user", "content": TRICKY[0]}], add_generation_prompt=True, tokenize=False)
@@ -372,17 +376,38 @@ def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_p
         GgufChat(bad / "gguf" / "model-f16.gguf")
 
 
-def test_chat_serves_each_format(exported):
-    """An optimum folder -> onnxruntime, a genai folder -> onnxruntime-genai (its test above), a .gguf -> transformers."""
-    from iqstar_lite.chat import pick_runtime
+def test_llama_cpp_runs_the_gguf_like_the_merged_model(exported):
+    """Where llama-cpp-python is installed (the llamacpp extra): llama.cpp's tokenizer + the GGUF's chat template give the
+    merged model's prompt ids, and its greedy tokens on the f16 file are the merged model's; the gate reports both files."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from iqstar_lite.check import check_onnx
+    from iqstar_lite.llamacpp_generate import LlamaCppGenerator
 
     run, _ = exported
-    proc = _run("iqstar_lite.chat", str(run / "gguf" / "model-f16.gguf"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "6")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("[1] ") and "\n[2] " in proc.stdout
-    assert pick_runtime(run / "onnx") == "onnxruntime" and pick_runtime(run / "gguf" / "model-q8_0.gguf") == "transformers"
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    gen = LlamaCppGenerator(run / "gguf" / "model-f16.gguf", n_ctx=128)
+    for text in PROMPTS:
+        assert gen.chat_ids(text) == _prompt_ids(tok, text)
+    report = check_onnx(run / "onnx", run / "merged", ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5), PROMPTS, gguf_dir=run / "gguf")
+    assert report["passed"], report["failures"]
+    assert report["llama.cpp"]["f16"]["greedy_equal"] and report["llama.cpp"]["f16"]["prompt_ids_equal"] and report["llama.cpp"]["q8_0"]["agreement"] >= 0.5
+
+
+def test_chat_serves_each_format(exported, capsys):
+    """An optimum folder -> onnxruntime, a genai folder -> onnxruntime-genai (its test above), a .gguf -> transformers."""
+    from iqstar_lite.chat import main, pick_runtime
+
+    run, _ = exported
+    assert main([str(run / "gguf" / "model-f16.gguf"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "6", "--runtime", "transformers"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1] ") and "\n[2] " in out
+    from iqstar_lite.llamacpp_generate import available
+
+    assert pick_runtime(run / "onnx") == "onnxruntime" and pick_runtime(run / "gguf" / "model-q8_0.gguf") == ("llama.cpp" if available() else "transformers")
     for path, runtime, needle in ((run / "gguf", "auto", "holds GGUF files"), (run / "onnx", "genai", "not an onnxruntime-genai folder"),
-                                  (run / "gguf" / "model-q8_0.gguf", "genai", "runs with --runtime transformers")):
+                                  (run / "gguf" / "model-q8_0.gguf", "genai", "runs with --runtime llama.cpp or transformers")):
         with pytest.raises(UserError, match=needle):
             pick_runtime(path, runtime)
 
