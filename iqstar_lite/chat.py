@@ -96,7 +96,10 @@ def answers(path: Path, prompts: list[str], runtime: str, max_new_tokens: int, *
         from iqstar_lite.llamacpp_generate import LlamaCppGenerator
 
         gen = LlamaCppGenerator(path)
-        return [gen.chat(p, max_new_tokens, **kw) for p in prompts]
+        try:
+            return [gen.chat(p, max_new_tokens, **kw) for p in prompts]
+        finally:
+            gen.close()
     if runtime == "genai":
         from iqstar_lite.genai_generate import GenaiGenerator
 

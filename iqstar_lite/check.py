@@ -245,7 +245,7 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
                 report.setdefault("llama.cpp", {})[path.stem.removeprefix("model-")], bad = client_parity(
                     gen, "llama.cpp", f"llama.cpp {path.name}", texts, prompt_ids, refs, tok, export.check_new_tokens, export.min_int8_agreement)
                 failures += bad
-                del gen
+                gen.close()
     report["failures"] = failures
     report["passed"] = not failures
     return report

@@ -62,7 +62,7 @@ def _tokenizer_pre(merged_dir: Path) -> str:
     tok = json.loads((Path(merged_dir) / "tokenizer.json").read_text(encoding="utf-8"))
     pre = tok.get("pre_tokenizer") or {}
     if (tok.get("model") or {}).get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # llama.cpp's name for the GPT-2 regex that transformers' ByteLevel(use_regex=True) applies
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp) for the GPT-2 regex that transformers' ByteLevel(use_regex=True) applies
     raise UserError(f"GGUF export knows byte-level BPE tokenizers with the GPT-2 pre-tokenizer; {merged_dir}/tokenizer.json has "
                     f"{pre.get('type')!r}; set export.gguf=none, or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py")
 

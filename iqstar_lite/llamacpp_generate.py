@@ -12,6 +12,7 @@ nucleus rule (``ort_generate.sample_token``).
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -21,10 +22,14 @@ from iqstar_lite.errors import UserError
 from iqstar_lite.ort_generate import Generation, sample_token
 
 
+@functools.cache
 def available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
+    """llama-cpp-python importable (installed with its dependencies, its llama.cpp library loads)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or OSError from the shared library
+        return False
+    return True
 
 
 class LlamaCppGenerator:
@@ -95,6 +100,10 @@ class LlamaCppGenerator:
         self.llm.eval(prompt_ids + continuation)
         n = len(prompt_ids)
         return [int(t) for t in np.asarray(self.llm.scores[n - 1 : n - 1 + len(continuation)]).argmax(-1)]
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (llama-cpp-python's own finalizer fails at interpreter exit)."""
+        self.llm.close()
 
     def chat(self, prompt: str, max_new_tokens: int = 128, system: str | None = None, **kwargs) -> str:
         return self.decode(self.generate(self.chat_ids(prompt, system), max_new_tokens, **kwargs).tokens).strip()

@@ -213,17 +213,27 @@ def test_export_passes_parity_check(exported):
     assert result["gguf"]["q8_0"]["agreement"] >= 0.5
 
 
-def test_genai_graph_export_passes_parity_check_and_decodes_batches(run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def genai_exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The same run exported with export.onnx_graph=genai (the default graph; no GGUF)."""
+    from iqstar_lite.config import load_run_config
+    from iqstar_lite.export import apply_export_overrides, export_run
+
+    run = tmp_path_factory.mktemp("genai") / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*", "gguf"))
+    cfg = apply_export_overrides(load_run_config(run), ["export.onnx_graph=genai", "export.gguf=none"])
+    return run, export_run(run, cfg, PROMPTS)
+
+
+def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_exported, tmp_path):
     """export.onnx_graph=genai (onnxruntime-genai's builder): same parity gate, int8 twin, right-padded batches."""
     from iqstar_lite.check import check_run
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.export import apply_export_overrides, export_run
     from iqstar_lite.ort_generate import OrtGenerator
 
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*", "gguf"))
-    cfg = apply_export_overrides(load_run_config(run), ["export.onnx_graph=genai", "export.gguf=none"])
-    report = export_run(run, cfg, PROMPTS)
+    run, report = genai_exported
+    cfg = load_run_config(run)
+    cfg.export.onnx_graph, cfg.export.gguf = "genai", "none"
     assert report["onnx"]["graph"] == "genai" and (run / "onnx" / "genai_config.json").is_file() and (run / "onnx-int8" / "genai_config.json").is_file()
     gen = OrtGenerator(run / "onnx")
     assert "position_ids" not in gen.input_names
@@ -279,7 +289,7 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(run_dir, tmp
 TRICKY = ["Hello world\n\nA. B.", "x\n\n\ny", "a\r\n\r\nb", "  lead  trail  ", "Ünïcödé 日本語 🙂 1234567", "don't I'LL x's\tz"]
 
 
-def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(tiny_path, tmp_path):
+def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_exported, tiny_path, tmp_path):
     """SmolLM2's tokenizer as transformers converts it from GGUF (the embedded model, tiny_cpu): onnxruntime-genai's
     tokenizer gives -1 ids and raw byte-level pieces on it; after ``rewrite`` it gives transformers' ids and text, and
     transformers' own tokenizer is unchanged by the rewrite."""
@@ -288,7 +298,7 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(tiny_path, t
     from transformers import AutoTokenizer
 
     from iqstar_lite.genai_tokenizer import rewrite, write_genai_tokenizer
-    from iqstar_lite.onnx_export import export_onnx
+    from iqstar_lite.onnx_export import copy_sidecars
 
     original = json.loads((Path(tiny_path) / "tokenizer.json").read_text())
     new, changes = rewrite(original)
@@ -304,8 +314,10 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(tiny_path, t
     ref = AutoTokenizer.from_pretrained(tiny_path)
     chat = ref.apply_chat_template([{"role": "user", "content": TRICKY[0]}], add_generation_prompt=True, tokenize=False)
     texts = [chat, *TRICKY]
-    export_onnx(tiny_path, tmp_path / "genai", "genai")  # the tokenizer.json of the folder is rewritten on export
-    folder = tmp_path / "genai"
+    folder = tmp_path / "genai"  # a genai folder with SmolLM2's tokenizer files, rewritten as the export does
+    shutil.copytree(genai_exported[0] / "onnx", folder)
+    copy_sidecars(Path(tiny_path), folder)  # genai's tokenizer reads only these files (not the graph's vocabulary size)
+    assert write_genai_tokenizer(folder) == changes
     gt = og.Tokenizer(og.Model(str(folder)))
     for text in texts:
         ids = ref(text, add_special_tokens=False)["input_ids"]
@@ -314,7 +326,6 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(tiny_path, t
     shutil.copy2(Path(tiny_path) / "tokenizer.json", folder / "tokenizer.json")  # as transformers wrote it
     gt = og.Tokenizer(og.Model(str(folder)))
     assert -1 in [int(t) for t in gt.encode(chat)]
-    assert write_genai_tokenizer(folder) == changes
 
 
 def test_gguf_rotary_permutation_arithmetic():
@@ -338,7 +349,7 @@ def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
     r = gguf.GGUFReader(str(run / "gguf" / "model-q8_0.gguf"))
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied head
-    assert r.fields["tokenizer.chat_template"].contents() == CHATML and r.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert r.fields["tokenizer.chat_template"].contents() == CHATML and r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False  # the template starts with <|im_start|>, the BOS
     mf = (run / "gguf" / "Modelfile").read_text()
     assert mf.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in mf and "<|im_start|>assistant\n\"\"\"" in mf
