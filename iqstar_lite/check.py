@@ -271,7 +271,7 @@ def format_table(report: dict) -> str:
     for name in ("genai", "genai-int8"):
         if name in report:
             c = report[name]
-            same = f"greedy {'same' if c['greedy_equal'] else 'differs'}" if "greedy_equal" in c else f"top-1 agreement {c['agreement']:.3f}"
+            same = f"greedy {'same' if c['greedy_equal'] else 'differs'}" + (f", top-1 agreement {c['agreement']:.3f}" if "agreement" in c else "")
             ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
             speed += f"\nonnxruntime-genai ({name}): {c['tokens_per_s']:.1f} tokens/s, {ids}, {same}"
     for qtype, c in report.get("gguf", {}).items():

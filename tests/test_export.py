@@ -707,6 +707,8 @@ def test_smollm2_export_and_check(tmp_path):
     # The default export: genai graph, run by onnxruntime-genai itself; GGUF f16 / q8_0 loaded back by transformers.
     assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai-int8"]["agreement"] >= 0.9
     assert result["gguf"]["f16"]["greedy_equal"] and result["gguf"]["q8_0"]["agreement"] >= 0.9
+    if "llama.cpp" in result:  # llama-cpp-python installed (the llamacpp extra): llama.cpp's tokenizer and template agree
+        assert all(c["prompt_ids_equal"] and c["agreement"] >= 0.9 for c in result["llama.cpp"].values())
 
 
 @pytest.mark.slow
