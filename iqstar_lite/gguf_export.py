@@ -27,7 +27,6 @@ import numpy as np
 from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.errors import UserError
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
 LLAMA_TYPES = ("llama", "mistral")
 
 
