@@ -404,6 +404,10 @@ def test_llama_cpp_runs_the_gguf_like_the_merged_model(exported):
     report = check_onnx(run / "onnx", run / "merged", ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5), PROMPTS, gguf_dir=run / "gguf")
     assert report["passed"], report["failures"]
     assert report["llama.cpp"]["f16"]["greedy_equal"] and report["llama.cpp"]["f16"]["prompt_ids_equal"] and report["llama.cpp"]["q8_0"]["agreement"] >= 0.5
+    from iqstar_lite.chat import answers, pick_runtime
+
+    path = run / "gguf" / "model-q8_0.gguf"
+    assert pick_runtime(path) == "llama.cpp" and len(answers(path, PROMPTS, "llama.cpp", 4)) == 2  # chat serves it
 
 
 def test_chat_serves_each_format(exported, capsys):
