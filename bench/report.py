@@ -12,7 +12,7 @@ from pathlib import Path
 from common import BENCH_DIR, base_parser, parse_args
 
 PLOTS = BENCH_DIR / "plots"
-ORDER = ("step_vs_trl", "convergence", "memory_7b", "hardware", "onnx_speed", "decode_vs_trained")
+ORDER = ("step_vs_trl", "convergence", "memory_7b", "hardware", "onnx_speed", "deploy_clients", "decode_vs_trained")
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -163,6 +163,11 @@ def onnx_speed(r: dict) -> list[str]:
     return out
 
 
+def deploy_clients(r: dict) -> list[str]:
+    rows = [[name, r["clients"][name], *mmm(by_batch["batch_1"]), r["over_pytorch"][name], r["same_tokens"][name]] for name, by_batch in r["tokens_per_s"].items()]
+    return table(["client", "what", "tokens/s min", "median", "max", "× pytorch (median)", "same tokens as pytorch"], rows)
+
+
 def onnx_speed_over_runs(runs: list[tuple[Path, dict]]) -> list[str]:
     """Ratios and agreement as min / median / max over the runs (each run's own medians) of the newest settings with >= 2 runs."""
     import statistics
@@ -232,7 +237,7 @@ def memory_7b(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = {"step_vs_trl": step_vs_trl, "memory_7b": memory_7b, "convergence": convergence, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
+SECTIONS = {"deploy_clients": deploy_clients, "step_vs_trl": step_vs_trl, "memory_7b": memory_7b, "convergence": convergence, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
 
 
 # ----------------------------------------------------------------------------- plots

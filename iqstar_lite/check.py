@@ -7,8 +7,12 @@ For each check prompt (chat template applied):
   continuations (``export.check_new_tokens``, KV cache on both sides) must be identical.
 * int8 ONNX: top-1 agreement with the merged model, teacher-forced on the merged model's greedy
   continuation, and the first position where it differs; gated by ``export.min_int8_agreement``.
+* a genai folder (fp32 and int8) in onnxruntime-genai's own runtime, and each GGUF file in llama.cpp where installed:
+  prompt ids from the client's own template + tokenizer, its decoding, its greedy tokens (``check_clients.py``).
+* each GGUF file loaded back by transformers: prompt ids, f32/f16 identical greedy tokens, q8_0 top-1 agreement.
 
-The ONNX side runs through ``ort_generate.OrtGenerator`` (the same loop ``chat`` uses).
+The ONNX side runs through ``ort_generate.OrtGenerator`` (the same loop ``chat`` uses); every client's greedy
+tokens/s is reported.
 
     python -m iqstar_lite.check RUN_DIR/onnx [--against RUN_DIR/merged]
 
@@ -26,27 +30,35 @@ from pathlib import Path
 
 import numpy as np
 
+from iqstar_lite.check_clients import client_parity, first_diff, tokens_per_s
 from iqstar_lite.config import ExportConfig, RecipeConfig, load_run_config
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.genai_generate import GenaiGenerator, is_genai_folder
+from iqstar_lite.llamacpp_generate import LlamaCppGenerator
+from iqstar_lite.llamacpp_generate import available as llamacpp_available
 from iqstar_lite.merge import pick_prompts
-from iqstar_lite.ort_generate import OrtGenerator, eos_token_ids, find_onnx_file, render_chat
+from iqstar_lite.ort_generate import Generation, OrtGenerator, eos_token_ids, find_onnx_file, render_chat
 
 
-def _first_diff(a: list[int], b: list[int]) -> int | None:
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return k
-    return None if len(a) == len(b) else min(len(a), len(b))
+def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: int, eos: list[int], gguf_file: str | None = None,
+                     forced: list[list[int]] | None = None) -> list[dict]:
+    """Merged checkpoint in fp32: greedy continuation (KV cache) + teacher-forced logits per prompt.
 
-
-def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: int, eos: list[int]) -> list[dict]:
-    """Merged checkpoint in fp32: greedy continuation (KV cache) + teacher-forced logits per prompt."""
+    ``gguf_file``: load ``merged_dir/gguf_file`` with transformers' GGUF loader instead (dequantized to fp32).
+    ``forced``: per prompt, the continuation the logits are teacher-forced on (default: its own greedy tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    if not (Path(merged_dir) / "config.json").is_file():
+    if gguf_file is None and not (Path(merged_dir) / "config.json").is_file():
         raise UserError(f"no merged checkpoint at {str(merged_dir)!r}; run the export stage first or pass --against MERGED_DIR")
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True).eval()
+    if gguf_file is None:
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True).eval()
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(merged_dir, gguf_file=gguf_file, dtype=torch.float32).eval()
+        except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError / KeyError / struct errors on a damaged file
+            raise UserError(f"{str(Path(merged_dir) / gguf_file)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
+                            "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos or None, pad_token_id=(eos or [0])[0], bos_token_id=model.config.bos_token_id)
 
     def greedy(ids: list[int], cfg: GenerationConfig) -> tuple[list[int], float]:
@@ -58,10 +70,10 @@ def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: 
     refs = []
     with torch.no_grad():
         greedy(prompt_ids[0], GenerationConfig(**{**gen_cfg.to_dict(), "max_new_tokens": 2}))  # warm-up, not timed
-        for ids in prompt_ids:
+        for i, ids in enumerate(prompt_ids):
             tokens, seconds = greedy(ids, gen_cfg)
             # Row len(ids) - 1 + k predicts tokens[k].
-            logits = model(input_ids=torch.tensor([ids + tokens]), use_cache=False).logits[0].float().numpy()
+            logits = model(input_ids=torch.tensor([ids + (forced[i] if forced else tokens)]), use_cache=False).logits[0].float().numpy()
             refs.append({"tokens": tokens, "seconds": seconds, "logits": logits})
     return refs
 
@@ -74,7 +86,7 @@ def _onnx_rows(gen: OrtGenerator, texts: list[str], prompt_ids: list[list[int]],
         n, want = len(ids), ref["tokens"]
         prompt_diff = np.abs(gen.logits(ids) - ref["logits"][:n]).max(axis=-1)
         out = gen.generate(ids, new_tokens, keep_logits=True)
-        div = _first_diff(out.tokens, want)
+        div = first_diff(out.tokens, want)
         steps = len(out.tokens) if div is None else min(div + 1, len(want), len(out.tokens))  # same prefix so far
         decode_diff = [float(np.abs(out.step_logits[k] - ref["logits"][n - 1 + k]).max()) for k in range(steps)]
         row = {
@@ -113,7 +125,7 @@ def _int8_rows(gen: OrtGenerator, prompt_ids: list[list[int]], refs: list[dict],
         rows.append({
             "agree": sum(a == b for a, b in zip(top1, want)),
             "total": len(want),
-            "first_divergence": _first_diff(top1, want),
+            "first_divergence": first_diff(top1, want),
             "max_logit_diff": float(np.abs(q[:n] - ref["logits"][:n]).max()),
             "greedy_tokens": out.tokens,
             "seconds": out.seconds,
@@ -138,17 +150,57 @@ def _failures(rows: list[dict], export: ExportConfig) -> list[str]:
     return failures
 
 
-def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: list[str] | None = None, int8_dir: Path | None = None) -> dict:
-    """Compare ``onnx_dir`` (and ``int8_dir``) with ``merged_dir``; return the report (``passed``, ``failures``).
+def _gguf_rows(gguf_dir: Path, texts: list[str], prompt_ids: list[list[int]], refs: list[dict], export: ExportConfig, eos: list[int]) -> tuple[dict, list[str]]:
+    """Each ``model-*.gguf`` loaded back by transformers: its tokenizer and chat template give the merged model's prompt
+    ids; f32 / f16 give its greedy tokens; q8_0 agrees on the top-1 token (teacher-forced), >= export.min_int8_agreement."""
+    from transformers import AutoTokenizer
 
-    The three models run one after the other (a 7B export is never in memory twice).
+    out, failures = {}, []
+    for path in sorted(Path(gguf_dir).glob("model-*.gguf")):
+        qtype, name = path.stem.removeprefix("model-"), f"gguf {path.name}"
+        try:
+            gtok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=path.name)
+        except Exception as e:  # noqa: BLE001 - see _torch_reference
+            raise UserError(f"{str(path)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
+                            "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
+        own = _torch_reference(gguf_dir, prompt_ids, export.check_new_tokens, eos, gguf_file=path.name, forced=[r["tokens"] for r in refs])
+        gc.collect()
+        rows = []
+        for i, (text, ids, ref, mine) in enumerate(zip(texts, prompt_ids, refs, own)):
+            n, want = len(ids), ref["tokens"]
+            top1 = mine["logits"][n - 1 : n - 1 + len(want)].argmax(-1).tolist()
+            gids = render_chat(gtok, text)
+            row = {"prompt_ids_equal": gids == ids, "tokens": mine["tokens"], "seconds": mine["seconds"], "first_divergence": first_diff(mine["tokens"], want),
+                   "agree": sum(a == b for a, b in zip(top1, want)), "total": len(want), "max_logit_diff": float(np.abs(mine["logits"][:n] - ref["logits"][:n]).max())}
+            if gids != ids:
+                k = first_diff(gids, ids)
+                failures.append(f"{name} prompt {i}: its tokenizer / chat template give {len(gids)} prompt ids, the merged model's {len(ids)} (first difference at id {k})")
+            if qtype in ("f32", "f16") and row["first_divergence"] is not None:
+                failures.append(f"{name} prompt {i} ({text[:40]!r}) new token {row['first_divergence']}: greedy {mine['tokens'][:12]} != merged {want[:12]}")
+            rows.append(row)
+        report = {"client": "transformers (GGUF loader)", "type": qtype, "tokens_per_s": tokens_per_s([Generation(r["tokens"], r["seconds"]) for r in rows]),
+                  "greedy_equal": all(r["first_divergence"] is None for r in rows), "prompt_ids_equal": all(r["prompt_ids_equal"] for r in rows),
+                  "agreement": sum(r["agree"] for r in rows) / max(sum(r["total"] for r in rows), 1), "max_logit_diff": max(r["max_logit_diff"] for r in rows), "prompts": rows}
+        if qtype not in ("f32", "f16") and not report["agreement"] >= export.min_int8_agreement:
+            failures.append(f"{name}: top-1 agreement {report['agreement']:.3f} < export.min_int8_agreement {export.min_int8_agreement:g}")
+        out[qtype] = report
+    return out, failures
+
+
+def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: list[str] | None = None, int8_dir: Path | None = None,
+               gguf_dir: Path | None = None) -> dict:
+    """Compare ``onnx_dir`` (and ``int8_dir``, the GGUF files in ``gguf_dir``) with ``merged_dir``; return the report
+    (``passed``, ``failures``).
+
+    The models run one after the other (a 7B export is never in memory twice).
     """
     from transformers import AutoTokenizer
 
     find_onnx_file(onnx_dir)  # bad input fails before any model is loaded
     if int8_dir is not None:
         find_onnx_file(int8_dir)
-    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    # Prompt ids from the merged model's tokenizer (the one it was trained with) where it is there.
+    tok = AutoTokenizer.from_pretrained(merged_dir if (Path(merged_dir) / "tokenizer_config.json").is_file() else onnx_dir)
     texts = pick_prompts(prompts, export.check_prompts)
     prompt_ids = [render_chat(tok, t) for t in texts]
     eos = eos_token_ids(Path(onnx_dir), tok)
@@ -178,6 +230,22 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
             first = next(((i, r["int8"]["first_divergence"]) for i, r in enumerate(rows) if r["int8"]["first_divergence"] is not None), None)
             at = f"; first divergence: prompt {first[0]} new token {first[1]} (position {rows[first[0]]['prompt_tokens'] + first[1]})" if first else ""
             failures.append(f"int8 top-1 agreement {report['int8_agreement']:.3f} < export.min_int8_agreement {export.min_int8_agreement:g}{at}")
+    for name, folder, floor in (("genai", onnx_dir, None), ("genai-int8", int8_dir, export.min_int8_agreement)):
+        if folder is not None and is_genai_folder(folder):  # onnxruntime-genai's own runtime on the same folder
+            gc.collect()
+            report[name], bad = client_parity(GenaiGenerator(folder), "onnxruntime-genai", name, texts, prompt_ids, refs, tok, export.check_new_tokens, floor)
+            failures += bad
+    if gguf_dir is not None and Path(gguf_dir).is_dir():
+        report["gguf"], bad = _gguf_rows(Path(gguf_dir), texts, prompt_ids, refs, export, eos)
+        failures += bad
+        if llamacpp_available():  # llama.cpp itself, where installed (the llamacpp extra)
+            n_ctx = max(len(i) for i in prompt_ids) + export.check_new_tokens + 8
+            for path in sorted(Path(gguf_dir).glob("model-*.gguf")):
+                gen = LlamaCppGenerator(path, n_ctx=n_ctx)
+                report.setdefault("llama.cpp", {})[path.stem.removeprefix("model-")], bad = client_parity(
+                    gen, "llama.cpp", f"llama.cpp {path.name}", texts, prompt_ids, refs, tok, export.check_new_tokens, export.min_int8_agreement)
+                failures += bad
+                gen.close()
     report["failures"] = failures
     report["passed"] = not failures
     return report
@@ -200,6 +268,19 @@ def format_table(report: dict) -> str:
     speed = f"greedy tokens/s: pytorch {report['torch_tokens_per_s']:.1f}, onnxruntime {report['onnx_tokens_per_s']:.1f}"
     if "int8_agreement" in report:
         speed += f", onnxruntime-int8 {report['int8_tokens_per_s']:.1f}; int8 agreement {report['int8_agreement']:.3f}"
+    for name in ("genai", "genai-int8"):
+        if name in report:
+            c = report[name]
+            same = f"greedy {'same' if c['greedy_equal'] else 'differs'}" + (f", top-1 agreement {c['agreement']:.3f}" if "agreement" in c else "")
+            ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
+            speed += f"\nonnxruntime-genai ({name}): {c['tokens_per_s']:.1f} tokens/s, {ids}, {same}"
+    for qtype, c in report.get("gguf", {}).items():
+        same = f"greedy {'same' if c['greedy_equal'] else 'differs'}, top-1 agreement {c['agreement']:.3f}, max |dlogit| {c['max_logit_diff']:.3g}"
+        ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
+        speed += f"\nGGUF {qtype} via {c['client']}: {c['tokens_per_s']:.1f} tokens/s, {ids}, {same}"
+    for qtype, c in report.get("llama.cpp", {}).items():
+        ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
+        speed += f"\nGGUF {qtype} in llama.cpp: {c['tokens_per_s']:.1f} tokens/s, {ids}, greedy {'same' if c['greedy_equal'] else 'differs'}, top-1 agreement {c['agreement']:.3f}"
     lines += [speed, "PASSED" if report["passed"] else "FAILED:\n  " + "\n  ".join(report["failures"])]
     return "\n".join(lines)
 
@@ -216,18 +297,21 @@ def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
         print("check skipped: export.onnx=false")
     else:
         int8_dir = run_dir / "onnx-int8" if cfg.export.int8 else None
-        report = check_onnx(run_dir / "onnx", run_dir / "merged", cfg.export, prompts, int8_dir)
+        gguf_dir = run_dir / "gguf" if cfg.export.gguf not in ("", "none") else None
+        report = check_onnx(run_dir / "onnx", run_dir / "merged", cfg.export, prompts, int8_dir, gguf_dir)
         print(format_table(report))
     (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.check", description="ONNX vs merged PyTorch parity gate.")
+    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.check", description="ONNX / genai / GGUF vs merged PyTorch parity gate.")
     ap.add_argument("onnx_dir", type=Path, help="RUN_DIR/onnx (or RUN_DIR)")
     ap.add_argument("--against", type=Path, help="merged checkpoint (default: the onnx folder's sibling 'merged')")
     ap.add_argument("--int8", type=Path, help="int8 export to check too (default: sibling 'onnx-int8' if present)")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 export")
+    ap.add_argument("--gguf", type=Path, help="folder of model-*.gguf files to check too (default: sibling 'gguf' if present)")
+    ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF files")
     args = ap.parse_args(argv)
     onnx_dir = args.onnx_dir
     if (onnx_dir / "config.yaml").is_file() and (onnx_dir / "onnx").is_dir():
@@ -238,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     is_run = (run_dir / "config.yaml").is_file()
     export = load_run_config(run_dir).export if is_run else ExportConfig()
     int8_dir = None if args.no_int8 else (args.int8 or (run_dir / "onnx-int8" if (run_dir / "onnx-int8").is_dir() else None))
-    report = check_onnx(onnx_dir, args.against or run_dir / "merged", export, None, int8_dir)
+    gguf_dir = None if args.no_gguf else (args.gguf or (run_dir / "gguf" if (run_dir / "gguf").is_dir() else None))
+    report = check_onnx(onnx_dir, args.against or run_dir / "merged", export, None, int8_dir, gguf_dir)
     if is_run:
         (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))

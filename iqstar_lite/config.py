@@ -215,15 +215,19 @@ class ExportConfig:
     merge_base: Literal["dequantized", "original"] = "dequantized"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     onnx: bool = True
-    onnx_graph: Literal["optimum", "genai"] = "optimum"
-    """ONNX layout: ``optimum`` (optimum-onnx; standard ops, loads in optimum's ORTModelForCausalLM, any batch)
-    or ``genai`` (onnxruntime-genai's model builder: fused attention, faster in onnxruntime - bench/RESULTS.md,
-    onnx_speed; run it with ``OrtGenerator``, not optimum's loader). See ``onnx_export.export_onnx``."""
+    onnx_graph: Literal["optimum", "genai"] = "genai"
+    """ONNX layout: ``genai`` (default: onnxruntime-genai's model builder, fused attention; faster - bench/RESULTS.md,
+    onnx_speed; runs in onnxruntime-genai's own runtime and in ``OrtGenerator``) or ``optimum`` (optimum-onnx; standard
+    ops, the layout optimum's ``ORTModelForCausalLM`` loads). See ``onnx_export.export_onnx``."""
     int8: bool = True
     int8_block: int = 32
     """int8 weight groups: 16, 32, 64, ... = one scale per that many input rows of each output channel (onnxruntime
     MatMulNBits); 0 = one per output channel. SmolLM2 demo, one run (bench/onnx_speed.py), top-1 agreement and
     speed over fp32 ONNX at batch 1 / 4: 32 -> 0.94, 1.59x / 1.39x; 0 -> 0.91, 1.58x / 1.39x; 16 -> 0.96, 1.44x / 1.32x."""
+    gguf: str = "f16,q8_0"
+    """GGUF files for llama.cpp / Ollama (``RUN_DIR/gguf/``, gguf_export.py): a comma list of f32, f16, q8_0, or
+    ``none``. Checked by loading each back (transformers' GGUF loader: f32/f16 identical greedy tokens, q8_0 top-1
+    agreement >= min_int8_agreement)."""
     check_prompts: int = 4
     check_new_tokens: int = 16
     max_logit_diff: float = 1e-3
@@ -422,6 +426,9 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(cfg.export.check_prompts > 0, f"'export.check_prompts' must be > 0, got {cfg.export.check_prompts}")
     b = cfg.export.int8_block
     need(b == 0 or (b >= 16 and b & (b - 1) == 0), f"'export.int8_block' must be 0 (per channel) or a power of two >= 16, got {b}")
+    gguf_types = [t.strip() for t in str(cfg.export.gguf).split(",") if t.strip()]
+    need(gguf_types == ["none"] or not gguf_types or set(gguf_types) <= {"f32", "f16", "q8_0"},
+         f"'export.gguf' must be a comma list of f32, f16, q8_0 (or none), got {cfg.export.gguf!r}")
     need(0.0 <= cfg.export.min_int8_agreement <= 1.0, f"'export.min_int8_agreement' must be in [0, 1], got {cfg.export.min_int8_agreement}")
 
 

@@ -8,6 +8,7 @@ Writes, next to ``RUN_DIR/adapter/`` (left loadable by ``PeftModel.from_pretrain
     merged/             plain transformers checkpoint (merge.py) + merge.json
     onnx/               decoder with past key/values (onnx_export.py)
     onnx-int8/          int8-weight twin (export.int8; onnx_export.quantize_int8)
+    gguf/               model-f16.gguf, model-q8_0.gguf + Ollama Modelfile (export.gguf; gguf_export.py)
     export.json         what was written, sizes, timings
 
 Then ``python -m iqstar_lite.check RUN_DIR/onnx`` gates the export.
@@ -90,7 +91,7 @@ def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
         "model = PeftModel.from_pretrained(base_model, 'adapter')",
         "```",
         "",
-        "A merged checkpoint is in `../merged/`, ONNX exports in `../onnx/` and `../onnx-int8/`.",
+        "A merged checkpoint is in `../merged/`, ONNX exports in `../onnx/` and `../onnx-int8/`, GGUF files in `../gguf/`.",
         "",
     ]
     return "\n".join(lines)
@@ -107,6 +108,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
 
     ``prompts``: user messages for the merge logit comparison (e.g. held-out prompts); default generic ones.
     """
+    from iqstar_lite.gguf_export import export_gguf, parse_types
     from iqstar_lite.merge import adapter_dir, merge_run
     from iqstar_lite.onnx_export import dir_size, export_onnx, quantize_int8
 
@@ -123,7 +125,10 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
         report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx", cfg.export.onnx_graph)
         if cfg.export.int8:
             report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block)
-    for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8)):
+    gguf_types = parse_types(cfg.export.gguf)
+    if gguf_types:
+        report["gguf"] = export_gguf(run_dir / "merged", run_dir / "gguf", gguf_types, name=cfg.name)
+    for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8), ("gguf", bool(gguf_types))):
         if not wanted and (run_dir / name).is_dir():  # built from an older merge: never check or ship it
             log.info("removing stale %s (disabled in export settings)", run_dir / name)
             shutil.rmtree(run_dir / name)
@@ -157,6 +162,10 @@ def summary(report: dict) -> str:
         if key in report:
             block = f", int8 groups: {report[key]['block_size']}" if "block_size" in report[key] else ""
             lines.append(f"{key.replace('_', '-')}: {report[key]['dir']} ({report[key]['bytes'] / 1e6:.1f} MB, {report[key]['seconds']:.1f} s{block})")
+    if "gguf" in report:
+        g = report["gguf"]
+        files = ", ".join(f"{v['file']} {v['bytes'] / 1e6:.1f} MB" for v in g["files"].values())
+        lines.append(f"gguf: {g['dir']} ({files}, Modelfile; {g['seconds']:.1f} s)")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from iqstar_lite.atomic import atomic_dir
+from iqstar_lite.genai_tokenizer import write_genai_tokenizer
 from iqstar_lite.ort_generate import find_onnx_file
 
 # Everything a self-contained model folder needs besides the graph (optimum copies these for the fp32 export).
@@ -37,6 +38,7 @@ SIDECAR_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "genai_config.json",  # onnxruntime-genai's runtime config (genai graph only)
 )
 PROTOBUF_LIMIT = 2 * 1024**3
 log = logging.getLogger(__name__)
@@ -66,9 +68,9 @@ def export_onnx(merged_dir: Path, out_dir: Path, graph: str = "optimum") -> dict
     ``SkipSimplifiedLayerNormalization``, fused QKV / gate-up MatMuls: 342 nodes), which onnxruntime runs faster
     (SmolLM2, one run of bench/onnx_speed.py, batch 1 / 4 over the optimum graph: fp32 1.2x / 1.24x, int8 1.8x /
     1.45x). It takes no ``position_ids`` (positions come from the attention mask), so
-    ``OrtGenerator.generate_batch`` right-pads its batches. The builder's ``genai_config.json`` is left in the
-    folder, but onnxruntime-genai 0.15.2's own generator decoded garbage from it here (``OrtGenerator`` and the
-    parity gate are what this project runs and checks).
+    ``OrtGenerator.generate_batch`` right-pads its batches. The folder is also onnxruntime-genai's own: its
+    ``genai_config.json`` stays, and ``tokenizer.json`` is rewritten so genai's tokenizer encodes and decodes as
+    transformers does (``genai_tokenizer.py``); ``genai_generate.GenaiGenerator`` runs it and the parity gate checks it.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -97,6 +99,9 @@ def export_onnx(merged_dir: Path, out_dir: Path, graph: str = "optimum") -> dict
         if graph == "genai":
             shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
         copy_sidecars(merged_dir, tmp)  # tokenizer + config + generation_config: the folder stands alone
+        if graph == "genai":
+            for change in write_genai_tokenizer(tmp):
+                log.info("tokenizer.json for onnxruntime-genai: %s", change)
         find_onnx_file(tmp)
     return {"dir": str(out_dir), "bytes": dir_size(out_dir), "graph": graph, "seconds": round(time.perf_counter() - start, 2)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def _tiny_cfg(model_dir: Path) -> RecipeConfig:
         name="tiny",
         model=ModelConfig(path=str(model_dir), quantize="nf4", dtype="auto", device="cpu"),
         lora=LoraSettings(r=4, alpha=8),
-        export=ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5),
+        # The quantizer tests below were written on optimum's graph; the genai graph (the default) has its own export below.
+        export=ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5, onnx_graph="optimum"),
     )
 
 
@@ -203,31 +205,226 @@ def test_export_passes_parity_check(exported):
     assert all(len(r["torch_tokens"]) > 0 for r in result["prompts"])
     assert json.loads((run / "check.json").read_text())["passed"] is True
     assert "PASSED" in format_table(result)
+    # GGUF (export.gguf default f16,q8_0) loaded back by transformers: same prompt ids, f16 identical greedy tokens.
+    assert sorted(result["gguf"]) == ["f16", "q8_0"]
+    for qtype, g in result["gguf"].items():
+        assert g["prompt_ids_equal"] and g["tokens_per_s"] > 0 and f"GGUF {qtype} via" in format_table(result)
+    assert result["gguf"]["f16"]["greedy_equal"] and result["gguf"]["f16"]["max_logit_diff"] < result["gguf"]["q8_0"]["max_logit_diff"]
+    assert result["gguf"]["q8_0"]["agreement"] >= 0.5
 
 
-def test_genai_graph_export_passes_parity_check_and_decodes_batches(run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def genai_exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The same run exported with export.onnx_graph=genai (the default graph; no GGUF)."""
+    from iqstar_lite.config import load_run_config
+    from iqstar_lite.export import apply_export_overrides, export_run
+
+    run = tmp_path_factory.mktemp("genai") / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*", "gguf"))
+    cfg = apply_export_overrides(load_run_config(run), ["export.onnx_graph=genai", "export.gguf=none"])
+    return run, export_run(run, cfg, PROMPTS)
+
+
+def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_exported, tmp_path):
     """export.onnx_graph=genai (onnxruntime-genai's builder): same parity gate, int8 twin, right-padded batches."""
     from iqstar_lite.check import check_run
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.export import apply_export_overrides, export_run
     from iqstar_lite.ort_generate import OrtGenerator
 
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*"))
-    cfg = apply_export_overrides(load_run_config(run), ["export.onnx_graph=genai"])
-    report = export_run(run, cfg, PROMPTS)
-    assert report["onnx"]["graph"] == "genai" and (run / "onnx" / "genai_config.json").is_file()
+    run, report = genai_exported
+    cfg = load_run_config(run)
+    cfg.export.onnx_graph, cfg.export.gguf = "genai", "none"
+    assert report["onnx"]["graph"] == "genai" and (run / "onnx" / "genai_config.json").is_file() and (run / "onnx-int8" / "genai_config.json").is_file()
     gen = OrtGenerator(run / "onnx")
     assert "position_ids" not in gen.input_names
     assert report["onnx_int8"]["weights_quantized"] > 0
     result = check_run(run, cfg, PROMPTS)
     assert result["passed"], result["failures"]
     assert result["greedy_equal"] and result["max_logit_diff"] < 1e-3
+    # onnxruntime-genai's own runtime (its tokenizer, chat template and generator) gives the merged model's tokens.
+    assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai"]["tokens_per_s"] > 0
+    assert result["genai"]["prompts"][0]["tokens"] == result["prompts"][0]["torch_tokens"]
+    assert result["genai-int8"]["prompt_ids_equal"] and result["genai-int8"]["agreement"] >= 0.5
+    import onnxruntime_genai as og  # the README's snippet: genai's documented API alone gives the gate's tokens
+
+    model = og.Model(str(run / "onnx"))
+    tok = og.Tokenizer(model)
+    text = tok.apply_chat_template(json.dumps([{"role": "user", "content": PROMPTS[0]}]), add_generation_prompt=True)
+    params = og.GeneratorParams(model)
+    n = len(tok.encode(text))
+    params.set_search_options(do_sample=False, max_length=n + cfg.export.check_new_tokens)
+    g = og.Generator(model, params)
+    g.append_tokens(tok.encode(text))
+    while not g.is_done():
+        g.generate_next_token()
+    assert [int(t) for t in g.get_sequence(0)[n:]] == result["prompts"][0]["torch_tokens"]
+    del g, model
+    chat = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", block_torch=True)  # genai's runtime
+    assert chat.returncode == 0, chat.stderr
+    from iqstar_lite.chat import answers
+
+    same = answers(run / "onnx", [PROMPTS[0]], "onnxruntime", 8)[0]  # --runtime onnxruntime: OrtGenerator on the same folder
+    # Same text; a random model emits invalid UTF-8, whose bytes the two tokenizers replace by one or several U+FFFD.
+    assert re.sub("\ufffd+", "?", same) == re.sub("\ufffd+", "?", chat.stdout.strip())
+
+    # The gate fails when genai's tokenizer does not read tokenizer.json as transformers does (the decoder that
+    # transformers' GGUF converter writes made onnxruntime-extensions treat the vocabulary as SentencePiece).
+    from iqstar_lite.check import check_onnx
+
+    bad = _copy_run(run, tmp_path / "bad", "merged", "onnx")
+    tok_json = json.loads((bad / "onnx" / "tokenizer.json").read_text())
+    replace = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
+    tok_json["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, replace, tok_json["decoder"]]}
+    (bad / "onnx" / "tokenizer.json").write_text(json.dumps(tok_json))
+    failed = check_onnx(bad / "onnx", bad / "merged", cfg.export, PROMPTS[:1])
+    assert not failed["passed"] and not failed["genai"]["prompt_ids_equal"]
+    assert any("onnxruntime-genai's tokenizer gives" in f for f in failed["failures"]), failed["failures"]
     ids = [_prompt_ids(gen.tokenizer, t) for t in (PROMPTS[0], PROMPTS[1], "Tokyo?", PROMPTS[0])]
     assert len({len(i) for i in ids}) == 3
     assert [g.tokens for g in gen.generate_batch(ids, 8)] == [gen.generate(i, 8).tokens for i in ids]
     fixed = gen.generate_batch(ids, 6, stop_at_eos=False)
     assert [g.tokens for g in fixed] == [gen.generate(i, 6, stop_at_eos=False).tokens for i in ids]
+
+
+TRICKY = ["Hello world\n\nA. B.", "x\n\n\ny", "a\r\n\r\nb", "  lead  trail  ", "Ünïcödé 日本語 🙂 1234567", "don't I'LL x's\tz"]
+
+
+def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_exported, tiny_path, tmp_path):
+    """SmolLM2's tokenizer as transformers converts it from GGUF (the embedded model, tiny_cpu): onnxruntime-genai's
+    tokenizer gives -1 ids and raw byte-level pieces on it; after ``rewrite`` it gives transformers' ids and text, and
+    transformers' own tokenizer is unchanged by the rewrite."""
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from iqstar_lite.genai_tokenizer import rewrite, write_genai_tokenizer
+    from iqstar_lite.onnx_export import copy_sidecars
+
+    original = json.loads((Path(tiny_path) / "tokenizer.json").read_text())
+    new, changes = rewrite(original)
+    assert len(changes) == 2 and new["decoder"]["type"] == "ByteLevel" and new["pre_tokenizer"]["pretokenizers"][0]["type"] == "Split"
+    a, b = Tokenizer.from_str(json.dumps(original)), Tokenizer.from_str(json.dumps(new))
+    for text in TRICKY:
+        ids = a.encode(text, add_special_tokens=False).ids
+        assert b.encode(text, add_special_tokens=False).ids == ids and b.decode(ids) == a.decode(ids)
+    for other in ({"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}},
+                  {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}}):
+        assert rewrite(other) == (other, [])  # left alone: the gate says whether genai reads it
+
+    ref = AutoTokenizer.from_pretrained(tiny_path)
+    chat = ref.apply_chat_template([{"role": "user", "content": TRICKY[0]}], add_generation_prompt=True, tokenize=False)
+    texts = [chat, *TRICKY]
+    folder = tmp_path / "genai"  # a genai folder with SmolLM2's tokenizer files, rewritten as the export does
+    shutil.copytree(genai_exported[0] / "onnx", folder)
+    copy_sidecars(Path(tiny_path), folder)  # genai's tokenizer reads only these files (not the graph's vocabulary size)
+    assert write_genai_tokenizer(folder) == changes
+    gt = og.Tokenizer(og.Model(str(folder)))
+    for text in texts:
+        ids = ref(text, add_special_tokens=False)["input_ids"]
+        assert [int(t) for t in gt.encode(text)] == ids, text
+        assert gt.decode(np.asarray(ids, dtype=np.int32)) == ref.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    shutil.copy2(Path(tiny_path) / "tokenizer.json", folder / "tokenizer.json")  # as transformers wrote it
+    gt = og.Tokenizer(og.Model(str(folder)))
+    assert -1 in [int(t) for t in gt.encode(chat)]
+
+
+def test_gguf_rotary_permutation_arithmetic():
+    """One head of dim 4, rows q = [a0, a1, b0, b1] (rotate-half: a = first half, b = second) -> llama.cpp's
+    interleaved [a0, b0, a1, b1]; two heads permute independently; k with fewer heads uses its own count."""
+    from iqstar_lite.gguf_export import permute_rotary
+
+    w = np.arange(4.0)[:, None] * np.ones((1, 3))
+    np.testing.assert_array_equal(permute_rotary(w, 1)[:, 0], [0, 2, 1, 3])
+    w2 = np.arange(8.0)[:, None]
+    np.testing.assert_array_equal(permute_rotary(w2, 2)[:, 0], [0, 2, 1, 3, 4, 6, 5, 7])
+
+
+def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
+    import gguf
+
+    from iqstar_lite.gguf_export import export_gguf
+
+    run, report = exported
+    assert sorted(report["gguf"]["files"]) == ["f16", "q8_0"]
+    r = gguf.GGUFReader(str(run / "gguf" / "model-q8_0.gguf"))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied head
+    assert r.fields["tokenizer.chat_template"].contents() == CHATML and r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False  # the template starts with <|im_start|>, the BOS
+    mf = (run / "gguf" / "Modelfile").read_text()
+    assert mf.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in mf and "<|im_start|>assistant\n\"\"\"" in mf
+    odd = tmp_path / "gpt2"
+    shutil.copytree(run / "merged", odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(UserError, match="Llama-architecture"):
+        export_gguf(odd, tmp_path / "out", ["f16"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_path):
+    import gguf
+
+    from iqstar_lite.chat import GgufChat
+    from iqstar_lite.check import check_onnx
+
+    run, _ = exported
+    bad = _copy_run(run, tmp_path / "run", "merged", "onnx", "gguf")
+    (bad / "gguf" / "model-q8_0.gguf").unlink()
+    r = gguf.GGUFReader(str(bad / "gguf" / "model-f16.gguf"), "r+")
+    t = next(t for t in r.tensors if t.name == "token_embd.weight")
+    t.data[...] = t.data[::-1]  # the embedding rows in reverse order
+    del r
+    export = ExportConfig(check_prompts=1, check_new_tokens=4)
+    report = check_onnx(bad / "onnx", bad / "merged", export, PROMPTS[:1], gguf_dir=bad / "gguf")
+    assert not report["passed"] and not report["gguf"]["f16"]["greedy_equal"]
+    assert any(f.startswith("gguf model-f16.gguf prompt 0") and "!= merged" in f for f in report["failures"]), report["failures"]
+    data = (bad / "gguf" / "model-f16.gguf").read_bytes()
+    (bad / "gguf" / "model-f16.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot be loaded by transformers' GGUF reader"):
+        check_onnx(bad / "onnx", bad / "merged", export, PROMPTS[:1], gguf_dir=bad / "gguf")
+    with pytest.raises(UserError, match="cannot be loaded by transformers' GGUF reader"):
+        GgufChat(bad / "gguf" / "model-f16.gguf")
+
+
+def test_llama_cpp_runs_the_gguf_like_the_merged_model(exported):
+    """Where llama-cpp-python is installed (the llamacpp extra): llama.cpp's tokenizer + the GGUF's chat template give the
+    merged model's prompt ids, and its greedy tokens on the f16 file are the merged model's; the gate reports both files."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from iqstar_lite.check import check_onnx
+    from iqstar_lite.llamacpp_generate import LlamaCppGenerator
+
+    run, _ = exported
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    gen = LlamaCppGenerator(run / "gguf" / "model-f16.gguf", n_ctx=128)
+    for text in PROMPTS:
+        assert gen.chat_ids(text) == _prompt_ids(tok, text)
+    report = check_onnx(run / "onnx", run / "merged", ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5), PROMPTS, gguf_dir=run / "gguf")
+    assert report["passed"], report["failures"]
+    assert report["llama.cpp"]["f16"]["greedy_equal"] and report["llama.cpp"]["f16"]["prompt_ids_equal"] and report["llama.cpp"]["q8_0"]["agreement"] >= 0.5
+    from iqstar_lite.chat import answers, pick_runtime
+
+    path = run / "gguf" / "model-q8_0.gguf"
+    assert pick_runtime(path) == "llama.cpp" and len(answers(path, PROMPTS, "llama.cpp", 4)) == 2  # chat serves it
+
+
+def test_chat_serves_each_format(exported, capsys):
+    """An optimum folder -> onnxruntime, a genai folder -> onnxruntime-genai (its test above), a .gguf -> transformers."""
+    from iqstar_lite.chat import main, pick_runtime
+
+    run, _ = exported
+    assert main([str(run / "gguf" / "model-f16.gguf"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "6", "--runtime", "transformers"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1] ") and "\n[2] " in out
+    from iqstar_lite.llamacpp_generate import available
+
+    assert pick_runtime(run / "onnx") == "onnxruntime" and pick_runtime(run / "gguf" / "model-q8_0.gguf") == ("llama.cpp" if available() else "transformers")
+    for path, runtime, needle in ((run / "gguf", "auto", "holds GGUF files"), (run / "onnx", "genai", "not an onnxruntime-genai folder"),
+                                  (run / "gguf" / "model-q8_0.gguf", "genai", "runs with --runtime llama.cpp or transformers")):
+        with pytest.raises(UserError, match=needle):
+            pick_runtime(path, runtime)
 
 
 def test_ort_model_for_causal_lm_generates_like_transformers(exported):
@@ -481,6 +678,8 @@ def test_export_overrides_only_export_keys(run_dir):
         apply_export_overrides(cfg, ["train.lr=1"])
     with pytest.raises(UserError, match="export.dtype"):
         apply_export_overrides(cfg, ["export.dtype=int3"])
+    with pytest.raises(UserError, match="export.gguf"):
+        apply_export_overrides(cfg, ["export.gguf=f16,q4_k"])
 
 
 # ----------------------------------------------------------------------------- the real default model
@@ -509,6 +708,22 @@ def test_smollm2_export_and_check(tmp_path):
     result = check_run(tmp_path, cfg)
     assert result["passed"], result["failures"]
     assert result["greedy_equal"] and result["int8_agreement"] >= 0.9
+    # The default export: genai graph, run by onnxruntime-genai itself; GGUF f16 / q8_0 loaded back by transformers.
+    assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai-int8"]["agreement"] >= 0.9
+    assert result["gguf"]["f16"]["greedy_equal"] and result["gguf"]["q8_0"]["agreement"] >= 0.9
+    if "llama.cpp" in result:  # llama-cpp-python installed (the llamacpp extra): llama.cpp's tokenizer and template agree
+        assert all(c["prompt_ids_equal"] and c["agreement"] >= 0.9 for c in result["llama.cpp"].values())
+
+
+@pytest.mark.slow
+def test_tiny_cpu_recipe_end_to_end_passes_every_client_gate(tmp_path):
+    """tiny_cpu (SmolLM2's GGUF-converted tokenizer, the one onnxruntime-genai misread): train, export, check."""
+    proc = _run("iqstar_lite.recipe", "tiny_cpu", f"out_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert report["passed"] and report["genai"]["prompt_ids_equal"] and report["genai"]["greedy_equal"]
+    assert report["gguf"]["f16"]["greedy_equal"] and report["gguf"]["f16"]["prompt_ids_equal"]
+    assert "onnxruntime-genai (genai):" in proc.stdout and "GGUF f16 via" in proc.stdout
 
 
 def _copy_run(run: Path, dst: Path, *parts: str) -> Path:
