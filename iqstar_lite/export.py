@@ -108,7 +108,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
 
     ``prompts``: user messages for the merge logit comparison (e.g. held-out prompts); default generic ones.
     """
-    from iqstar_lite.gguf_export import export_gguf, parse_types
+    from iqstar_lite.gguf_export import check_architecture, export_gguf, parse_types
     from iqstar_lite.merge import adapter_dir, merge_run
     from iqstar_lite.onnx_export import dir_size, export_onnx, quantize_int8
 
@@ -118,6 +118,11 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
         raise UserError("export of a model with custom code (model.trust_remote_code=true) is not supported; the trained adapter is in "
                         f"{str(run_dir / 'adapter')!r} (load it with peft), or run with stages=train")
     adapter_dir(run_dir)  # fail early, before any model is loaded
+    gguf_types = parse_types(cfg.export.gguf)
+    if gguf_types:  # a model the GGUF writer cannot write is refused before the merge, not after it
+        from iqstar_lite.model import load_model_config
+
+        check_architecture(load_model_config(cfg.model.path, cfg.model.revision).to_dict())
     report: dict = {"adapter_card": str(write_adapter_card(run_dir, cfg))}
     report["merge"] = merge_run(run_dir, cfg, prompts)
     report["merged_bytes"] = dir_size(run_dir / "merged")
@@ -125,7 +130,6 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
         report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx", cfg.export.onnx_graph)
         if cfg.export.int8:
             report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block)
-    gguf_types = parse_types(cfg.export.gguf)
     if gguf_types:
         report["gguf"] = export_gguf(run_dir / "merged", run_dir / "gguf", gguf_types, name=cfg.name)
     for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8), ("gguf", bool(gguf_types))):

@@ -46,7 +46,11 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _config(merged_dir: Path) -> dict:
-    cfg = json.loads((Path(merged_dir) / "config.json").read_text())
+    return check_architecture(json.loads((Path(merged_dir) / "config.json").read_text()))
+
+
+def check_architecture(cfg: dict) -> dict:
+    """One line when the GGUF writer cannot write this model (config.json as a dict); export runs it before the merge."""
     kind = cfg.get("model_type")
     if kind not in LLAMA_TYPES:
         raise UserError(f"GGUF export writes Llama-architecture models (model_type {' / '.join(LLAMA_TYPES)}), this one is {kind!r}; "
@@ -212,11 +216,12 @@ def modelfile(merged_dir: Path, gguf_name: str) -> str:
     lines = [f"FROM ./{gguf_name}", ""]
     if tok.chat_template and "<|im_start|>" in tok.chat_template:
         lines += [
+            # .System once, before the turns; Ollama also lists the system message in .Messages: skipped there
             'TEMPLATE """{{- if .System }}<|im_start|>system',
             "{{ .System }}<|im_end|>",
-            "{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}",
+            '{{ end }}{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}',
             "{{ .Content }}<|im_end|>",
-            '{{ end }}<|im_start|>assistant',
+            '{{ end }}{{- end }}<|im_start|>assistant',
             '"""',
         ]
         system = chatml_system(merged_dir)

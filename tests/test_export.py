@@ -21,7 +21,7 @@ import pytest
 from conftest import randomize_lora_b
 import torch
 
-from iqstar_lite.config import ExportConfig, LoraSettings, ModelConfig, RecipeConfig, save_config
+from iqstar_lite.config import ExportConfig, LoraSettings, ModelConfig, RecipeConfig, load_recipe, save_config
 from iqstar_lite.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -353,6 +353,8 @@ def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
     assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False  # the template starts with <|im_start|>, the BOS
     mf = (run / "gguf" / "Modelfile").read_text()
     assert mf.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in mf and "<|im_start|>assistant\n\"\"\"" in mf
+    # the system message once: .System before the turns, system entries of .Messages skipped
+    assert mf.count("{{ .System }}") == 1 and '{{- range .Messages }}{{- if ne .Role "system" }}' in mf
     odd = tmp_path / "gpt2"
     shutil.copytree(run / "merged", odd)
     cfg = json.loads((odd / "config.json").read_text())
@@ -371,6 +373,10 @@ def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_p
     run, _ = exported
     bad = _copy_run(run, tmp_path / "run", "merged", "onnx", "gguf")
     (bad / "gguf" / "model-q8_0.gguf").unlink()
+    from iqstar_lite.check import check_run  # a file export.gguf asks for and the gate never saw: not passed
+
+    report = check_run(bad, load_recipe("tiny_cpu", ["export.check_prompts=1", "export.check_new_tokens=4", "export.int8=false"]), PROMPTS[:1])
+    assert not report["passed"] and any("model-q8_0.gguf missing" in f for f in report["failures"]), report["failures"]
     r = gguf.GGUFReader(str(bad / "gguf" / "model-f16.gguf"), "r+")
     t = next(t for t in r.tensors if t.name == "token_embd.weight")
     t.data[...] = t.data[::-1]  # the embedding rows in reverse order
