@@ -19,6 +19,19 @@ def cli(*args: str, module: str = "iqstar_lite.recipe", **env_extra: str) -> sub
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+def cli_here(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """The console entry point (``recipe.cli``: argv -> one line and exit 2 on a UserError) in this process: the same code
+    path as ``cli`` without a new interpreter's seconds of imports. An error that is not a UserError propagates (fails)."""
+    from iqstar_lite.recipe import cli as entry
+
+    monkeypatch.setattr(sys, "argv", ["iqstar-lite", *args])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, stop.value.code, out.out, out.err)
+
+
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
@@ -44,19 +57,24 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["tiny_cpu", "train.report_to=tensorbord"], ["'train.report_to' must be one of", "tensorboard"]),
     ],
 )
-def test_bad_input_gives_one_line(args, needles):
-    assert_one_line_error(cli(*args), *needles)
+def test_bad_input_gives_one_line(args, needles, monkeypatch, capsys):
+    assert_one_line_error(cli_here(monkeypatch, capsys, *args), *needles)
+
+
+def test_bad_input_gives_one_line_from_a_new_process():
+    """One case through a real interpreter (``python -m``): the exit code and stderr as a shell sees them."""
+    assert_one_line_error(cli("tiny_cpu", "train.stpes=3"), "unknown key", "did you mean", "steps")
 
 
 @pytest.mark.parametrize(
     "content, needles",
     [("", ["is empty"]), ('{"prompt": "ok"}\n{not json\n', ["line 2", "not valid JSON"]), ('{"text": "x"}\n', ["'prompt'", "columns found: text"])],
 )
-def test_bad_prompt_file(tmp_path, tiny_path, content, needles):
+def test_bad_prompt_file(tmp_path, tiny_path, content, needles, monkeypatch, capsys):
     f = tmp_path / "prompts.jsonl"
     f.write_text(content)
     out = tmp_path / "run"
-    res = cli("tiny_cpu", f"data.prompts={f}", f"out_dir={out}", f"model.path={tiny_path}", "stages=train")
+    res = cli_here(monkeypatch, capsys, "tiny_cpu", f"data.prompts={f}", f"out_dir={out}", f"model.path={tiny_path}", "stages=train")
     assert_one_line_error(res, *needles)
 
 

@@ -22,7 +22,7 @@ from test_cli import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-KILLS = int(os.environ.get("IQSTAR_FAULT_KILLS", "3"))  # IQSTAR_FAULT_KILLS=10 pytest tests/test_faults.py: a longer trial
+KILLS = int(os.environ.get("IQSTAR_FAULT_KILLS", "2"))  # IQSTAR_FAULT_KILLS=10 pytest tests/test_faults.py: a longer trial
 STEPS = max(6, 3 * KILLS)
 ARGS = ["tiny_cpu", "stages=train", "eval.enabled=false", f"train.steps={STEPS}", "train.checkpoint_every=1"]
 
