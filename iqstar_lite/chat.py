@@ -68,7 +68,8 @@ class GgufChat:
         import gguf
 
         fields = gguf.GGUFReader(str(path)).fields
-        eos = int(fields["tokenizer.ggml.eos_token_id"].contents())
+        eos = (int(fields["tokenizer.ggml.eos_token_id"].contents()) if "tokenizer.ggml.eos_token_id" in fields
+               else self.tokenizer.eos_token_id)  # a GGUF written elsewhere may not name one
         pad = int(fields["tokenizer.ggml.padding_token_id"].contents()) if "tokenizer.ggml.padding_token_id" in fields else eos
         self.tokenizer.eos_token, self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens([eos, pad])
         self.model.generation_config.eos_token_id, self.model.generation_config.pad_token_id = eos, pad
@@ -95,7 +96,8 @@ def answers(path: Path, prompts: list[str], runtime: str, max_new_tokens: int, *
     if runtime == "llama.cpp":
         from iqstar_lite.llamacpp_generate import LlamaCppGenerator
 
-        gen = LlamaCppGenerator(path)
+        # room for the longest prompt (a byte-level BPE token is at least one byte), the chat template and the answer
+        gen = LlamaCppGenerator(path, n_ctx=max(1024, max(len(p.encode()) for p in prompts) + len((kw.get("system") or "").encode()) + max_new_tokens + 256))
         try:
             return [gen.chat(p, max_new_tokens, **kw) for p in prompts]
         finally:
