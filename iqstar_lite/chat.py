@@ -54,16 +54,10 @@ class GgufChat:
     """A GGUF file through transformers' GGUF loader (dequantized to fp32) and ``rollout.sample``."""
 
     def __init__(self, path: Path):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from iqstar_lite.gguf_export import load_back
 
         path = Path(path)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError / KeyError / struct errors on a damaged file
-            raise UserError(f"{str(path)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
-                            "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
+        self.tokenizer, self.model = load_back(path)
         # transformers 4.57's GGUF tokenizer reports the BOS as EOS and no pad; the file's own ids are the truth.
         import gguf
 

@@ -55,11 +55,9 @@ def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: 
     if gguf_file is None:
         model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True).eval()
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(merged_dir, gguf_file=gguf_file, dtype=torch.float32).eval()
-        except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError / KeyError / struct errors on a damaged file
-            raise UserError(f"{str(Path(merged_dir) / gguf_file)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
-                            "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
+        from iqstar_lite.gguf_export import load_back
+
+        model = load_back(Path(merged_dir) / gguf_file)[1]
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos or None, pad_token_id=(eos or [0])[0], bos_token_id=model.config.bos_token_id)
 
     def greedy(ids: list[int], cfg: GenerationConfig) -> tuple[list[int], float]:
@@ -159,16 +157,12 @@ def _gguf_rows(gguf_dir: Path, texts: list[str], prompt_ids: list[list[int]], re
     same tokens exactly when the argmax at every forced position is the merged model's token (the prefixes agree up to the
     first position where it is not, which is where greedy decoding would diverge). Only the first prompt is decoded, for
     tokens/s: transformers' GGUF loader is a check of the file, not a runtime (llama.cpp is, below)."""
-    from transformers import AutoTokenizer
+    from iqstar_lite.gguf_export import load_back
 
     out, failures = {}, []
     for path in sorted(Path(gguf_dir).glob("model-*.gguf")):
         qtype, name = path.stem.removeprefix("model-"), f"gguf {path.name}"
-        try:
-            gtok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=path.name)
-        except Exception as e:  # noqa: BLE001 - see _torch_reference
-            raise UserError(f"{str(path)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
-                            "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
+        gtok = load_back(path, model=False)[0]
         own = _torch_reference(gguf_dir, prompt_ids, export.check_new_tokens, eos, gguf_file=path.name, forced=[r["tokens"] for r in refs],
                                greedy_prompts=1)
         gc.collect()
@@ -228,8 +222,8 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
         "thresholds": dataclasses.asdict(export),
         "max_logit_diff": float(np.max([[r["max_logit_diff"], r["decode_max_logit_diff"]] for r in rows])),
         "greedy_equal": all(r["greedy_equal"] for r in rows),
-        "torch_tokens_per_s": _tokens_per_s(rows, "torch_tokens", "torch_seconds"),
-        "onnx_tokens_per_s": _tokens_per_s(rows, "onnx_tokens", "onnx_seconds"),
+        "torch_tokens_per_s": tokens_per_s([Generation(r["torch_tokens"], r["torch_seconds"]) for r in rows]),
+        "onnx_tokens_per_s": tokens_per_s([Generation(r["onnx_tokens"], r["onnx_seconds"]) for r in rows]),
         "prompts": rows,
     }
     failures = _failures(rows, export)
@@ -237,7 +231,7 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
         for row, q in zip(rows, _int8_rows(OrtGenerator(int8_dir, spin=False), prompt_ids, refs, export.check_new_tokens)):
             row["int8"] = q
         report["int8_agreement"] = sum(r["int8"]["agree"] for r in rows) / max(sum(r["int8"]["total"] for r in rows), 1)
-        report["int8_tokens_per_s"] = sum(len(r["int8"]["greedy_tokens"]) for r in rows) / max(sum(r["int8"]["seconds"] for r in rows), 1e-9)
+        report["int8_tokens_per_s"] = tokens_per_s([Generation(r["int8"]["greedy_tokens"], r["int8"]["seconds"]) for r in rows])
         if not report["int8_agreement"] >= export.min_int8_agreement:
             first = next(((i, r["int8"]["first_divergence"]) for i, r in enumerate(rows) if r["int8"]["first_divergence"] is not None), None)
             at = f"; first divergence: prompt {first[0]} new token {first[1]} (position {rows[first[0]]['prompt_tokens'] + first[1]})" if first else ""
@@ -261,11 +255,6 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
     report["failures"] = failures
     report["passed"] = not failures
     return report
-
-
-def _tokens_per_s(rows: list[dict], tokens_key: str, seconds_key: str) -> float:
-    tokens = sum(len(r[tokens_key]) for r in rows)
-    return tokens / max(sum(r[seconds_key] for r in rows), 1e-9)
 
 
 def format_table(report: dict) -> str:

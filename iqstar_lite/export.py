@@ -31,17 +31,10 @@ log = logging.getLogger(__name__)
 
 def last_metrics(run_dir: Path) -> dict:
     """The last JSON line of ``metrics.jsonl`` ({} when absent or unreadable)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            return row
-    return {}
+    from iqstar_lite.checkpoint import jsonl_rows
+
+    rows = jsonl_rows(Path(run_dir) / "metrics.jsonl")
+    return rows[-1] if rows else {}
 
 
 def _fmt(value) -> str:

@@ -30,6 +30,21 @@ from iqstar_lite.errors import UserError
 LLAMA_TYPES = ("llama", "mistral")
 
 
+def load_back(path: Path, model: bool = True):
+    """(tokenizer, fp32 model or None) of a GGUF file through transformers' GGUF reader; one line when it cannot read it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval() if model else None
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError / KeyError / struct errors on a damaged file
+        raise UserError(f"{str(path)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
+                        "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
+    return tok, net
+
+
 def gguf_file(out_dir: Path, qtype: str) -> Path:
     return Path(out_dir) / f"model-{qtype}.gguf"
 
