@@ -300,9 +300,28 @@ def summarize(runs: list[dict], contrastive: list[dict], s: dict, target: float 
     return out
 
 
-def compare(results: dict, peers: list[str]) -> dict:
+def to_peer_final(curves: list[list[dict]], peer: dict) -> dict:
+    """Training seconds until a run first matches a peer's final quality (the peer's final median judge rate, with
+    repetition at most its final median repetition), over runs (never = infinitely slow in the median)."""
+    judge, rep = peer["final_judge_rate"]["median"], peer["final_repetition"]["median"]
+    return reached([first_reach(c, lambda p: p["judge_rate"] >= judge and p["repetition"] <= rep) for c in curves], "train_seconds")
+
+
+def compare(results: dict, peers: list[str], runs: dict[str, list[dict]] | None = None) -> dict:
     iq, trl = [p for p in peers if p in IQ_PEERS], [p for p in peers if p in TRL_PEERS]
     out: dict = {"winner_per_second": max(iq, key=lambda p: results[p]["judge_rate_per_s"]["median"]) if iq else None}
+    if runs:  # the paper's claim: Inverse-Q* reaches the best peer's final quality in <= 0.5x that peer's wall-clock
+        out["to_peer_final_quality"] = {}
+        for t in trl:
+            clock = results[t]["clock_s"]["median"]
+            out["to_peer_final_quality"][t] = {
+                "peer_final_judge_rate": results[t]["final_judge_rate"]["median"], "peer_final_repetition": results[t]["final_repetition"]["median"],
+                "peer_clock_s": clock,
+                **{p: {**(hit := to_peer_final([r["curve"] for r in runs[p]], results[t])),
+                       "over_peer_clock": ratio(hit["median_never_as_inf"], clock), "met_0.5x": hit["median_never_as_inf"] is not None and hit["median_never_as_inf"] <= 0.5 * clock}
+                   for p in iq}}
+        if trl:  # the best peer: highest final median judge rate, then lowest repetition
+            out["best_peer"] = max(trl, key=lambda t: (results[t]["final_judge_rate"]["median"], -results[t]["final_repetition"]["median"]))
     # the headline: time to target quality, median over runs (never = infinitely slow), Inverse-Q* / each TRL peer
     out["time_to_quality_iq_over_trl"] = {p: {t: ratio(results[p]["time_to_quality_s"]["median_never_as_inf"],
                                                    results[t]["time_to_quality_s"]["median_never_as_inf"]) for t in trl} for p in iq}
@@ -335,7 +354,10 @@ def notes(args) -> list[str]:
         f"time_to_quality = training seconds of the first evaluation with judge >= {args.quality_judge} and repetition <= the run's "
         f"contrastive decoding's + {args.quality_repetition_margin} (evaluation every {args.eval_every_s} s: a resolution of one interval); "
         "median_never_as_inf counts runs that never got there as infinitely slow; their best points are listed.",
-        "time_to_trl_final = the first evaluation at or above TRL GRPO's final median judge rate.",
+        "time_to_trl_final = the first evaluation at or above TRL GRPO's final median judge rate. to_peer_final_quality = for each TRL "
+        "peer, the first evaluation of an Inverse-Q* run with judge >= that peer's final median judge rate and repetition <= its final "
+        "median repetition, median over runs, as a fraction of the peer's own median training clock (the paper's claim: <= 0.5x "
+        "for the best peer).",
         "Run r (0, 1, 2, ...) of every peer trains with train.seed = r: LoRA init, sampling and prompt order differ between runs, "
         "and every peer sees the same prompt sequence within a run.",
         *([f"Runs of the peers not run now (and the contrastive runs) are reused from {args.add_to.name}."] if args.add_to else []),
@@ -407,7 +429,7 @@ def main() -> None:
     if "trl-grpo" in runs:
         target_rate = results["trl_final_judge_rate_median"] = statistics.median(rs["curve"][-1]["judge_rate"] for rs in runs["trl-grpo"])
     results.update({peer: summarize(rs, contrastive, settings, target_rate) for peer, rs in runs.items()})
-    results.update(compare(results, peers))
+    results.update(compare(results, peers, runs))
     results["raw"] = runs
     for peer in peers:
         rr = results[peer]
@@ -417,6 +439,9 @@ def main() -> None:
               f"({rr['steps']['median']:.0f} steps); to target quality: {q.get('median_never_as_inf')} s ({q.get('reached')}/{args.runs} runs)")
     print(f"contrastive decoding: judge {results['contrastive_judge_rate']['median']}, repetition "
           f"{results['contrastive_repetition']['median']}; time to quality iq / trl: {results['time_to_quality_iq_over_trl']}")
+    for t, v in results.get("to_peer_final_quality", {}).items():
+        print(f"to {t}'s final quality (judge >= {v['peer_final_judge_rate']}, repetition <= {v['peer_final_repetition']}; its clock "
+              f"{v['peer_clock_s']} s): " + ", ".join(f"{p} {v[p]['median_never_as_inf']} s = {v[p]['over_peer_clock']}x" for p in v if p in IQ_PEERS))
     write_result("convergence", settings, results, notes(args), args.results)
 
 

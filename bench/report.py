@@ -47,20 +47,21 @@ def header(d: dict, path: Path) -> list[str]:
 
 
 def step_vs_trl(r: dict) -> list[str]:
-    peers = [p for p in ("iq", "trl") if p in r]
+    peers = [p for p in ("iq", "trl", "sdft") if p in r]
     keys = [("seconds", "s / step"), ("t_rollout", "rollout s"), ("t_estimator", "estimator / reference s"), ("t_update", "update s"),
             ("gen_tokens_per_s_step", "generated tokens / s (step)"), ("gen_tokens_per_s_rollout", "generated tokens / s (rollout)"),
             ("gen_tokens_per_step", "generated tokens / step"), ("warmup_seconds", "warm-up step s"), ("peak_rss_gib", "peak RSS GiB"),
             ("load_peak_rss_gib", "peak RSS when loading ended GiB"), ("peak_rss_rollout_gib", "peak RSS in rollout GiB (sampled)"),
             ("peak_rss_estimator_gib", "peak RSS in estimator / reference GiB (sampled)"), ("peak_rss_update_gib", "peak RSS in update GiB (sampled)")]
-    head = ["metric"] + [f"{p} {s}" for p in peers for s in ("min", "median", "max")] + (["iq / trl (median)"] if len(peers) == 2 else [])
+    others = [p for p in peers if p != "iq"] if "iq" in peers else []
+    head = ["metric"] + [f"{p} {s}" for p in peers for s in ("min", "median", "max")] + [f"iq / {p} (median)" for p in others]
     rows = []
     for k, label in keys:
         if not any(k in r[p] for p in peers):  # per-phase RSS: results from 2026-11-28 on
             continue
         row = [label] + [x for p in peers for x in mmm(r[p].get(k))]
-        if len(peers) == 2:
-            a, b = (r["iq"].get(k) or {}).get("median"), (r["trl"].get(k) or {}).get("median")
+        for p in others:
+            a, b = (r["iq"].get(k) or {}).get("median"), (r[p].get(k) or {}).get("median")
             row.append(round(a / b, 3) if a is not None and b else None)
         rows.append(row)
     out = table(head, rows) + [""] + [f"- {p}: optimizer `{r[p]['optimizer']}`, compute dtype {r[p]['compute_dtype']}, {r[p].get('linear4bit_layers')} "
@@ -68,6 +69,9 @@ def step_vs_trl(r: dict) -> list[str]:
     if "targets" in r:
         t = r["targets"]
         out.append(f"- targets: step time ≤ {t['step_time_ratio_max']}× TRL: {fmt(t['step_time_met'])}; peak RSS ≤ {t['peak_rss_ratio_max']}× TRL: {fmt(t['peak_rss_met'])}")
+        if "peer_step_time_met" in t:
+            out.append(f"- peer-benchmark targets (TRL 1.16): step time ≤ {t['peer_step_time_ratio_max']}× GRPO: {fmt(t['peer_step_time_met'])}; "
+                       f"peak RSS ≤ {t['peer_peak_rss_ratio_max']}× GRPO: {fmt(t['peer_peak_rss_met'])}")
     return out
 
 
@@ -93,12 +97,23 @@ def convergence(r: dict) -> list[str]:
         ratios = r["time_to_quality_iq_over_trl"]
         trl = sorted({t for v in ratios.values() for t in v})
         if trl:
+            def cell(p, t, key, q):  # a ratio, or why there is none
+                mine, theirs = r[p][key].get("median_never_as_inf"), r[t][key].get("median_never_as_inf")
+                return q if q is not None else ("both never" if mine is None and theirs is None else f"{t} never (0/{len(r['raw'][t])})"
+                                                if theirs is None else f"{p} never")
             out += table(["Inverse-Q* loss"] + [f"time to quality / {t}" for t in trl] + [f"samples to quality / {t}" for t in trl],
-                         [[p, *(ratios[p].get(t) for t in trl), *(r["samples_to_quality_iq_over_trl"][p].get(t) for t in trl)] for p in ratios]) + [""]
+                         [[p, *(cell(p, t, "time_to_quality_s", ratios[p].get(t)) for t in trl),
+                           *(cell(p, t, "samples_to_quality", r["samples_to_quality_iq_over_trl"][p].get(t)) for t in trl)] for p in ratios]) + [""]
         for p in peers:
             for b in r[p].get("best_points_of_runs_not_reaching", []):
                 out.append(f"- {p}: a run that never reached target quality; its best point: judge {fmt(b['judge_rate'])}, repetition "
                            f"{fmt(b['repetition'])}, loops {fmt(b.get('loop_rate'))} at {fmt(b['train_seconds'])} s (step {b['step']})")
+        for t, v in r.get("to_peer_final_quality", {}).items():
+            best = " (the best peer)" if r.get("best_peer") == t else ""
+            out.append(f"- to {t}'s final quality{best} (judge ≥ {fmt(v['peer_final_judge_rate'])}, repetition ≤ {fmt(v['peer_final_repetition'])}; "
+                       f"its median clock {fmt(v['peer_clock_s'])} s): " + "; ".join(
+                           f"{p} {fmt(v[p]['median_never_as_inf'])} s ({v[p]['reached']}/{len(r['raw'][p])} runs) = "
+                           f"{fmt(v[p]['over_peer_clock'])}× its clock, ≤ 0.5×: {fmt(v[p]['met_0.5x'])}" for p in v if p in peers and p.startswith("iq-")))
         out.append(f"- fastest Inverse-Q* loss per second (Δ judge rate / training s): {r.get('winner_per_second')}")
         return out
     ratios = r.get("ratios_iq_over_trl", {})
@@ -284,7 +299,7 @@ def plot(d: dict) -> Path | None:
     fig, axes = plt.subplots(rows, 2 if two else 1, figsize=(10 if two else 7, 4 * rows), squeeze=False)
     ax = axes[0][0]
     if name == "step_vs_trl":
-        peers = [p for p in ("iq", "trl") if p in r]
+        peers = [p for p in ("iq", "trl", "sdft") if p in r]
         bottom = [0.0] * len(peers)
         for phase in ("t_rollout", "t_estimator", "t_update"):
             vals = [r[p][phase]["median"] for p in peers]

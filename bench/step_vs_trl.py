@@ -1,4 +1,5 @@
-"""One Inverse-Q* optimizer step vs one TRL GRPOTrainer step: same model, prompts, rollout size, micro-batch.
+"""One Inverse-Q* step vs one TRL GRPOTrainer step (and, ``--peers iq,trl,sdft``, one TRL SDFTTrainer step): same model,
+prompts, rollout size, micro-batch.
 
     python bench/step_vs_trl.py                  # SmolLM2-135M-Instruct NF4, 8 prompts x 2 samples x 32 tokens
     python bench/step_vs_trl.py --quick          # tiny random model, smoke test only
@@ -24,7 +25,8 @@ from pathlib import Path
 from common import (GIB, PhaseRss, base_parser, parse_args, quiet_libraries, ratio, run_child, self_peak_rss, set_threads, stats, training_prompts,
                     warn_if_busy, write_result)
 
-TARGETS = {"step_time_ratio_max": 0.5, "peak_rss_ratio_max": 0.7}
+TARGETS = {"step_time_ratio_max": 0.5, "peak_rss_ratio_max": 0.7}  # the first benchmark issue's
+PEER_TARGETS = {"peer_step_time_ratio_max": 1.0, "peer_peak_rss_ratio_max": 1.0}  # the peer benchmark's (TRL 1.16 GRPO, equal rollout)
 PHASES = ("seconds", "t_rollout", "t_estimator", "t_update")
 
 
@@ -97,8 +99,10 @@ def length_reward(completions, **_):
     return [float(len(c[-1]["content"]) if isinstance(c, list) else len(c)) for c in completions]
 
 
-def phase_timer(trainer, rss: PhaseRss):
-    """A TrainerCallback timing each optimizer step and, inside it, TRL's generation and scoring."""
+def phase_timer(trainer, rss: PhaseRss, score_name: str = "_generate_and_score_completions"):
+    """A TrainerCallback timing each optimizer step and, inside it, TRL's generation and scoring (``score_name``: the
+    trainer method that generates and builds the training batch; GRPO ``_generate_and_score_completions``, SDFT
+    ``_prepare_training_batch``)."""
     from transformers import TrainerCallback
 
     class PhaseTimer(TrainerCallback):
@@ -106,7 +110,7 @@ def phase_timer(trainer, rss: PhaseRss):
             self.steps: list[dict] = []
             self.cur: dict = {}
             self.t0 = 0.0
-            gen, score = in_phase(rss, "rollout", trainer._generate), in_phase(rss, "estimator", trainer._generate_and_score_completions)
+            gen, score = in_phase(rss, "rollout", trainer._generate), in_phase(rss, "estimator", getattr(trainer, score_name))
 
             def timed_generate(*a, **k):
                 t = time.perf_counter()
@@ -121,7 +125,8 @@ def phase_timer(trainer, rss: PhaseRss):
                 self.cur["t_score"] += time.perf_counter() - t
                 return out
 
-            trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_score
+            trainer._generate = timed_generate
+            setattr(trainer, score_name, timed_score)
 
         def on_step_begin(self, args, state, control, **kw):
             self.cur = {"t_rollout": 0.0, "t_score": 0.0, "gen_tokens": 0}
@@ -137,11 +142,14 @@ def phase_timer(trainer, rss: PhaseRss):
     return PhaseTimer()
 
 
-def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
+def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss, sdft: bool = False) -> dict:
+    """TRL GRPO (length reward) or, with ``sdft``, TRL's self-distillation (``trl.experimental.sdft.SDFTTrainer``: teacher =
+    the initial model given the principle as privileged context, full-logit distillation), same batch shape."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from iqstar_lite.embedded import resolve_model_path
     from iqstar_lite.model import compute_dtype, load_base, load_tokenizer, pick_device, quantization_config
@@ -154,14 +162,18 @@ def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
     order = [e for step in range(steps) for e in prompt_batch(prompts, step, rc.prompts_per_step, cfg.train.seed)]
     n = rc.prompts_per_step * rc.samples_per_prompt
     mb = min(cfg.train.micro_batch, n)
-    args = GRPOConfig(
+    common = dict(
         output_dir=str(tmp), per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=rc.samples_per_prompt,
-        max_completion_length=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,  # trl 1.16: no max_prompt_length
-        beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps, learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=steps,
+        max_completion_length=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,  # trl 1.16 GRPO: no max_prompt_length
+        learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=steps,
         lr_scheduler_type="constant", optim=s["trl_optim"], use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
         logging_steps=1, save_strategy="no", shuffle_dataset=False, disable_tqdm=True, seed=cfg.train.seed, dataloader_num_workers=0,
         generation_kwargs={"min_new_tokens": rc.max_new_tokens} if s["fixed_length"] else None,
     )
+    if sdft:
+        args = SDFTConfig(**common, max_prompt_length=cfg.data.max_prompt_tokens, teacher_model_kind="base", distillation_mode="full_logits")
+    else:
+        args = GRPOConfig(**common, beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps)
     lora = cfg.lora
     targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
@@ -170,15 +182,19 @@ def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
         args.model_init_kwargs = {"quantization_config": quantization_config(cfg.model, device), "dtype": "float32", "device_map": {"": str(device)}}
     else:  # the very model object iqstar_lite trains (CPU repack fast path switched off)
         model = load_base(cfg.model, device)
-    trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args,
-                          train_dataset=Dataset.from_list([{"prompt": e.messages} for e in order]), processing_class=tokenizer, peft_config=peft_cfg)
+    if sdft:
+        trainer = SDFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_cfg,
+                              train_dataset=Dataset.from_list([{"prompt": e.messages, "privileged_context": cfg.data.principle} for e in order]))
+    else:
+        trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args,
+                              train_dataset=Dataset.from_list([{"prompt": e.messages} for e in order]), processing_class=tokenizer, peft_config=peft_cfg)
     loaded = self_peak_rss()
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict instead
-    timer = phase_timer(trainer, rss)
+    timer = phase_timer(trainer, rss, "_prepare_training_batch" if sdft else "_generate_and_score_completions")
     trainer.add_callback(timer)
     trainer.train()
     return {"steps": timer.steps, "optimizer": f"{type(trainer.optimizer.optimizer).__module__}.{type(trainer.optimizer.optimizer).__name__}",
-            "compute_dtype": str(compute_dtype(cfg.model, device)), "ref_model_is_adapter_disabled_policy": trainer.ref_model is None,
+            "compute_dtype": str(compute_dtype(cfg.model, device)), "ref_model_is_adapter_disabled_policy": getattr(trainer, "ref_model", None) is None,
             "load_peak_rss_bytes": loaded, **layer_facts(trainer.model)}
 
 
@@ -189,7 +205,7 @@ def child_main(peer: str, settings: str, out: str) -> None:
     cfg = recipe(s)
     rss = PhaseRss()
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer}-") as tmp:
-        data = (child_iq if peer == "iq" else child_trl)(s, cfg, Path(tmp), rss)
+        data = child_iq(s, cfg, Path(tmp), rss) if peer == "iq" else child_trl(s, cfg, Path(tmp), rss, sdft=peer == "sdft")
     data["phase_peak_rss_bytes"] = rss.stop()
     data["peak_rss_self_bytes"] = self_peak_rss()
     Path(out).write_text(json.dumps(data))
@@ -221,8 +237,10 @@ def compare(iq: dict, trl: dict) -> dict:
          "peak_rss": ratio(iq["peak_rss_gib"]["median"], trl["peak_rss_gib"]["median"]),
          "gen_tokens_per_s_step": ratio(iq["gen_tokens_per_s_step"]["median"], trl["gen_tokens_per_s_step"]["median"])}
     met = {"step_time_met": q["step_time"] is not None and q["step_time"] <= TARGETS["step_time_ratio_max"],
-           "peak_rss_met": q["peak_rss"] is not None and q["peak_rss"] <= TARGETS["peak_rss_ratio_max"]}
-    return {"ratios_iq_over_trl": q, "targets": {**TARGETS, **met}}
+           "peak_rss_met": q["peak_rss"] is not None and q["peak_rss"] <= TARGETS["peak_rss_ratio_max"],
+           "peer_step_time_met": q["step_time"] is not None and q["step_time"] <= PEER_TARGETS["peer_step_time_ratio_max"],
+           "peer_peak_rss_met": q["peak_rss"] is not None and q["peak_rss"] <= PEER_TARGETS["peer_peak_rss_ratio_max"]}
+    return {"ratios_iq_over_trl": q, "targets": {**TARGETS, **PEER_TARGETS, **met}}
 
 
 def notes(args) -> list[str]:
@@ -232,8 +250,12 @@ def notes(args) -> list[str]:
         "training, so bitsandbytes' eval-only CPU repack never triggers there either." if args.trl_load == "native" else
         "TRL gets load_base()'s model object (repack fast path off), so GRPOConfig.model_init_kwargs is unused."),
         "TRL: bf16=False (no autocast, same dtypes as iqstar_lite) and gradient_checkpointing=False (GRPOConfig defaults both to True).",
-        "Inverse-Q* step = rollout + estimator (2 reference passes stacked: principle / no principle) + update (the recipe's loss: distill, full-vocab KL, until 2026-11-25; pg since); "
-        "TRL step = rollout + 1 reference pass + reward + GRPO update (loss_type=dapo, beta>0).",
+        "Inverse-Q* step = rollout + estimator (2 reference passes stacked: principle / no principle) + update (the recipe's loss: smollm2_cpu uses distill, full-vocabulary KL, on its policy rows and its rows sampled from pi-hat*); "
+        "TRL step = rollout + 1 reference pass + reward + GRPO update (loss_type=dapo, beta>0). SDFT (trl.experimental.sdft.SDFTTrainer, "
+        "peer 'sdft') step = rollout + batch assembly (its 'estimator' = _prepare_training_batch minus generation: tokenizing, padding, "
+        "teacher prompts; no old log-probs at one generation per optimizer step) + teacher forward (initial model + principle as "
+        "privileged context) and student forward / backward (its 'update').",
+        "Inverse-Q* step = one rollout batch and the recipe's loss.epochs optimizer steps on it (smollm2_cpu: 3); TRL: one.",
         "Fixed length: min_new_tokens = tokens on both sides, so both generate the same token count." if not args.natural_length
         else "Natural length: responses stop at EOS; compare tokens/s rather than s/step.",
         "Medians exclude the first (warm-up) step of every run; peak RSS is the child's ru_maxrss (os.wait4), whole process incl. loading; "
@@ -253,7 +275,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (the smollm2_cpu recipe's train.micro_batch)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per run (after 1 warm-up step)")
     p.add_argument("--runs", type=int, default=3, help="subprocess runs per peer (peak RSS is one number per run)")
-    p.add_argument("--peers", default="iq,trl")
+    p.add_argument("--peers", default="iq,trl", help="iq, trl (GRPO), sdft (TRL's SDFTTrainer), comma-separated")
     p.add_argument("--natural-length", action="store_true", help="let responses stop at EOS (default: exactly --tokens each)")
     p.add_argument("--trl-load", choices=("native", "object"), default="native",
                    help="native: TRL loads the model via GRPOConfig.model_init_kwargs (NF4 BitsAndBytesConfig); object: pass load_base()'s model")
@@ -265,6 +287,8 @@ def main() -> None:
     if n % min(args.micro_batch, n):
         p.error(f"prompts x samples ({n}) must be a multiple of --micro-batch ({args.micro_batch}) for TRL's accumulation")
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    if unknown := [x for x in peers if x not in ("iq", "trl", "sdft")]:
+        p.error(f"unknown peers {unknown}; choose from iq, trl, sdft")
     settings = {"model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens, "micro_batch": args.micro_batch,
                 "steps": args.steps, "runs": args.runs, "fixed_length": not args.natural_length, "trl_optim": args.trl_optim, "trl_load": args.trl_load,
                 "threads": args.threads, "quick": args.quick, "peers": peers, "malloc_mmap_threshold": args.malloc_mmap_threshold}
@@ -279,12 +303,16 @@ def main() -> None:
     results["raw"] = runs
     if "iq" in results and "trl" in results:
         results.update(compare(results["iq"], results["trl"]))
+    if "iq" in results and "sdft" in results:
+        results["ratios_iq_over_sdft"] = compare(results["iq"], results["sdft"])["ratios_iq_over_trl"]
     for peer in peers:
         rr = results[peer]
         print(f"{peer:>4}: {rr['seconds']['median']:.2f} s/step (rollout {rr['t_rollout']['median']:.2f}, estimator {rr['t_estimator']['median']:.2f}, "
               f"update {rr['t_update']['median']:.2f}); {rr['gen_tokens_per_s_step']['median']:.1f} gen tok/s; peak RSS {rr['peak_rss_gib']['median']:.2f} GiB")
     if "ratios_iq_over_trl" in results:
         print(f"iq/trl: step time {results['ratios_iq_over_trl']['step_time']}, peak RSS {results['ratios_iq_over_trl']['peak_rss']}")
+    if "ratios_iq_over_sdft" in results:
+        print(f"iq/sdft: step time {results['ratios_iq_over_sdft']['step_time']}, peak RSS {results['ratios_iq_over_sdft']['peak_rss']}")
     write_result("step_vs_trl", settings, results, notes(args), args.results)
 
 
