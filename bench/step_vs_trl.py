@@ -39,7 +39,7 @@ def recipe(s: dict):
     return load_recipe("smollm2_cpu", [
         f"model.path={s['model']}", f"rollout.prompts_per_step={s['prompts']}", f"rollout.samples_per_prompt={s['samples']}",
         f"rollout.max_new_tokens={s['tokens']}", f"train.micro_batch={s['micro_batch']}", f"train.steps={s['steps'] + 1}",
-        "train.checkpoint_every=0", "eval.enabled=false",
+        "train.checkpoint_every=0", "eval.enabled=false", *([f"loss.epochs={s['epochs']}"] if s.get("epochs") else []),
     ])
 
 
@@ -255,7 +255,8 @@ def notes(args) -> list[str]:
         "peer 'sdft') step = rollout + batch assembly (its 'estimator' = _prepare_training_batch minus generation: tokenizing, padding, "
         "teacher prompts; no old log-probs at one generation per optimizer step) + teacher forward (initial model + principle as "
         "privileged context) and student forward / backward (its 'update').",
-        "Inverse-Q* step = one rollout batch and the recipe's loss.epochs optimizer steps on it (smollm2_cpu: 3); TRL: one.",
+        f"Inverse-Q* step = one rollout batch and {f'--epochs {args.epochs}' if args.epochs else 'the recipe' + chr(39) + 's loss.epochs (smollm2_cpu: 3)'} "
+        "optimizer steps on it; TRL: one.",
         "Fixed length: min_new_tokens = tokens on both sides, so both generate the same token count." if not args.natural_length
         else "Natural length: responses stop at EOS; compare tokens/s rather than s/step.",
         "Medians exclude the first (warm-up) step of every run; peak RSS is the child's ru_maxrss (os.wait4), whole process incl. loading; "
@@ -276,6 +277,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="measured steps per run (after 1 warm-up step)")
     p.add_argument("--runs", type=int, default=3, help="subprocess runs per peer (peak RSS is one number per run)")
     p.add_argument("--peers", default="iq,trl", help="iq, trl (GRPO), sdft (TRL's SDFTTrainer), comma-separated")
+    p.add_argument("--epochs", type=int, default=0, help="Inverse-Q* optimizer steps per rollout batch (loss.epochs; 0 = the recipe's, 3)")
     p.add_argument("--natural-length", action="store_true", help="let responses stop at EOS (default: exactly --tokens each)")
     p.add_argument("--trl-load", choices=("native", "object"), default="native",
                    help="native: TRL loads the model via GRPOConfig.model_init_kwargs (NF4 BitsAndBytesConfig); object: pass load_base()'s model")
@@ -290,7 +292,7 @@ def main() -> None:
     if unknown := [x for x in peers if x not in ("iq", "trl", "sdft")]:
         p.error(f"unknown peers {unknown}; choose from iq, trl, sdft")
     settings = {"model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens, "micro_batch": args.micro_batch,
-                "steps": args.steps, "runs": args.runs, "fixed_length": not args.natural_length, "trl_optim": args.trl_optim, "trl_load": args.trl_load,
+                "steps": args.steps, "runs": args.runs, "epochs": args.epochs, "fixed_length": not args.natural_length, "trl_optim": args.trl_optim, "trl_load": args.trl_load,
                 "threads": args.threads, "quick": args.quick, "peers": peers, "malloc_mmap_threshold": args.malloc_mmap_threshold}
     env = {"TQDM_DISABLE": "1", **({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {})}
     warn_if_busy()
