@@ -147,6 +147,10 @@ class LossConfig:
     steps, held-out French on the seeds where false failed: seed 4 42.5% -> 87.5%, seed 1 60% -> 97.5% (README)."""
     epochs: int = 1
     """Update epochs per rollout batch (pi_old = policy at rollout)."""
+    position_halflife: float = 0.0
+    """> 0: weigh response position t by 1 / (1 + t / position_halflife) in every loss (``loss.position_weights``),
+    so the first tokens, where an answer's path (and whether it stops) is decided, get more of the update than a
+    loop's later repeats. 0: every token weighs the same."""
 
 
 @dataclass
@@ -403,6 +407,7 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(cfg.loss.beta > 0, f"'loss.beta' must be > 0, got {cfg.loss.beta}")
     need(cfg.loss.clip_eps > 0, f"'loss.clip_eps' must be > 0, got {cfg.loss.clip_eps}")
     need(cfg.loss.epochs >= 1, f"'loss.epochs' must be >= 1, got {cfg.loss.epochs}")
+    need(cfg.loss.position_halflife >= 0, f"'loss.position_halflife' must be >= 0 (0 = off), got {cfg.loss.position_halflife}")
     need(cfg.train.steps >= 0, f"'train.steps' must be >= 0, got {cfg.train.steps}")
     need(cfg.train.lr > 0, f"'train.lr' must be > 0, got {cfg.train.lr}")
     need(cfg.train.micro_batch > 0, f"'train.micro_batch' must be > 0, got {cfg.train.micro_batch}")

@@ -85,6 +85,17 @@ def kl_to_target(model, plain_ids: list[list[int]], cond_ids: list[list[int]], t
     return torch.cat(parts)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two answers share: for a greedy answer and pi-hat*'s, how long greedy decoding follows
+    the target's path before it leaves it (``target_prefix``)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _ids(tokens: list[int], width: int, pad_id: int) -> list[int]:
     return tokens + [pad_id] * (width - len(tokens))
 
@@ -136,8 +147,9 @@ def evaluate(
             if kl_star is not None:
                 kl, km = kl_star[0][i], kl_star[1][i]
                 rec["kl_to_target"] = float((kl * km).sum() / km.sum().clamp(min=1.0))
+                rec["target_prefix"] = common_prefix(kept.tolist(), target[s + i])
             elif contrastive:
-                rec["kl_to_target"] = 0.0
+                rec["kl_to_target"], rec["target_prefix"] = 0.0, int(m.sum())
             if contrastive:
                 rec["response_ids"] = kept.tolist()
             records.append(rec)
@@ -146,6 +158,7 @@ def evaluate(
         "principle_score": _rate([r["principle_score"] for r in records]),
         "kl_per_token": _rate([r["kl_per_token"] for r in records]),
         "kl_to_target": _rate([r["kl_to_target"] for r in records if "kl_to_target" in r]),
+        "target_prefix": _rate([r["target_prefix"] for r in records if "target_prefix" in r]),
         "judge": getattr(judge, "__name__", None),
         "judge_rate": _rate([r["judge"] for r in records if r["judge"] is not None]),
         "mean_tokens": _rate([r["tokens"] for r in records]),

@@ -22,13 +22,25 @@ def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over mask == 1 (0 when the mask is empty)."""
+    """Mean of x over mask == 1 (0 when the mask is empty); a mask of non-negative token weights gives the weighted
+    mean sum(w x) / sum(w) over w > 0."""
     m = mask.to(torch.float32)
-    return _clean(x, mask).sum() / m.sum().clamp(min=1.0)
+    total = m.sum()
+    return (_clean(x, mask) * m).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def position_weights(mask: torch.Tensor, halflife: float) -> torch.Tensor:
+    """Token weights w_t = mask_t / (1 + t / halflife) for response position t = 0, 1, ...: a state's weight halves
+    at t = halflife and falls as 1/t after it. Every weight stays positive, so each state's loss keeps its minimum
+    at pi_theta = pi*; only how much of the update each position gets changes. ``halflife`` <= 0: the mask itself."""
+    if halflife <= 0:
+        return mask
+    t = torch.arange(mask.shape[-1], dtype=torch.float32, device=mask.device)
+    return mask.to(torch.float32) / (1.0 + t / halflife)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """(x - mean) / std over unmasked entries; masked entries become 0.
+    """(x - mean) / std over unmasked entries (a 0/1 mask, not token weights); masked entries become 0.
 
     ``all_sum``: sums a tensor over the processes of a data-parallel run, so mean and std are those of the global
     batch (each process holds a slice of it); None for one process."""

@@ -54,8 +54,8 @@ def heldout_for_eval(heldout, n: int):
 
 
 def print_eval_table(rows: dict[str, dict]) -> None:
-    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_to_target", "kl_per_token", "repetition",
-            "loop_rate", "mean_tokens", "seconds"]
+    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_to_target", "target_prefix", "kl_per_token",
+            "repetition", "loop_rate", "mean_tokens", "seconds"]
     keys = [k for k in keys if any(k in r for r in rows.values())]
     judge = next((r.get("judge") for r in rows.values() if r.get("judge")), None)
     print(f"\nheld-out evaluation, principle absent at inference (judge: {judge})")

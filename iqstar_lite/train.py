@@ -26,7 +26,7 @@ from iqstar_lite.data import Example, Formatter
 from iqstar_lite.errors import Stopped, UserError
 from iqstar_lite.heap import freed_blocks_returned, release_free_heap
 from iqstar_lite.logprobs import kl_to_logits, token_logprobs
-from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
+from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, position_weights, whiten
 from iqstar_lite.model import assert_trainable_layout
 from iqstar_lite.rollout import Rollout, eos_token_ids, pack, response_logits, sample
 from iqstar_lite.samples import SAMPLES_FILE
@@ -130,7 +130,8 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
 
     ``logp_sampled``: [N, T] log pi of the policy at the sampled tokens, recorded by the rollout (needed by
     ``loss.kl_in_advantage``). ``guided``: pi-hat*'s own samples, trained with ``distill`` beside the on-policy rows
-    (``loss.type``); every token of both groups weighs the same.
+    (``loss.type``); every token of both groups weighs the same, or, with ``loss.position_halflife`` > 0, by its
+    position (``loss.position_weights``; the loss, kl and clip_frac metrics are then weighted means too).
 
     Data-parallel (``accelerator.num_processes`` > 1): each process holds a slice of the step's batch and
     ``forward_model`` is the DDP-wrapped model, whose backward averages the LoRA gradients over processes (once per
@@ -149,9 +150,9 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
         adv, kl_coef = kl_shaped_advantages(adv, logp_sampled, est["logp_ref"], lc.beta), 0.0
     if lc.type == "pg" and lc.whiten:  # pg only; batch-wide (global batch across processes)
         adv = whiten(adv, mask, all_sum=all_sum)
-    groups = [(lc.type, plain_ids, resp, mask, est)]
+    groups = [(lc.type, plain_ids, resp, position_weights(mask, lc.position_halflife), est)]
     if guided is not None and guided.response_ids.shape[0]:
-        groups.append(("distill", guided.plain_ids, guided.response_ids, guided.response_mask, guided.est))
+        groups.append(("distill", guided.plain_ids, guided.response_ids, position_weights(guided.response_mask, lc.position_halflife), guided.est))
     total_tokens = sum(g[3].sum() for g in groups).reshape(1).float()
     if all_sum is not None:  # DDP averages gradients over processes: weigh by the global count, times the world size
         total_tokens = all_sum(total_tokens)

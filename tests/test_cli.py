@@ -131,10 +131,12 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     after = json.loads((out / "eval_after.json").read_text())["summary"]
     assert after["n"] == 4 and after["principle_score"] is not None
-    for key in ("kl_to_target", "loop_rate", "repetition", "mean_tokens"):
+    for key in ("kl_to_target", "target_prefix", "loop_rate", "repetition", "mean_tokens"):
         assert after[key] is not None, key
     cd = json.loads((out / "eval_contrastive.json").read_text())
     assert cd["summary"]["kl_to_target"] == 0.0 and all("response_ids" in r for r in cd["records"])
+    assert cd["summary"]["target_prefix"] == cd["summary"]["mean_tokens"]  # pi-hat*'s answers follow themselves to the end
+    assert 0 <= after["target_prefix"] <= min(after["mean_tokens"], cd["summary"]["mean_tokens"])  # per answer: <= both lengths
     assert "held-out answers" in res.stdout and "contrastive decoding:" in res.stdout
 
     # Watching the run: TensorBoard's own reader finds every step's metrics and the evaluations; sample answers after

@@ -47,6 +47,16 @@ def test_loops():
     assert not loops("a a a")
 
 
+def test_common_prefix():
+    """[5, 6, 7] vs [5, 6, 9, 1] -> 2 leading tokens shared; vs itself -> 3; first token differs -> 0; empty -> 0."""
+    from iqstar_lite.evaluate import common_prefix
+
+    assert common_prefix([5, 6, 7], [5, 6, 9, 1]) == 2
+    assert common_prefix([5, 6, 7], [5, 6, 7]) == 3
+    assert common_prefix([1, 6], [5, 6]) == 0
+    assert common_prefix([], [5]) == 0
+
+
 def test_one_short_sentence_judge():
     from iqstar_lite.judges import one_short_sentence, sentences
 

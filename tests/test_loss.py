@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from iqstar_lite.estimator import token_rewards
 from iqstar_lite.logprobs import kl_to_logits
-from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, whiten
+from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, position_weights, whiten
 
 D = torch.float64
 LN2 = math.log(2.0)
@@ -40,7 +40,7 @@ def test_masked_mean_hand():
 
 
 def test_masked_mean_empty_mask_is_zero_not_nan():
-    """mask all 0 -> 0 (denominator clamped to 1), even with inf/nan in x."""
+    """mask all 0 -> 0 (denominator 1 then), even with inf/nan in x."""
     x = t(float("nan"), float("inf"), 5.0)
     out = masked_mean(x, torch.zeros(3))
     assert torch.isfinite(out)
@@ -51,6 +51,28 @@ def test_masked_mean_ignores_garbage_at_masked():
     """x = [2, nan, 4, inf], mask = [1, 0, 1, 0] -> (2 + 4) / 2 = 3."""
     x = t(2.0, float("nan"), 4.0, float("inf"))
     assert_close(masked_mean(x, t(1, 0, 1, 0)), torch.tensor(3.0, dtype=D))
+
+
+def test_masked_mean_with_token_weights_hand():
+    """x = [1, 2, 30], weights [1, 0.5, 0] -> (1 + 1) / 1.5 = 4/3; one token of weight 0.2 -> its value (not 0.2 x it)."""
+    assert_close(masked_mean(t(1.0, 2.0, 30.0), t(1.0, 0.5, 0.0)), torch.tensor(4.0 / 3.0, dtype=D))
+    assert_close(masked_mean(t(7.0, float("nan")), t(0.2, 0.0)), torch.tensor(7.0, dtype=D))
+
+
+def test_position_weights_hand():
+    """halflife 2, mask [[1,1,1,1],[1,1,0,0]] -> 1/(1 + t/2) = [1, 2/3, 1/2, 2/5], masked -> 0; halflife 0 -> the mask."""
+    m = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert_close(position_weights(m, 2.0), torch.tensor([[1.0, 2 / 3, 0.5, 0.4], [1.0, 2 / 3, 0.0, 0.0]]))
+    assert position_weights(m, 0.0) is m
+
+
+def test_distill_loss_position_weighted_keeps_the_fixed_point():
+    """Weights change how much each state counts, not where the minimum is: KL = [0.3, 0.1, 0.7] with weights
+    [1, 0.5, 1/3] -> (0.3 + 0.05 + 0.7/3) / (1 + 0.5 + 1/3) = 0.318...; all-zero KL (pi_theta = pi*) -> 0."""
+    w = position_weights(torch.ones(1, 3), 1.0).to(D)
+    loss, _ = distill_loss(t([0.3, 0.1, 0.7]), w)
+    assert_close(loss, torch.tensor((0.3 + 0.05 + 0.7 / 3) / (1 + 0.5 + 1 / 3), dtype=D))
+    assert_close(distill_loss(torch.zeros(1, 3, dtype=D), w)[0], torch.tensor(0.0, dtype=D))
 
 
 def test_whiten_hand():

@@ -110,3 +110,36 @@ def test_guided_rows_move_nothing_when_the_policy_already_is_pi_star(tiny_path, 
     assert sums["grad_norm"] < 1e-5 and abs(sums["kl_star_guided"]) < 1e-5
     moved, sums = run(torch.log_softmax(own + torch.randn(own.shape, generator=g), -1))
     assert moved and sums["grad_norm"] > 1e-3 and sums["kl_star_guided"] > 1e-3
+
+
+def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, monkeypatch):
+    """loss.position_halflife=1 on 3-token rows: the loss gets the weights 1 / (1 + t) = [1, 1/2, 1/3] instead of the mask,
+    and the step's loss is their weighted mean (token-weighted accumulation over micro-batches included)."""
+    from accelerate import Accelerator
+
+    import iqstar_lite.train as loop
+    from iqstar_lite.loss import imitation_loss
+
+    seen, reported = [], []
+
+    def spy(logp, logp_ref, rewards, mask, beta):
+        seen.append(mask.detach().clone())
+        loss, met = imitation_loss(logp, logp_ref, rewards, mask, beta)
+        reported.append((loss.item(), float(mask.sum())))
+        return loss, met
+
+    monkeypatch.setattr(loop, "imitation_loss", spy)
+    for halflife, want in ((0, [1.0, 1.0, 1.0]), (1, [1.0, 0.5, 1 / 3])):
+        seen.clear()
+        reported.clear()
+        cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=imitation", f"loss.position_halflife={halflife}", "train.micro_batch=1"])
+        model = make_policy(tiny_path, randomize_lora=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, _ = loop.make_optimizer(params, cfg)
+        resp, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3)
+        est = {"rewards": torch.tensor([[0.0, 0.0, 0.3], [0.1, 0.0, 0.0]]), "logp_ref": torch.zeros(2, 3)}
+        sums = loop.update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, loop.make_scheduler(optimizer, cfg),
+                           Accelerator(cpu=True))
+        assert len(seen) == 2 and all(torch.allclose(m, torch.tensor([want])) for m in seen)
+        total = sum(w for _, w in reported)
+        assert sums["loss"] == pytest.approx(sum(loss * w / total for loss, w in reported), rel=1e-6)
