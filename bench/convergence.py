@@ -58,8 +58,8 @@ def heldout(cfg, n: int):
     return heldout_for_eval(load_prompts(cfg.data).heldout, n)
 
 
-QUALITY_KEYS = ("judge_rate", "judge_rate_harmful", "judge_rate_benign", "principle_score", "kl_per_token", "kl_to_target", "repetition",
-                "loop_rate", "mean_tokens")
+QUALITY_KEYS = ("judge_rate", "judge_rate_harmful", "judge_rate_benign", "principle_score", "kl_per_token", "kl_to_target", "target_prefix",
+                "repetition", "loop_rate", "mean_tokens")
 
 
 def quality(model, tok, fmt, examples, cfg, judge, target: list[list[int]] | None, contrastive: bool = False) -> dict:
