@@ -10,14 +10,13 @@ Each returns ``(report, failures)``; ``check.check_onnx`` adds them to its repor
 
 from __future__ import annotations
 
+from iqstar_lite.evaluate import common_prefix
 from iqstar_lite.ort_generate import Generation
 
 
 def first_diff(a: list[int], b: list[int]) -> int | None:
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return k
-    return None if len(a) == len(b) else min(len(a), len(b))
+    """Index of the first token where two outputs differ (None: identical)."""
+    return None if a == b else common_prefix(a, b)
 
 
 def tokens_per_s(outs: list[Generation]) -> float:
