@@ -21,7 +21,7 @@ from iqstar_lite.estimator import log_pi_star
 from iqstar_lite.logprobs import chunked_over_time, kl_rows
 from iqstar_lite.reference import adapters_are_identity, reference_mode
 from iqstar_lite.rollout import eos_token_ids, eval_mode, pack, response_logits, response_mask, sample, shared_context_logits
-from iqstar_lite.scoring import estimator_pass, policy_vs_reference
+from iqstar_lite.scoring import estimator_pass
 
 
 def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], alpha: float, max_new_tokens: int) -> torch.Tensor:
@@ -29,18 +29,33 @@ def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], al
     return sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True, contrast=cond, alpha=alpha, guided_reference=True).response_ids
 
 
+def _target_measures(alpha: float):
+    """What the contrastive row scores on pi-hat*'s path, from the decoding loop's own z+ / z0 (``sample(observe=...)``):
+    the principle gap log pi_ref(y|P,s) - log pi_ref(y|s) and KL(pi-hat* || pi_ref) per step."""
+
+    def measure(z_pos: torch.Tensor, z_neg: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        lp_pos, lp_neg = torch.log_softmax(z_pos.float(), -1), torch.log_softmax(z_neg.float(), -1)
+        gap = (lp_pos - lp_neg).gather(-1, tokens[:, None]).squeeze(-1)
+        return {"principle_gap": gap, "kl_star_ref": kl_rows(log_pi_star(z_pos, z_neg, alpha), z_neg)}
+
+    return measure
+
+
 def greedy_answers(model, tokenizer, fmt: Formatter, examples: list[Example], max_new_tokens: int, eos: list[int],
-                   alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                   alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor] | None]:
     """Greedy answers with the principle absent (``alpha`` given: pi-hat*'s, principle-contrastive decoding), through the
-    one decoding loop: (response ids [N, T], mask up to and including EOS, decoded texts)."""
+    one decoding loop: (response ids [N, T], mask up to and including EOS, decoded texts, and for pi-hat*'s answers the
+    per-step ``principle_gap`` / ``kl_star_ref`` [N, T] measured while decoding them)."""
     plain = [fmt.plain(e) for e in examples]
     if alpha is not None:
-        resp = contrastive_generate(model, tokenizer, [fmt.conditioned(e) for e in examples], plain, alpha, max_new_tokens)
+        roll = sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True, contrast=[fmt.conditioned(e) for e in examples],
+                      alpha=alpha, guided_reference=True, observe=_target_measures(alpha))
     else:
-        resp = sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True).response_ids
+        roll = sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True)
+    resp = roll.response_ids
     mask = response_mask(resp, eos)
     texts = [tokenizer.decode(resp[i][mask[i].bool()], skip_special_tokens=True) for i in range(resp.shape[0])]
-    return resp, mask, texts
+    return resp, mask, texts, roll.observed
 
 
 def repetition(text: str) -> float:
@@ -102,12 +117,18 @@ def _ids(tokens: list[int], width: int, pad_id: int) -> list[int]:
 
 def evaluate(
     model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge: Callable[[str], float] | None,
-    contrastive: bool = False, target: list[list[int]] | None = None,
+    contrastive: bool = False, target: list[list[int]] | None = None, target_kl_ref: list[float] | None = None,
 ) -> dict:
     """Greedy answers without the principle (or, ``contrastive``, pi-hat*'s: contrastive decoding with it), then scores.
 
     ``target``: pi-hat*'s greedy answers (token ids per example, from the contrastive row's ``response_ids``) for the
-    convergence measure ``kl_to_target``; the contrastive row is that target itself (0).
+    convergence measure ``kl_to_target``; the contrastive row is that target itself (0). ``target_kl_ref``: the
+    contrastive row's per-answer ``kl_star_ref`` (KL(pi-hat* || pi_ref) on those answers, measured while decoding
+    them): while the adapters are at identity (pi_theta = pi_ref) that *is* ``kl_to_target``, so no pass recomputes it.
+
+    Passes per row: the contrastive row takes its principle score and ``kl_star_ref`` from the decoding loop's own
+    logits; the others score their answers with the reference with / without the principle, stacked (plus the policy,
+    which shares the plain reference logits for KL(pi_theta || pi_ref), once trained), then pi-hat*'s answers.
     """
     t0 = time.time()
     bs, ec = cfg.eval.batch_size, cfg.eval
@@ -117,40 +138,47 @@ def evaluate(
     for s in range(0, len(examples), bs):
         chunk = examples[s : s + bs]
         plain = [fmt.plain(e) for e in chunk]
-        resp, mask, texts = greedy_answers(model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None)
+        resp, mask, texts, seen = greedy_answers(model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None)
         plain_ids = [fmt.ids(p) for p in plain]
         cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
-        est = estimator_pass(model, plain_ids, cond_ids, resp, pad, cfg.estimator.alpha, cfg.loss.beta,
-                             micro_batch=cfg.train.micro_batch, chunk_size=cfg.train.logprob_chunk)
+        if contrastive:  # the reference with and without the principle on pi-hat*'s path: the decoding loop had both
+            gap = seen["principle_gap"]
+        else:
+            est = estimator_pass(model, plain_ids, cond_ids, resp, pad, cfg.estimator.alpha, cfg.loss.beta, micro_batch=cfg.train.micro_batch,
+                                 chunk_size=cfg.train.logprob_chunk, policy_kl=not identity)
+            gap = est["principle_gap"]
         # KL(pi_theta || pi_ref): exactly 0 while the adapters are at identity (before training; contrastive row)
-        kl_ref = (torch.zeros_like(est["logp_ref"]) if identity
-                  else policy_vs_reference(model, plain_ids, resp, pad, cfg.train.micro_batch, cfg.train.logprob_chunk)["kl"])
-        kl_star = None
+        kl_ref = torch.zeros_like(gap) if identity or contrastive else est["kl_policy_ref"]
+        kl_target = None  # KL(pi-hat* || pi_theta) per answer of the chunk, on pi-hat*'s answer to the same prompt
         if target is not None and not contrastive:
-            rows = target[s : s + bs]
-            width = max(1, max(len(r) for r in rows))
-            tgt = torch.tensor([_ids(r, width, pad) for r in rows], dtype=torch.long, device=resp.device)
-            tmask = (torch.arange(width, device=resp.device)[None] < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]).float()
-            kl_star = (kl_to_target(model, plain_ids, cond_ids, tgt, pad, cfg.estimator.alpha, cfg.train.micro_batch, cfg.train.logprob_chunk), tmask)
+            if identity and target_kl_ref is not None:
+                kl_target = target_kl_ref[s : s + bs]
+            else:
+                rows = target[s : s + bs]
+                width = max(1, max(len(r) for r in rows))
+                tgt = torch.tensor([_ids(r, width, pad) for r in rows], dtype=torch.long, device=resp.device)
+                tmask = (torch.arange(width, device=resp.device)[None] < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]).float()
+                kl = kl_to_target(model, plain_ids, cond_ids, tgt, pad, cfg.estimator.alpha, cfg.train.micro_batch, cfg.train.logprob_chunk)
+                kl_target = ((kl * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)).tolist()
         for i, ex in enumerate(chunk):
             m = mask[i]
             n_tok = max(float(m.sum()), 1.0)
             kept, text = resp[i][m.bool()], texts[i]
             rec = {
                 "prompt": ex.text, "kind": ex.kind, "response": text, "tokens": int(m.sum()),
-                "principle_score": float((est["principle_gap"][i] * m).sum() / n_tok),
+                "principle_score": float((gap[i] * m).sum() / n_tok),
                 "kl_per_token": float((kl_ref[i] * m).sum() / n_tok),
                 "judge": judge(text) if judge else None,
                 "repetition": round(repetition(text), 4),
                 "loops": loops(text),
             }
-            if kl_star is not None:
-                kl, km = kl_star[0][i], kl_star[1][i]
-                rec["kl_to_target"] = float((kl * km).sum() / km.sum().clamp(min=1.0))
+            if kl_target is not None:
+                rec["kl_to_target"] = float(kl_target[i])
                 rec["target_prefix"] = common_prefix(kept.tolist(), target[s + i])
             elif contrastive:
                 rec["kl_to_target"], rec["target_prefix"] = 0.0, int(m.sum())
             if contrastive:
+                rec["kl_star_ref"] = float((seen["kl_star_ref"][i] * m).sum() / n_tok)
                 rec["response_ids"] = kept.tolist()
             records.append(rec)
     summary = {
@@ -158,6 +186,7 @@ def evaluate(
         "principle_score": _rate([r["principle_score"] for r in records]),
         "kl_per_token": _rate([r["kl_per_token"] for r in records]),
         "kl_to_target": _rate([r["kl_to_target"] for r in records if "kl_to_target" in r]),
+        "kl_star_ref": _rate([r["kl_star_ref"] for r in records if "kl_star_ref" in r]),
         "target_prefix": _rate([r["target_prefix"] for r in records if "target_prefix" in r]),
         "judge": getattr(judge, "__name__", None),
         "judge_rate": _rate([r["judge"] for r in records if r["judge"] is not None]),

@@ -130,7 +130,8 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
             cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
             (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
             target = [r["response_ids"] for r in cd["records"]]
-            before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
+            # untrained, pi_theta = pi_ref: its KL(pi-hat* || pi_theta) is what contrastive decoding measured as it decoded
+            before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target, target_kl_ref=[r["kl_star_ref"] for r in cd["records"]])
             (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
             log_eval(accelerator, cd["summary"], 0, contrastive=True)
             log_eval(accelerator, before["summary"], 0)

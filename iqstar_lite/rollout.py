@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ class Rollout:
     guided: torch.Tensor | None = None  # [N] bool: drawn from pi-hat* (principle-contrastive) rather than from the model's own z
     star_logp_full: torch.Tensor | None = None  # [N_guided, T, V] log pi-hat*(.|s_t) of the guided rows (``keep_star``)
     star_ref_logp: torch.Tensor | None = None  # [N_guided, T] log softmax(z0) at the guided rows' tokens (``keep_star``)
+    observed: dict[str, torch.Tensor] | None = None  # name -> [N_guided, T] what ``observe`` measured per step (0 after EOS)
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -87,6 +88,7 @@ def sample(
     guided_top_p: float | None = None,
     guided_reference: bool = False,
     keep_star: bool = False,
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> Rollout:
     """The one decoding loop (rollout, evaluation, benchmarks): K responses per context, KV cache on.
 
@@ -98,7 +100,10 @@ def sample(
     names when rows of both kinds share the batch, so one forward per token serves policy and pi-hat* samples alike.
     Rows come policy rows first, then guided ones, each prompt-major (``Rollout.guided`` flags them). ``keep_star`` keeps
     the guided rows' full log pi-hat* per position (the distill target; [N_guided, T, V] fp32) and their log softmax(z0)
-    at the drawn tokens, so no second pass over them is needed.
+    at the drawn tokens, so no second pass over them is needed. ``observe(z_pos, z0, tokens)`` is called at every step
+    with the guided rows' logits with / without the principle [G, V] and their tokens [G], and returns [G] measures
+    (e.g. evaluation's principle gap and KL(pi-hat* || pi_ref) on pi-hat*'s own path), stacked into ``observed`` [G, T]:
+    what a teacher-forced pass over the finished answers would compute, from logits the loop already has.
 
     ``logprobs`` records log softmax of the logits a row decodes from (z, or z*) at its tokens, before temperature,
     top-p and ``min_new_tokens`` (0 after EOS). ``min_new_tokens`` (default: the model's generation_config) masks EOS
@@ -113,6 +118,8 @@ def sample(
         raise ValueError(f"{len(contrast)} contrast contexts for {n} contexts")
     if not 0 <= g <= k:
         raise ValueError(f"guided_samples must be in [0, {k}], got {g}")
+    if observe is not None and not g:
+        raise ValueError("observe needs guided rows (contrast and guided_samples > 0)")
     kp = k - g  # rows per prompt drawn from z
     groups = [(contexts, kp)] + ([(contrast, g), (contexts, g)] if g else [])
     groups = [(c, r) for c, r in groups if r > 0]
@@ -157,6 +164,7 @@ def sample(
     logps: list[torch.Tensor] = []
     stars: list[torch.Tensor] = []
     refs: list[torch.Tensor] = []
+    seen: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), ref_ctx:  # dropout off
         first = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **prefill_extra)
         past, z = first.past_key_values, first.logits[:, -1]
@@ -176,6 +184,9 @@ def sample(
                 stars.append(lp[p_rows:])
             if refs:
                 refs[-1] = refs[-1].gather(-1, nxt[p_rows:, None]).squeeze(-1)
+            if observe is not None:
+                for name, v in observe(z[p_rows : p_rows + g_rows], z[p_rows + g_rows :], nxt[p_rows:]).items():
+                    seen.setdefault(name, []).append(torch.where(done[p_rows:], 0.0, v.float()))
             done |= torch.isin(nxt, eos)
             if t + 1 == max_new_tokens or bool(done.all()):
                 break
@@ -191,7 +202,8 @@ def sample(
     guided = torch.cat([torch.zeros(p_rows, dtype=torch.bool, device=device), torch.ones(g_rows, dtype=torch.bool, device=device)])
     star = torch.stack(stars, dim=1) if stars else None
     star_ref = torch.stack(refs, dim=1) if refs else None
-    return Rollout(resp, response_mask(resp, eos_list), index, logp, guided, star, star_ref)
+    observed = {name: torch.stack(v, dim=1) for name, v in seen.items()} if observe is not None else None
+    return Rollout(resp, response_mask(resp, eos_list), index, logp, guided, star, star_ref, observed)
 
 
 def pack(context_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:

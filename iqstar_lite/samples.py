@@ -30,7 +30,7 @@ def answer_samples(model, tokenizer, fmt: Formatter, examples: list[Example], cf
                    step: int) -> list[dict]:
     """The sample rows of one step. The RNG is left as it was (greedy decoding; a resumed run stays bit-exact)."""
     with torch.random.fork_rng(devices=[]):
-        _, _, texts = greedy_answers(model, tokenizer, fmt, examples, cfg.eval.max_new_tokens, eos_token_ids(model, tokenizer))
+        _, _, texts, _ = greedy_answers(model, tokenizer, fmt, examples, cfg.eval.max_new_tokens, eos_token_ids(model, tokenizer))
     return [{"step": step, "prompt": ex.text, "answer": text, "judge": judge(text) if judge else None} for ex, text in zip(examples, texts)]
 
 

@@ -38,14 +38,19 @@ def estimator_pass(
     chunk_size: int = 16,
     keep_full: bool = False,
     share_context: bool = True,
+    policy_kl: bool = False,
 ) -> dict[str, torch.Tensor]:
     """pi* from the reference with/without the conditioning text; rows of ``plain_ids``/``cond_ids`` align with responses.
 
     Returns [N, T] ``logp_ref``, ``logp_star``, ``rewards``, ``principle_gap`` (log pi_ref(y|P,s) - log pi_ref(y|s))
-    and, with ``keep_full``, ``logp_star_full`` [N, T, V].
+    and, with ``keep_full``, ``logp_star_full`` [N, T, V]. ``policy_kl`` (``source='ref'``): also the policy (adapters on)
+    on the plain contexts and ``kl_policy_ref``, the exact KL(pi_theta || pi_ref) per visited state, against the
+    reference logits this pass already has (evaluation: one reference pass fewer than scoring the two apart).
     """
+    if policy_kl and source != "ref":
+        raise ValueError("policy_kl needs source='ref' (the plain reference logits it compares the policy with)")
     n, T = response_ids.shape
-    ctx = reference_mode(model) if source == "ref" else nullcontext()
+    ctx = (lambda: reference_mode(model)) if source == "ref" else nullcontext
     parts: dict[str, list[torch.Tensor]] = {}
 
     def score(contexts: list[list[int]], resp: torch.Tensor) -> torch.Tensor:
@@ -53,17 +58,20 @@ def estimator_pass(
             return shared_context_logits(model, contexts, resp, pad_id)
         return response_logits(model, pack(contexts, resp, pad_id), T)
 
-    with ctx, eval_mode(model):
+    with eval_mode(model):
         for sl in _rows(n, micro_batch):
             m = sl.stop - sl.start
             resp = response_ids[sl]
-            logits = score(cond_ids[sl] + plain_ids[sl], torch.cat([resp, resp]))
+            with ctx():
+                logits = score(cond_ids[sl] + plain_ids[sl], torch.cat([resp, resp]))
             z_pos, z_neg = logits[:m], logits[m:]
             est = estimate(z_pos, z_neg, resp, alpha, top_p, chunk_size, keep_full)
             est["logp_cond"] = token_logprobs(z_pos, resp, chunk_size)
             if source != "ref":  # pi* from the policy, but rewards and KL stay relative to the true reference
                 with reference_mode(model):
                     est["logp_ref"] = token_logprobs(score(plain_ids[sl], resp), resp, chunk_size)
+            if policy_kl:
+                est["kl_policy_ref"] = kl_between_logits(score(plain_ids[sl], resp), z_neg, chunk_size)
             for k, v in est.items():
                 parts.setdefault(k, []).append(v)
             del logits, z_pos, z_neg
@@ -71,25 +79,3 @@ def estimator_pass(
     out["rewards"] = token_rewards(out["logp_star"], out["logp_ref"], beta)
     out["principle_gap"] = out.pop("logp_cond") - out["logp_ref"]
     return out
-
-
-@torch.no_grad()
-def policy_vs_reference(
-    model, plain_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int, micro_batch: int = 8, chunk_size: int = 16
-) -> dict[str, torch.Tensor]:
-    """[N, T] log pi_theta(y_t), log pi_ref(y_t) and exact KL(pi_theta || pi_ref) per visited state."""
-    n, T = response_ids.shape
-    parts: dict[str, list[torch.Tensor]] = {}
-    for sl in _rows(n, micro_batch):
-        batch = pack(plain_ids[sl], response_ids[sl], pad_id)
-        pol = response_logits(model, batch, T)
-        with reference_mode(model):
-            ref = response_logits(model, batch, T)
-        resp = response_ids[sl]
-        for k, v in (
-            ("logp", token_logprobs(pol, resp, chunk_size)),
-            ("logp_ref", token_logprobs(ref, resp, chunk_size)),
-            ("kl", kl_between_logits(pol, ref, chunk_size)),
-        ):
-            parts.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in parts.items()}

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import make_policy
@@ -98,3 +99,51 @@ def test_identity_adapters_skip_the_policy_forward_with_the_same_kl(tiny_path, t
     slow = ev.kl_to_target(fresh, plain, cond, target, tokenizer.pad_token_id, alpha=1.0)
     assert (fast > 1e-4).all()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, monkeypatch):
+    """The passes evaluation no longer runs give what they gave: the contrastive row's principle score from the decoding
+    loop's z+ / z0 = the teacher-forced estimator's; its ``kl_star_ref`` = the before row's KL(pi-hat* || pi_theta)
+    recomputed by a pass (adapters at identity); the trained row's KL(pi_theta || pi_ref) sharing the estimator's
+    reference logits = the policy and the reference scored apart."""
+    import iqstar_lite.evaluate as ev
+    from iqstar_lite.config import load_recipe
+    from iqstar_lite.data import Formatter, load_prompts
+    from iqstar_lite.logprobs import kl_between_logits
+    from iqstar_lite.rollout import pack, response_logits
+    from iqstar_lite.scoring import estimator_pass
+
+    cfg = load_recipe("tiny_cpu", ["eval.max_new_tokens=6", "eval.batch_size=3", "train.micro_batch=2"])
+    fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
+    examples = load_prompts(cfg.data).heldout[:5]
+    fresh = make_policy(tiny_path, quantize="none", randomize_lora=False)
+    cd = ev.evaluate(fresh, tokenizer, fmt, examples, cfg, None, contrastive=True)
+    target = [r["response_ids"] for r in cd["records"]]
+    plain_ids, cond_ids = [fmt.ids(fmt.plain(e)) for e in examples], [fmt.ids(fmt.conditioned(e)) for e in examples]
+    width = max(len(t) for t in target)
+    resp = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in target])
+    mask = (torch.arange(width)[None] < torch.tensor([len(t) for t in target])[:, None]).float()
+    est = estimator_pass(fresh, plain_ids, cond_ids, resp, tokenizer.pad_token_id, cfg.estimator.alpha, 0.1)
+    want = (est["principle_gap"] * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(torch.tensor([r["principle_score"] for r in cd["records"]]), want, atol=1e-4, rtol=1e-4)
+    assert all(r["kl_star_ref"] > 0 for r in cd["records"])
+
+    recomputed = ev.evaluate(fresh, tokenizer, fmt, examples, cfg, None, target=target)
+    monkeypatch.setattr(ev, "kl_to_target", lambda *a, **k: pytest.fail("kl_to_target recomputed what contrastive decoding measured"))
+    fast = ev.evaluate(fresh, tokenizer, fmt, examples, cfg, None, target=target, target_kl_ref=[r["kl_star_ref"] for r in cd["records"]])
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.tensor([r["kl_to_target"] for r in fast["records"]]),
+                               torch.tensor([r["kl_to_target"] for r in recomputed["records"]]), atol=1e-4, rtol=1e-4)
+
+    trained = make_policy(tiny_path, quantize="none")
+    after = ev.evaluate(trained, tokenizer, fmt, examples, cfg, None, target=target)
+    answers = [fmt.ids(fmt.plain(e)) for e in examples]
+    got = torch.tensor([r["kl_per_token"] for r in after["records"]])
+    assert (got > 0).all()
+    roll = ev.greedy_answers(trained, tokenizer, fmt, examples, 6, ev.eos_token_ids(trained, tokenizer))
+    batch = pack(answers, roll[0], tokenizer.pad_token_id)
+    pol = response_logits(trained, batch, roll[0].shape[1])
+    with ev.reference_mode(trained):
+        ref = response_logits(trained, batch, roll[0].shape[1])
+    kl = kl_between_logits(pol, ref)
+    torch.testing.assert_close(got, (kl * roll[1]).sum(1) / roll[1].sum(1).clamp(min=1.0), atol=1e-4, rtol=1e-4)
