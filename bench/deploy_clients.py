@@ -40,7 +40,7 @@ def clients(run_dir: Path, onnx: list[str], threads: int) -> dict:
     def torch_client(model, eos):
         return lambda ids, n: [int(t) for t in torch_greedy(model, [ids], n, eos[0], eos, fixed_length=True)[0]]
 
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32, use_safetensors=True).eval()  # never a pickle from a run folder
     eos = [int(e) for e in ([merged.generation_config.eos_token_id] if isinstance(merged.generation_config.eos_token_id, int) else merged.generation_config.eos_token_id)]
     out["pytorch"] = (torch_client(merged, eos), "merged checkpoint, fp32, rollout.sample")
     folders = [(n, run_dir / n) for n in ("onnx", "onnx-int8") if (run_dir / n).is_dir()] + [(v.partition("=")[0], Path(v.partition("=")[2])) for v in onnx]

@@ -19,7 +19,6 @@ Estimates, stated:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -166,6 +165,7 @@ def main() -> None:
     quiet_libraries()
     set_threads(args.threads)
     warn_if_busy()
+    from iqstar_lite.checkpoint import jsonl_rows
     from iqstar_lite.config import load_run_config
 
     hw = {"matmul_gflops": matmul_gflops([int(x) for x in args.sizes.split(",")], args.repeats), "bandwidth_gbs": bandwidth_gbs(args.mib, args.repeats)}
@@ -175,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hw-") as tmp:
         metrics = args.metrics or train_run(args.recipe, args.train_steps, Path(tmp) / "run")
         cfg = load_run_config(metrics.parent)
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = jsonl_rows(metrics)  # the package's one metrics reader
     rows = rows[1:] if len(rows) > 1 else rows
     results = {**hw, "run": {"metrics": str(args.metrics) if args.metrics else f"short run: {args.recipe}, {args.train_steps} steps",
                              "steps_used": [r["step"] for r in rows]}, "utilisation": utilisation(cfg, rows, hw)}

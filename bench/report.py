@@ -330,10 +330,12 @@ def plot(d: dict) -> Path | None:
     else:
         plt.close(fig)
         return None
-    fig.suptitle(f"{name} — {d['created']}" + (" (--quick)" if d["settings"].get("quick") else ""))
+    recipe = d["settings"].get("recipe") if name == "convergence" else None
+    other = recipe not in (None, "smollm2_cpu")  # the French recipe keeps the plain name
+    fig.suptitle(f"{name}{f' ({recipe})' if recipe else ''} — {d['created']}" + (" (--quick)" if d["settings"].get("quick") else ""))
     fig.tight_layout()
     PLOTS.mkdir(exist_ok=True)
-    path = PLOTS / f"{name}.png"
+    path = PLOTS / (f"{name}-{recipe}.png" if other else f"{name}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -355,9 +357,13 @@ def main() -> None:
         runs = by_bench[bench][:1] if args.latest else by_bench[bench]
         rendered += len(runs)
         lines += [f"## {bench}", ""]
-        png = None if args.no_plots else plot(runs[0][1])
-        if png:
-            lines += [f"![{bench}](plots/{png.name})", ""]
+        newest = {}  # the newest result per recipe (convergence: one plot per principle), else the newest
+        for _, d in runs:
+            newest.setdefault(d["settings"].get("recipe") if bench == "convergence" else None, d)
+        for d in [] if args.no_plots else newest.values():
+            png = plot(d)
+            if png:
+                lines += [f"![{bench}](plots/{png.name})", ""]
         if bench == "onnx_speed":
             lines += onnx_speed_over_runs(runs)
         for path, d in runs:

@@ -31,7 +31,9 @@ def one_run(recipe: str, steps: int, nproc: int, threads: int, out: Path) -> dic
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if res.returncode:
         raise SystemExit(f"run failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    from iqstar_lite.checkpoint import jsonl_rows
+
+    rows = jsonl_rows(out / "metrics.jsonl")  # the package's one metrics reader
     timed = rows[1:] or rows
     return {
         "processes": nproc, "threads_per_process": threads, "wall_s": round(time.time() - t0, 1),

@@ -69,7 +69,9 @@ def child_iq(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
         setattr(loop, name, in_phase(rss, phase, getattr(loop, name)))
     rss.current = "other"
     loop.train(cfg, tmp, model, tokenizer, training_prompts(cfg, tokenizer), device)
-    rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from iqstar_lite.checkpoint import jsonl_rows
+
+    rows = jsonl_rows(tmp / "metrics.jsonl")  # the package's one metrics reader
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     steps = [{**{k: r[k] for k in PHASES}, "gen_tokens": round(r["response_len"] * n)} for r in rows]
     optimizer = next((line[len("optimizer: "):] for line in captured.lines if line.startswith("optimizer:")), "unknown")
