@@ -12,7 +12,7 @@ from pathlib import Path
 from common import BENCH_DIR, base_parser, parse_args
 
 PLOTS = BENCH_DIR / "plots"
-ORDER = ("step_vs_trl", "convergence", "memory_7b", "hardware", "onnx_speed", "deploy_clients", "decode_vs_trained")
+ORDER = ("step_vs_trl", "convergence", "eval_speed", "memory_7b", "hardware", "onnx_speed", "deploy_clients", "decode_vs_trained")
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -252,7 +252,13 @@ def memory_7b(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = {"deploy_clients": deploy_clients, "step_vs_trl": step_vs_trl, "memory_7b": memory_7b, "convergence": convergence, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
+def eval_speed(r: dict) -> list[str]:
+    keys = ("seconds", "judge_rate", "principle_score", "kl_to_target", "kl_per_token", "repetition", "loop_rate", "mean_tokens")
+    rows = [[name, *[fmt(r[name].get(k)) for k in keys]] for name in ("contrastive", "before", "after") if name in r]
+    return table(["row", *keys], rows) + ["", f"total: {fmt(r.get('total_seconds'))} s, code at {r.get('code_rev') or '?'}"]
+
+
+SECTIONS = {"eval_speed": eval_speed, "deploy_clients": deploy_clients, "step_vs_trl": step_vs_trl, "memory_7b": memory_7b, "convergence": convergence, "hardware": hardware, "onnx_speed": onnx_speed, "decode_vs_trained": decode_vs_trained}
 
 
 # ----------------------------------------------------------------------------- plots

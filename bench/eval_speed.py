@@ -1,0 +1,67 @@
+"""Seconds of the held-out evaluation's three rows (contrastive decoding, untrained, trained) on a trained run, as the
+recipe runs them (``iqstar_lite.evaluate.evaluate``, the run's own eval settings), with their summaries.
+
+    python bench/eval_speed.py RUN_DIR                 # e.g. the run directory make demo printed
+
+Compare two versions of the code in one sitting (same machine, same minute): the same command with
+``PYTHONPATH=<a worktree of the other commit>``, e.g. ``git worktree add /tmp/old 397a905``. Prints one line per row and
+writes bench/results/eval_speed-*.json.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import time
+from pathlib import Path
+
+from common import base_parser, parse_args, set_threads, warn_if_busy, write_result
+
+KEYS = ("judge_rate", "principle_score", "kl_to_target", "kl_per_token", "repetition", "loop_rate", "mean_tokens")
+
+
+def main() -> None:
+    p = base_parser("Seconds of the evaluation's contrastive / untrained / trained rows on a trained run.")
+    p.add_argument("run_dir", type=Path, help="a trained run (config.yaml, adapter/)")
+    args = parse_args(p, {})
+    set_threads(args.threads)
+    warn_if_busy()
+    import iqstar_lite
+    from iqstar_lite.config import load_run_config
+    from iqstar_lite.data import Formatter, load_prompts
+    from iqstar_lite.evaluate import evaluate
+    from iqstar_lite.judges import pick_judge
+    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.recipe import heldout_for_eval
+
+    cfg = load_run_config(args.run_dir)
+    tok, dev = load_tokenizer(cfg.model.path), pick_device(cfg.model)
+    fmt, judge = Formatter(tok, cfg.data, cfg.estimator.kind), pick_judge(cfg.eval.judge, cfg.data.principle)
+    held = heldout_for_eval(load_prompts(cfg.data).heldout, cfg.eval.max_prompts)
+    rows = {}
+
+    def timed(name, model, **kw):
+        t = time.perf_counter()
+        ev = evaluate(model, tok, fmt, held, cfg, judge, **kw)
+        rows[name] = {"seconds": round(time.perf_counter() - t, 2), **{k: ev["summary"].get(k) for k in KEYS}}
+        print(name, rows[name], flush=True)
+        return ev
+
+    model = load_policy(cfg.model, cfg.lora, dev, seed=cfg.train.seed)  # fresh adapters: the untrained rows
+    cd = timed("contrastive", model, contrastive=True)
+    target = [r["response_ids"] for r in cd["records"]]
+    new_api = "target_kl_ref" in inspect.signature(evaluate).parameters  # older code recomputes it
+    timed("before", model, target=target, **({"target_kl_ref": [r["kl_star_ref"] for r in cd["records"]]} if new_api else {}))
+    cfg.model.adapter = str(args.run_dir / "adapter")
+    del model
+    timed("after", load_policy(cfg.model, cfg.lora, dev, seed=cfg.train.seed), target=target)
+    code = Path(iqstar_lite.__file__).resolve().parent.parent
+    rev = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    total = round(sum(r["seconds"] for r in rows.values()), 2)
+    print(f"total {total} s (code {code} at {rev or '?'})")
+    write_result("eval_speed", {"run_dir": str(args.run_dir), "code": str(code), "code_rev": rev, "threads": args.threads},
+                 {**rows, "total_seconds": total, "code_rev": rev}, results_dir=args.results)
+
+
+if __name__ == "__main__":
+    main()
