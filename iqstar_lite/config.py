@@ -450,7 +450,7 @@ def config_from_dict(data: dict, name: str = "custom") -> RecipeConfig:
     return cfg
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, settings: dict | None = None) -> RecipeConfig:
     path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -458,8 +458,13 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise UserError(f"recipe {str(path)!r} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe {str(path)!r} must be a YAML mapping of sections (model:, train:, ...)")
-    data = _deep_merge(data, parse_overrides(overrides or []))
-    return config_from_dict(data, name=path.stem)
+    return apply_overrides(data, overrides or [], path.stem, settings)
+
+
+def apply_overrides(data: dict, overrides: list[str], name: str, settings: dict | None = None) -> RecipeConfig:
+    """A config from a recipe's (or a run's saved) sections with dotted ``key=value`` overrides on top, then ``settings``
+    (nested sections, e.g. from command-line flags: values taken as they are, not parsed as YAML), validated."""
+    return config_from_dict(_deep_merge(_deep_merge(data, parse_overrides(overrides)), settings or {}), name=name)
 
 
 def save_config(cfg: RecipeConfig, path: Path) -> None:

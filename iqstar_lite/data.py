@@ -192,16 +192,35 @@ def _examples(rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
             for i, r in enumerate(rows)]
 
 
-def load_prompts(cfg: DataConfig) -> PromptSet:
-    if cfg.prompts == "builtin":
-        text = resources.files("iqstar_lite.prompts").joinpath("builtin.jsonl").read_text(encoding="utf-8")
-        rows, where = [json.loads(line) for line in text.splitlines() if line.strip()], "builtin prompts"
+def builtin_sets() -> list[str]:
+    """The prompt sets shipped with the package (``data.prompts=builtin:NAME``; ``builtin`` is ``builtin:builtin``)."""
+    return sorted(f.name[: -len(".jsonl")] for f in resources.files("iqstar_lite.prompts").iterdir() if f.name.endswith(".jsonl"))
+
+
+def is_builtin(prompts: str) -> bool:
+    return prompts == "builtin" or prompts.startswith("builtin:")
+
+
+def load_examples(cfg: DataConfig) -> tuple[list[Example], str]:
+    """Every row of ``data.prompts`` (the ``data.split`` of a dataset) as examples, whatever their ``split`` column says,
+    and how to name the source in a message. ``builtin`` is the built-in set, ``builtin:NAME`` another set shipped in
+    ``iqstar_lite/prompts/NAME.jsonl`` (``builtin_sets()``)."""
+    if is_builtin(cfg.prompts):
+        name = cfg.prompts.partition(":")[2] or "builtin"
+        if name not in builtin_sets():
+            raise UserError(f"no built-in prompt set {name!r}; choose one of: {', '.join('builtin:' + n for n in builtin_sets())}")
+        text = resources.files("iqstar_lite.prompts").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+        rows, where = [json.loads(line) for line in text.splitlines() if line.strip()], f"built-in prompts {cfg.prompts!r}"
     else:
         rows, where = _load_split(cfg, cfg.split), f"prompt file {cfg.prompts!r}"
     if not rows:
         raise UserError(f"{where} is empty; give at least a few prompts (one JSON object per line with a 'prompt' field)")
-    examples = _examples(rows, cfg, where)
-    if cfg.heldout_split and cfg.prompts != "builtin":
+    return _examples(rows, cfg, where), where
+
+
+def load_prompts(cfg: DataConfig) -> PromptSet:
+    examples, where = load_examples(cfg)
+    if cfg.heldout_split and not is_builtin(cfg.prompts):
         heldout = _examples(_load_split(cfg, cfg.heldout_split), cfg, f"{where} split {cfg.heldout_split!r}")
         if not heldout:
             raise UserError(f"data.heldout_split={cfg.heldout_split!r} of {where} is empty; choose another split or leave it empty")

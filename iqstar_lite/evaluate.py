@@ -198,3 +198,20 @@ def evaluate(
     for kind in sorted({r["kind"] for r in records if r["kind"]}):
         summary[f"judge_rate_{kind}"] = _rate([r["judge"] for r in records if r["kind"] == kind and r["judge"] is not None])
     return {"summary": summary, "records": records}
+
+
+def untrained_rows(model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig,
+                   judge: Callable[[str], float] | None) -> tuple[dict, dict]:
+    """The two rows that need the adapters at identity, in the order the second needs the first: principle-contrastive
+    decoding (pi-hat*'s greedy answers: the reference row, and the trajectories of every row's KL(pi-hat* || pi_theta)),
+    then the untrained model, whose KL(pi-hat* || pi_theta) is what contrastive decoding measured as it decoded (pi_theta
+    = pi_ref). Training's before-rows and ``iqstar-lite eval`` both come from here."""
+    cd = evaluate(model, tokenizer, fmt, examples, cfg, judge, contrastive=True)
+    before = evaluate(model, tokenizer, fmt, examples, cfg, judge, target=target_ids(cd),
+                      target_kl_ref=[r["kl_star_ref"] for r in cd["records"]])
+    return cd, before
+
+
+def target_ids(contrastive_row: dict) -> list[list[int]]:
+    """pi-hat*'s greedy answers (token ids per prompt) from the contrastive row: the ``target`` of the other rows."""
+    return [r["response_ids"] for r in contrastive_row["records"]]

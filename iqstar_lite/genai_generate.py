@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ class GenaiGenerator:
 
         self.dir = Path(folder)
         if not is_genai_folder(self.dir):
-            raise UserError(f"{str(self.dir)!r} has no genai_config.json; export with 'python -m iqstar_lite.export RUN_DIR export.onnx_graph=genai'")
+            raise UserError(f"{str(self.dir)!r} has no genai_config.json; export with 'iqstar-lite export RUN_DIR export.onnx_graph=genai'")
         self._og = og
         try:
             self.model = og.Model(str(self.dir))
@@ -44,7 +45,7 @@ class GenaiGenerator:
         except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError / OrtException with its own text
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"{str(self.dir)!r} cannot be loaded by onnxruntime-genai ({first}); re-export it with "
-                            "'python -m iqstar_lite.export RUN_DIR export.onnx_graph=genai'") from None
+                            "'iqstar-lite export RUN_DIR export.onnx_graph=genai'") from None
         self.eos_ids = [int(t) for t in self.tokenizer.eos_token_ids]
         self.context_length = int(json.loads((self.dir / "genai_config.json").read_text())["model"].get("context_length", 2048))
 
@@ -75,9 +76,11 @@ class GenaiGenerator:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
         """Greedy (genai's generator) or sampled continuation of ``prompt_ids``; ``stop_at_eos=False`` decodes exactly
-        ``max_new_tokens`` (EOS suppressed by genai's ``min_length``, so the work is fixed: for timings)."""
+        ``max_new_tokens`` (EOS suppressed by genai's ``min_length``, so the work is fixed: for timings); ``on_token(id)``
+        streams each token."""
         start = time.perf_counter()
         gen = self._generator(prompt_ids, max_new_tokens, 0 if stop_at_eos else max_new_tokens)
         rng = np.random.default_rng(seed)
@@ -90,6 +93,8 @@ class GenaiGenerator:
                 gen.generate_next_token()
                 token = int(gen.get_next_tokens()[0])
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             if stop_at_eos and token in self.eos_ids:
                 break
         return Generation(tokens, time.perf_counter() - start)

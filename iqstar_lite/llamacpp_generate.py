@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,9 @@ class LlamaCppGenerator:
         return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)  # a copy: llama-cpp-python reuses the buffer
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, *, sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Generation:
-        """Greedy (default) or sampled continuation of ``prompt_ids`` with llama.cpp's KV cache."""
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
+        """Greedy (default) or sampled continuation of ``prompt_ids`` with llama.cpp's KV cache; ``on_token(id)`` streams."""
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         self.llm.reset()
@@ -89,6 +91,8 @@ class LlamaCppGenerator:
                 last[self.eos_ids] = -np.inf  # fixed work, for timings
             token = sample_token(last, rng, temperature, top_p) if sample else int(np.argmax(last))
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             if (stop_at_eos and token in self.eos_ids) or len(tokens) == max_new_tokens:
                 break
             self.llm.eval([token])

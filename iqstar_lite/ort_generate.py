@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,8 +214,9 @@ class OrtGenerator:
         seed: int | None = None,
         stop_at_eos: bool = True,
         keep_logits: bool = False,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Greedy (default) or sampled continuation of ``prompt_ids`` with the KV cache."""
+        """Greedy (default) or sampled continuation of ``prompt_ids`` with the KV cache; ``on_token(id)`` streams each token."""
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         logits, cache = self.forward(prompt_ids)
@@ -224,6 +226,8 @@ class OrtGenerator:
         for _ in range(max_new_tokens):
             token = sample_token(last, rng, temperature, top_p) if sample else int(np.argmax(last))
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             if keep_logits:
                 kept.append(last)
             if (stop_at_eos and token in self.eos_ids) or len(tokens) == max_new_tokens:

@@ -1,4 +1,4 @@
-"""``python -m iqstar_lite.recipe NAME [key=value ...] [--dry-run] [--list]``
+"""``iqstar-lite train NAME [key=value ...] [--dry-run] [--list]`` (also ``python -m iqstar_lite.recipe NAME ...``)
 
 NAME is a file in recipes/ or a path to a .yaml. Stages (``stages=train,export,check``): train
 (with before/after evaluation), export (adapter card, merge, ONNX), check (ONNX parity gate).
@@ -22,8 +22,8 @@ from iqstar_lite.errors import UserError, run_cli
 log = logging.getLogger("iqstar_lite")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iqstar-lite", description="Inverse-Q* alignment from a recipe.")
+def _parser(prog: str = "python -m iqstar_lite.recipe") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Inverse-Q* alignment from a recipe.")
     p.add_argument("name", nargs="?", help="recipe name (see --list) or path to a .yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20 loss.type=pg")
     p.add_argument("--list", action="store_true", help="list the shipped recipes")
@@ -53,12 +53,12 @@ def heldout_for_eval(heldout, n: int):
     return mixed[:n]
 
 
-def print_eval_table(rows: dict[str, dict]) -> None:
+def print_eval_table(rows: dict[str, dict], title: str = "held-out evaluation") -> None:
     keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_to_target", "target_prefix", "kl_per_token",
             "repetition", "loop_rate", "mean_tokens", "seconds"]
     keys = [k for k in keys if any(k in r for r in rows.values())]
     judge = next((r.get("judge") for r in rows.values() if r.get("judge")), None)
-    print(f"\nheld-out evaluation, principle absent at inference (judge: {judge})")
+    print(f"\n{title}, principle absent at inference (judge: {judge})")
     print(f"{'':<34}" + "".join(f"{k:>19}" for k in keys))
     for name, r in rows.items():
         print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>19}" for k in keys))
@@ -87,7 +87,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     from iqstar_lite.curves import write_curves
     from iqstar_lite.data import Formatter, drop_too_long, load_prompts
     from iqstar_lite.embedded import resolve_model_path
-    from iqstar_lite.evaluate import evaluate
+    from iqstar_lite.evaluate import evaluate, target_ids, untrained_rows
     from iqstar_lite.judges import pick_judge
     from iqstar_lite.model import hub_kwargs, load_policy, load_tokenizer, lora_in_use, pick_device
     from iqstar_lite.samples import SampleWriter
@@ -126,17 +126,14 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     start_trackers(accelerator, cfg, run_dir)
     try:  # trackers closed whatever happens (an MLflow / W&B run is not left open by a stop or an error)
         if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
-            # pi-hat*'s greedy answers first: the contrastive row, and the trajectories of the KL(pi-hat* || pi_theta) measure
-            cd = evaluate(model, tokenizer, fmt, heldout, cfg, judge, contrastive=True)
+            cd, before = untrained_rows(model, tokenizer, fmt, heldout, cfg, judge)
             (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
-            target = [r["response_ids"] for r in cd["records"]]
-            # untrained, pi_theta = pi_ref: its KL(pi-hat* || pi_theta) is what contrastive decoding measured as it decoded
-            before = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target, target_kl_ref=[r["kl_star_ref"] for r in cd["records"]])
             (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+            target = target_ids(cd)
             log_eval(accelerator, cd["summary"], 0, contrastive=True)
             log_eval(accelerator, before["summary"], 0)
         elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
-            target = [r["response_ids"] for r in json.loads((run_dir / "eval_contrastive.json").read_text())["records"]]
+            target = target_ids(json.loads((run_dir / "eval_contrastive.json").read_text()))
         state.wait_for_everyone()
         t0 = time.time()
         samples = SampleWriter(model, tokenizer, fmt, heldout, cfg, judge, run_dir, accelerator)
@@ -165,12 +162,12 @@ EVAL_ROWS = (("before (untrained, no principle)", "eval_before.json"),
              ("after (trained, no principle)", "eval_after.json"))
 
 
-def print_examples(evals: dict[str, dict], n: int) -> None:
+def print_examples(evals: dict[str, dict], n: int, title: str = "held-out answers") -> None:
     """The first n held-out prompts with each row's answer under it: a reader trusts what they can read."""
     rows = list(evals.items())
     if not rows or n <= 0:
         return
-    print(f"\nheld-out answers (greedy, principle absent except for contrastive decoding), first {n}:")
+    print(f"\n{title} (greedy, principle absent except for contrastive decoding), first {n}:")
     for i in range(min(n, len(rows[0][1]["records"]))):
         print(f"\n[{i + 1}] {rows[0][1]['records'][i]['prompt']}")
         for label, e in rows:
@@ -222,23 +219,19 @@ def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
         raise UserError(f"cannot create out_dir {str(run_dir)!r} ({e.strerror}); choose another out_dir") from None
 
 
-def main() -> int:
-    args = _parser().parse_args()
+def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.recipe") -> int:
+    args = _parser(prog).parse_args(argv)
     if args.list:
         for name in list_recipes():
             print(name)
         return 0
     if not args.name:
-        raise UserError(f"name a recipe: python -m iqstar_lite.recipe NAME (one of: {', '.join(list_recipes())})")
+        raise UserError(f"name a recipe: {prog} NAME (one of: {', '.join(list_recipes())})")
     cfg = load_recipe(args.name, args.overrides)
     if args.dry_run:
         dry_run(cfg)
         return 0
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.out_dir:
         raise UserError("a multi-process run needs out_dir=RUN_DIR (every process must write to the same run directory)")
     run_dir = Path(cfg.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -250,6 +243,15 @@ def main() -> int:
     return run(cfg, run_dir)
 
 
+def setup_logging() -> None:
+    """The package's log lines (INFO on the main process, warnings on the others) with a time stamp; the libraries' quiet."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _with_stages(saved: RecipeConfig, given: RecipeConfig) -> RecipeConfig:
     """Export/check an existing run with its own training config, the given stages and export settings."""
     saved.stages, saved.export, saved.out_dir = given.stages, given.export, given.out_dir
@@ -257,7 +259,7 @@ def _with_stages(saved: RecipeConfig, given: RecipeConfig) -> RecipeConfig:
 
 
 def cli() -> None:
-    """Console script ``iqstar-lite`` (same arguments as ``python -m iqstar_lite.recipe``)."""
+    """``python -m iqstar_lite.recipe NAME ...`` (= ``iqstar-lite train NAME ...``)."""
     run_cli(main)
 
 

@@ -89,6 +89,7 @@ def sample(
     guided_reference: bool = False,
     keep_star: bool = False,
     observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> Rollout:
     """The one decoding loop (rollout, evaluation, benchmarks): K responses per context, KV cache on.
 
@@ -104,6 +105,7 @@ def sample(
     with the guided rows' logits with / without the principle [G, V] and their tokens [G], and returns [G] measures
     (e.g. evaluation's principle gap and KL(pi-hat* || pi_ref) on pi-hat*'s own path), stacked into ``observed`` [G, T]:
     what a teacher-forced pass over the finished answers would compute, from logits the loop already has.
+    ``on_token(tokens)`` is called with every step's tokens [rows] (pad after a row's EOS) as they are drawn: streaming.
 
     ``logprobs`` records log softmax of the logits a row decodes from (z, or z*) at its tokens, before temperature,
     top-p and ``min_new_tokens`` (0 after EOS). ``min_new_tokens`` (default: the model's generation_config) masks EOS
@@ -178,6 +180,8 @@ def sample(
             nxt, zd = pick(z, t)
             nxt = torch.where(done, tokenizer.pad_token_id, nxt)
             out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
             lp = torch.log_softmax(zd.float(), -1)  # once per step: recorded log-probs, and the guided rows' pi-hat* (keep_star)
             logps.append(torch.where(done, 0.0, lp.gather(-1, nxt[:, None]).squeeze(-1)))
             if keep_star and g_rows:
