@@ -311,8 +311,8 @@ def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.check", description="ONNX / genai / GGUF vs merged PyTorch parity gate.")
+def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.check") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="ONNX / genai / GGUF vs merged PyTorch parity gate.")
     ap.add_argument("onnx_dir", type=Path, help="RUN_DIR/onnx (or RUN_DIR)")
     ap.add_argument("--against", type=Path, help="merged checkpoint (default: the onnx folder's sibling 'merged')")
     ap.add_argument("--int8", type=Path, help="int8 export to check too (default: sibling 'onnx-int8' if present)")
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if (onnx_dir / "config.yaml").is_file() and (onnx_dir / "onnx").is_dir():
         onnx_dir = onnx_dir / "onnx"  # a run dir was given
     if not onnx_dir.is_dir():
-        raise UserError(f"{str(onnx_dir)!r} does not exist; pass RUN_DIR/onnx written by 'python -m iqstar_lite.export RUN_DIR'")
+        raise UserError(f"{str(onnx_dir)!r} does not exist; pass RUN_DIR/onnx written by 'iqstar-lite export RUN_DIR'")
     run_dir = onnx_dir.parent
     is_run = (run_dir / "config.yaml").is_file()
     export = load_run_config(run_dir).export if is_run else ExportConfig()

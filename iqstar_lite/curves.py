@@ -99,10 +99,10 @@ def write_curves(run_dir: Path) -> Path | None:
         return None
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m iqstar_lite.curves", description="Draw RUN_DIR/curves.png from a run's files.")
+def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.curves") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Draw RUN_DIR/curves.png from a run's files.")
     p.add_argument("run_dir", type=Path)
-    print(plot_run(p.parse_args().run_dir))
+    print(plot_run(p.parse_args(argv).run_dir))
     return 0
 
 

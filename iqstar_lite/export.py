@@ -166,8 +166,8 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iqstar_lite.export", description="Merge and export a training run.")
+def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.export") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Merge and export a training run.")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("overrides", nargs="*", help="export.KEY=VALUE, e.g. export.int8=false")
     args = ap.parse_args(argv)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     report = export_run(args.run_dir, cfg)
     print(summary(report))
     if cfg.export.onnx:
-        print(f"next: python -m iqstar_lite.check {args.run_dir / 'onnx'}")
+        print(f"next: iqstar-lite check {args.run_dir / 'onnx'}")
     return 0
 
 

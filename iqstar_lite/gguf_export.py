@@ -41,7 +41,7 @@ def load_back(path: Path, model: bool = True):
         net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval() if model else None
     except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError / KeyError / struct errors on a damaged file
         raise UserError(f"{str(path)!r} cannot be loaded by transformers' GGUF reader ({str(e).strip()[:160] or type(e).__name__}); "
-                        "re-export it with 'python -m iqstar_lite.export RUN_DIR'") from None
+                        "re-export it with 'iqstar-lite export RUN_DIR'") from None
     return tok, net
 
 
@@ -125,7 +125,7 @@ def _tensors(merged_dir: Path):
 
     files = sorted(Path(merged_dir).glob("*.safetensors"))
     if not files:
-        raise UserError(f"{merged_dir} has no *.safetensors; run the export stage (python -m iqstar_lite.export RUN_DIR)")
+        raise UserError(f"{merged_dir} has no *.safetensors; run the export stage (iqstar-lite export RUN_DIR)")
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():

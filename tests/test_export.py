@@ -433,6 +433,33 @@ def test_chat_serves_each_format(exported, capsys):
             pick_runtime(path, runtime)
 
 
+def _session(*args: str, stdin: str, block_torch: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    code = ("import sys; " + ("sys.modules['torch'] = None; " if block_torch else "")
+            + "sys.argv = ['iqstar-lite', 'chat', *sys.argv[1:]]; from iqstar_lite.cli import cli; cli()")
+    return subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize("client", ["onnxruntime", "genai", "transformers", "llama.cpp"])
+def test_chat_repl_scripted_session_per_client(client, exported, genai_exported):
+    """``iqstar-lite chat EXPORT`` with prompts on stdin (one per line, /quit ends): each client streams the same answers it
+    gives when asked directly (``answers``); the ONNX clients without torch."""
+    from iqstar_lite.chat import answers
+    from iqstar_lite.llamacpp_generate import available
+
+    if client == "llama.cpp" and not available():
+        pytest.skip("llama-cpp-python not installed (the llamacpp extra)")
+    run = genai_exported[0] if client == "genai" else exported[0]
+    path = {"onnxruntime": run / "onnx", "genai": run / "onnx", "transformers": run / "gguf" / "model-f16.gguf",
+            "llama.cpp": run / "gguf" / "model-q8_0.gguf"}[client]
+    proc = _session(str(path), "--runtime", client, "--max-new-tokens", "6", stdin=f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n/quit\nnot read\n",
+                    block_torch=client in ("onnxruntime", "genai"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = answers(path, PROMPTS, client, 6)
+    norm = lambda t: re.sub("\ufffd+", "?", t)  # noqa: E731 - invalid UTF-8 of a random model: one or several U+FFFD
+    assert norm(proc.stdout) == norm("".join(w + "\n" for w in want))
+
+
 def test_ort_model_for_causal_lm_generates_like_transformers(exported):
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer

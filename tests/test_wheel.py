@@ -40,6 +40,10 @@ def test_installed_wheel_lists_dry_runs_and_trains_outside_the_source_tree(insta
     where = subprocess.run([str(installed / "bin" / "python"), "-c", "import iqstar_lite; print(iqstar_lite.__file__)"], capture_output=True,
                            text=True, cwd=tmp_path, check=True).stdout
     assert str(installed) in where and str(ROOT) not in where
+    usage = run(installed, tmp_path, "--help")  # the one console script: subcommands (cli.py)
+    assert usage.returncode == 0 and all(f"  {c} " in usage.stdout for c in ("train", "eval", "export", "check", "chat", "ls", "cp")), usage.stdout
+    shipped = run(installed, tmp_path, "ls")
+    assert shipped.returncode == 0 and "builtin:ood" in shipped.stdout and "tiny_cpu" in shipped.stdout, shipped.stderr
     listed = run(installed, tmp_path, "--list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) == {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
