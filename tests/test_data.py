@@ -95,3 +95,24 @@ def test_no_default_system_prompt_without_a_chat_template(tokenizer):
     bare = copy.copy(tokenizer)
     bare.chat_template = None
     assert default_system_prompt(bare) is None
+
+
+def test_shipped_ood_set_and_training_pool_are_disjoint_and_split():
+    """builtin:ood (evaluation on prompts of other kinds; dev to choose, test to report) and builtin:train_pool: loadable
+    as any prompt set, disjoint from each other and from the built-in set, every OOD kind in both halves."""
+    from collections import Counter
+
+    from iqstar_lite.config import DataConfig
+    from iqstar_lite.data import builtin_sets, load_examples
+
+    assert {"builtin", "ood", "train_pool"} <= set(builtin_sets())
+    sets = {name: load_examples(DataConfig(prompts=f"builtin:{name}"))[0] for name in ("builtin", "ood", "train_pool")}
+    ood, pool = sets["ood"], sets["train_pool"]
+    assert len(ood) >= 160 and len(pool) >= 1000
+    halves = Counter((e.kind, e.meta["split"]) for e in ood)
+    assert {k for k, _ in halves} == {"request", "question", "harmful"} and all(halves[(k, s)] > 0 for k, _ in halves for s in ("dev", "test"))
+    assert {e.meta["split"] for e in pool} == {"train"}
+    texts = {name: {e.text.lower() for e in ex} for name, ex in sets.items()}
+    assert not texts["ood"] & texts["train_pool"] and not texts["ood"] & texts["builtin"]
+    held = {e.text.lower() for e in sets["builtin"] if e.meta.get("split") == "heldout"}
+    assert not held & texts["train_pool"]
