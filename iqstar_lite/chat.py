@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.chat"
     ap.add_argument("--system", default=None, help="optional system message")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the PyTorch client, e.g. --set estimator.alpha=2 (repeatable)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from iqstar_lite.recipe import setup_logging
 
     setup_logging()

@@ -86,8 +86,17 @@ def _ls(argv: list[str], prog: str) -> int:
     for name in names:
         print(f"  {name:<{width}}  {recipe_summary(name)}")
     print("prompt sets (data.prompts=builtin:NAME, iqstar-lite eval --prompts builtin:NAME):")
+    from collections import Counter
+
+    from iqstar_lite.config import DataConfig
+    from iqstar_lite.data import load_examples
+
+    set_width = max(len(n) for n in builtin_sets()) + len("builtin:")
     for name in builtin_sets():
-        print(f"  builtin:{name}")
+        splits = Counter(ex.meta.get("split") or "-" for ex in load_examples(DataConfig(prompts=f"builtin:{name}"))[0])
+        alias = "  (data.prompts=builtin)" if name == "builtin" else ""
+        print(f"  {'builtin:' + name:<{set_width}}  {sum(splits.values())} prompts: "
+              + ", ".join(f"{n} {s}" for s, n in sorted(splits.items())) + alias)
     return 0
 
 

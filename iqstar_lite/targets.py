@@ -65,7 +65,19 @@ def resolve_target(target: str, overrides: list[str] | None = None, settings: di
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(f"{target!r} is neither a training run (config.yaml), a peft adapter (adapter_config.json) nor a model folder "
                         f"(config.json); pass RUN_DIR, RUN_DIR/adapter, a recipe name ({', '.join(list_recipes())}) or a model")
+    if not p.exists() and _local_looking(target, p):
+        raise UserError(f"{target!r} does not exist; pass RUN_DIR, RUN_DIR/adapter, a recipe name ({', '.join(list_recipes())}), "
+                        f"a model folder or a hub id (org/name)")
     return Target(apply_overrides({"model": {"path": target}}, overrides, "base", settings), None, None)
+
+
+def _local_looking(target: str, p: Path) -> bool:
+    """A missing path that cannot be a hub id (``name`` or ``org/name``): absolute, relative (``./``, ``~``), a file name,
+    more than two parts, or under a folder that exists here (``runs/nope``) - an error, not a download attempt."""
+    if target.startswith("embedded:"):
+        return False
+    return (target.startswith((".", "/", "~")) or p.suffix in (".yaml", ".yml", ".json", ".gguf", ".onnx") or len(p.parts) > 2
+            or (len(p.parts) == 2 and Path(p.parts[0]).is_dir()))
 
 
 def load_target(t: Target, device=None):

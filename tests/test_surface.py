@@ -81,7 +81,7 @@ def test_ls_cp_and_the_copy_trains(monkeypatch, capsys, tmp_path):
     assert res.returncode == 0
     for name in list_recipes():
         assert re.search(rf"^  {name} +\S", res.stdout, re.M), name  # each with its header's first line
-    assert "builtin:ood" in res.stdout and "builtin:builtin" in res.stdout
+    assert re.search(r"^  builtin:ood +200 prompts: 101 dev, 99 test$", res.stdout, re.M) and "builtin:builtin" in res.stdout
     res = here(monkeypatch, capsys, "cp", "tiny_cpu", str(tmp_path))
     assert res.returncode == 0 and (tmp_path / "tiny_cpu.yaml").read_text() == (ROOT / "recipes" / "tiny_cpu.yaml").read_text()
     mine = tmp_path / "mine.yaml"
@@ -138,6 +138,7 @@ def test_eval_on_prompts_the_run_never_saw(quickstart, monkeypatch, capsys, tmp_
     one_line_error(here(monkeypatch, capsys, "eval", str(run), "--prompts", "builtin:ood", "--split", "dve", "--out", str(tmp_path / "o.json")),
                    "no prompt has split 'dve'", "dev, test")
     one_line_error(here(monkeypatch, capsys, "eval", str(tmp_path), "--prompts", str(mine)), "neither a training run")
+    one_line_error(here(monkeypatch, capsys, "eval", str(tmp_path / "nope"), "--prompts", str(mine)), "does not exist")  # no hub retries
     one_line_error(here(monkeypatch, capsys, "eval", str(run), "--prompts", str(mine), "--rows", "after,later"), "--rows")
 
 
@@ -174,6 +175,8 @@ def test_chat_repl_streams_the_pytorch_client(quickstart, monkeypatch, capsys):
     assert [ln.split(":")[0].strip() for ln in lines if ln] == ["base", "contrastive", "trained"]
     assert lines[2].split(": ", 1)[1] == want[0]  # the trained row is the plain chat's answer
     assert lines[0].split(": ", 1)[1] == client.reply("Name a colour.", 6, mode="base", sample=True, seed=3)
+    res_args = here(monkeypatch, capsys, "chat", run, "--compare", "Name a colour.", "--max-new-tokens", "6", "--sample", "--seed", "3")
+    assert res_args.returncode == 0 and res_args.stdout == res.stdout, res_args.stderr  # a prompt may follow the flags
     res = here(monkeypatch, capsys, "chat", "tiny_cpu", "Name a colour.", "--principle", "Always answer in French.", "--max-new-tokens", "6",
                "--sample", "--seed", "3")
     assert res.returncode == 0 and res.stdout.strip() == lines[1].split(": ", 1)[1]  # contrastive decoding of the same base
