@@ -93,6 +93,11 @@ class DataConfig:
     heldout_split: str = ""
     """A split to hold out for evaluation (e.g. ``test``); empty: a ``split`` column decides, else a stable hash
     (``data.heldout_fraction``)."""
+    heldout_prompts: str = ""
+    """Another prompt source for the held-out evaluation (same forms as ``data.prompts``): its held-out rows (a ``split``
+    column of heldout / test / eval / validation), or all of it without one; ``data.prompts`` then trains on all its
+    rows but those. E.g. ``data.prompts=builtin:train_pool data.heldout_prompts=builtin`` (the pool excludes builtin's
+    held-out prompts). Empty: held out from ``data.prompts``."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping for other names, ours -> yours, e.g. ``{prompt: question, reference: answer}`` or on the command line
     ``data.columns.prompt=question``. Ours: prompt, messages, chosen, rejected, completion, reference, kind, split."""
@@ -212,6 +217,15 @@ class EvalConfig:
     RUN_DIR/samples.jsonl and the tracker's text tab. 0: at the end only."""
     samples: int = 3
     """Held-out prompts answered at each of those points (0: none)."""
+    ood_prompts: str = "builtin:ood"
+    """A second evaluation on prompts of other kinds and sources than the training ones (out of distribution), reported
+    next to the held-out rows (``eval_*_ood.json``). Any prompt source; empty: off. ``builtin:ood``: 200 prompts
+    (requests, questions, harmful) from sources the training sets do not use, split dev / test (prompts/SOURCES_OOD.md)."""
+    ood_split: str = "dev"
+    """The rows of ``eval.ood_prompts`` with this ``split`` value (empty: all). Choose settings on ``dev``; ``test`` is
+    for final numbers only, read once."""
+    ood_max_prompts: int = 40
+    """First N of them (kinds interleaved); 0: all."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -220,13 +221,16 @@ def load_examples(cfg: DataConfig) -> tuple[list[Example], str]:
 
 def load_prompts(cfg: DataConfig) -> PromptSet:
     examples, where = load_examples(cfg)
+    if cfg.heldout_prompts:
+        return PromptSet(*_train_and_heldout(examples, where, cfg))
     if cfg.heldout_split and not is_builtin(cfg.prompts):
         heldout = _examples(_load_split(cfg, cfg.heldout_split), cfg, f"{where} split {cfg.heldout_split!r}")
         if not heldout:
             raise UserError(f"data.heldout_split={cfg.heldout_split!r} of {where} is empty; choose another split or leave it empty")
         return PromptSet(examples, heldout)
     train, heldout = [], []
-    has_split = any(ex.meta.get("split") for ex in examples)  # a split column decides; else a stable hash
+    # a split column with held-out rows decides; else (no column, or only training rows: builtin:train_pool) a stable hash
+    has_split = any(ex.meta.get("split") in HELDOUT_SPLITS for ex in examples)
     for ex in examples:
         split = ex.meta.get("split")
         held = split in HELDOUT_SPLITS if has_split else _is_heldout(ex, cfg.heldout_fraction)
@@ -236,6 +240,22 @@ def load_prompts(cfg: DataConfig) -> PromptSet:
     if not heldout:
         heldout = train[-1:]
     return PromptSet(train, heldout)
+
+
+def _train_and_heldout(examples: list[Example], where: str, cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    """``data.heldout_prompts``: training on every row of ``data.prompts`` but its held-out ones (and any held-out
+    prompt), evaluation on the other source's held-out rows (all of it without a split column)."""
+    other, other_where = load_examples(dataclasses.replace(cfg, prompts=cfg.heldout_prompts, heldout_prompts="", split=""))
+    split_col = any(ex.meta.get("split") for ex in other)
+    heldout = [ex for ex in other if ex.meta.get("split") in HELDOUT_SPLITS] if split_col else other
+    if not heldout:
+        raise UserError(f"data.heldout_prompts: {other_where} has no held-out rows (split heldout / test / eval / validation); "
+                        f"give a source with such rows or without a split column")
+    held = {ex.text for ex in heldout}
+    train = [ex for ex in examples if ex.meta.get("split") not in HELDOUT_SPLITS and ex.text not in held]
+    if not train:
+        raise UserError(f"{where} leaves no training prompts besides data.heldout_prompts' held-out ones; add prompts")
+    return train, heldout
 
 
 def drop_too_long(examples: list[Example], fmt: "Formatter", max_tokens: int) -> list[Example]:

@@ -64,6 +64,20 @@ def print_eval_table(rows: dict[str, dict], title: str = "held-out evaluation") 
         print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>19}" for k in keys))
 
 
+SIDE_BY_SIDE = ("judge_rate", "loop_rate", "repetition", "mean_tokens")
+
+
+def print_side_by_side(sets: dict[str, dict[str, dict]]) -> None:
+    """Each row's main measures on every evaluation set, next to each other: in distribution | out of distribution."""
+    names = list(sets)
+    labels = list(next(iter(sets.values())))
+    print("\n" + f"{'':<34}" + "".join(f"{n.split(' (')[0][:29]:>{11 * len(SIDE_BY_SIDE)}}" for n in names))
+    print(f"{'':<34}" + "".join(f"{k.replace('_rate', '').replace('mean_', ''):>11}" for _ in names for k in SIDE_BY_SIDE))
+    for label in labels:
+        cells = [sets[n].get(label, {}).get(k) for n in names for k in SIDE_BY_SIDE]
+        print(f"{label:<34}" + "".join(f"{'-' if c is None else round(c, 3):>11}" for c in cells))
+
+
 def processes(device):
     """accelerate's view of the launch: one process, or the N that torchrun / accelerate launch started (joined over gloo
     on CPU, NCCL on GPUs)."""
@@ -117,7 +131,10 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     log.info("%d training prompts, %d held out; device %s; model %s (%s)", len(train_set), len(prompts.heldout), device, cfg.model.path, cfg.model.quantize)
     judge = pick_judge(cfg.eval.judge, cfg.data.principle)
     heldout = heldout_for_eval(prompts.heldout, cfg.eval.max_prompts)
-    target = None
+    sets = [("", heldout, "held-out")]  # (file suffix, prompts, title): in distribution, then out of distribution
+    if cfg.eval.enabled and cfg.eval.ood_prompts:
+        sets.append(("_ood", ood_examples(cfg, train_set), f"out-of-distribution ({cfg.eval.ood_prompts} {cfg.eval.ood_split})".replace(" )", ")")))
+    targets: dict[str, list | None] = {}
     if not main:  # evaluation and every file of the run: the main process; the others train their slice of each step
         state.wait_for_everyone()
         train(cfg, run_dir, model, tokenizer, train_set, device, accelerator=accelerator)
@@ -125,30 +142,34 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
         return False
     start_trackers(accelerator, cfg, run_dir)
     try:  # trackers closed whatever happens (an MLflow / W&B run is not left open by a stop or an error)
-        if cfg.eval.enabled and not (cfg.train.resume and (run_dir / "eval_before.json").exists()):
-            cd, before = untrained_rows(model, tokenizer, fmt, heldout, cfg, judge)
-            (run_dir / "eval_contrastive.json").write_text(json.dumps(cd, indent=1))
-            (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
-            target = target_ids(cd)
-            log_eval(accelerator, cd["summary"], 0, contrastive=True)
-            log_eval(accelerator, before["summary"], 0)
-        elif cfg.eval.enabled and (run_dir / "eval_contrastive.json").exists():
-            target = target_ids(json.loads((run_dir / "eval_contrastive.json").read_text()))
+        for suffix, examples, _ in sets if cfg.eval.enabled else []:
+            if not (cfg.train.resume and (run_dir / f"eval_before{suffix}.json").exists()):
+                cd, before = untrained_rows(model, tokenizer, fmt, examples, cfg, judge)
+                (run_dir / f"eval_contrastive{suffix}.json").write_text(json.dumps(cd, indent=1))
+                (run_dir / f"eval_before{suffix}.json").write_text(json.dumps(before, indent=1))
+                targets[suffix] = target_ids(cd)
+                log_eval(accelerator, cd["summary"], 0, contrastive=True, suffix=suffix)
+                log_eval(accelerator, before["summary"], 0, suffix=suffix)
+            elif (run_dir / f"eval_contrastive{suffix}.json").exists():
+                targets[suffix] = target_ids(json.loads((run_dir / f"eval_contrastive{suffix}.json").read_text()))
         state.wait_for_everyone()
         t0 = time.time()
         samples = SampleWriter(model, tokenizer, fmt, heldout, cfg, judge, run_dir, accelerator)
         last = train(cfg, run_dir, model, tokenizer, train_set, device, on_step=samples, accelerator=accelerator)
         log.info("training: %d steps in %.1f s; last step %s", cfg.train.steps, time.time() - t0, json.dumps(last))
-        if cfg.eval.enabled:
-            after = evaluate(model, tokenizer, fmt, heldout, cfg, judge, target=target)
-            (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
-            step = last.get("step", cfg.train.steps)
-            log_eval(accelerator, after["summary"], step)
-            if step == cfg.train.steps:
+        step = last.get("step", cfg.train.steps)
+        for suffix, examples, _ in sets if cfg.eval.enabled else []:
+            after = evaluate(model, tokenizer, fmt, examples, cfg, judge, target=targets.get(suffix))
+            (run_dir / f"eval_after{suffix}.json").write_text(json.dumps(after, indent=1))
+            log_eval(accelerator, after["summary"], step, suffix=suffix)
+            if step == cfg.train.steps and not suffix:
                 samples.from_evaluation(after["records"], step)
-            evals = {label: json.loads((run_dir / fname).read_text()) for label, fname in EVAL_ROWS if (run_dir / fname).exists()}
-            print_eval_table({label: e["summary"] for label, e in evals.items()})
-            print_examples(evals, cfg.eval.show_examples)
+        for suffix, _, title in sets if cfg.eval.enabled else []:
+            evals = eval_rows(run_dir, suffix)
+            print_eval_table({label: e["summary"] for label, e in evals.items()}, title=f"{title} evaluation")
+            print_examples(evals, cfg.eval.show_examples, title=f"{title} answers")
+        if cfg.eval.enabled and len(sets) > 1:
+            print_side_by_side({title: {label: e["summary"] for label, e in eval_rows(run_dir, suffix).items()} for suffix, _, title in sets})
     finally:
         accelerator.end_training()
     curves = write_curves(run_dir)
@@ -157,9 +178,33 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     return True
 
 
-EVAL_ROWS = (("before (untrained, no principle)", "eval_before.json"),
-             ("contrastive decoding (untrained)", "eval_contrastive.json"),
-             ("after (trained, no principle)", "eval_after.json"))
+EVAL_ROWS = (("before (untrained, no principle)", "eval_before"),
+             ("contrastive decoding (untrained)", "eval_contrastive"),
+             ("after (trained, no principle)", "eval_after"))
+
+
+def eval_rows(run_dir: Path, suffix: str = "") -> dict[str, dict]:
+    """A run's evaluation rows (label -> eval_*.json), held-out (``suffix=""``) or out of distribution (``"_ood"``)."""
+    return {label: json.loads((run_dir / f"{stem}{suffix}.json").read_text()) for label, stem in EVAL_ROWS
+            if (run_dir / f"{stem}{suffix}.json").exists()}
+
+
+def ood_examples(cfg: RecipeConfig, train_set: list) -> list:
+    """``eval.ood_prompts`` (its ``eval.ood_split`` rows, kinds interleaved, the first ``eval.ood_max_prompts``): the
+    out-of-distribution evaluation set. A prompt also among the training prompts is dropped (logged): it would measure fit."""
+    from iqstar_lite.config import DataConfig
+    from iqstar_lite.data import load_examples
+    from iqstar_lite.eval_prompts import pick_examples
+
+    examples, where = load_examples(DataConfig(prompts=cfg.eval.ood_prompts))
+    trained = {e.text for e in train_set}
+    kept = [e for e in examples if e.text not in trained]
+    if len(kept) < len(examples):
+        log.info("eval.ood_prompts: %d of %s are training prompts too; left out of the out-of-distribution set", len(examples) - len(kept), where)
+    try:
+        return pick_examples(kept, cfg.eval.ood_split, cfg.eval.ood_max_prompts)
+    except UserError as e:
+        raise UserError(f"eval.ood_split: {e}".replace("drop --split", "set eval.ood_split=")) from None
 
 
 def print_examples(evals: dict[str, dict], n: int, title: str = "held-out answers") -> None:
@@ -169,7 +214,8 @@ def print_examples(evals: dict[str, dict], n: int, title: str = "held-out answer
         return
     print(f"\n{title} (greedy, principle absent except for contrastive decoding), first {n}:")
     for i in range(min(n, len(rows[0][1]["records"]))):
-        print(f"\n[{i + 1}] {rows[0][1]['records'][i]['prompt']}")
+        prompt = " ".join(rows[0][1]["records"][i]["prompt"].split())
+        print(f"\n[{i + 1}] {prompt if len(prompt) <= 160 else prompt[:157] + '...'}")
         for label, e in rows:
             text = " ".join(e["records"][i]["response"].split())
             print(f"  {label.split(' (')[0]:>20}: {text}")

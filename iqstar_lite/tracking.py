@@ -88,10 +88,11 @@ def log_step(accelerator, row: dict) -> None:
         accelerator.log(numbers(row, "train/"), step=row["step"])
 
 
-def log_eval(accelerator, summary: dict, step: int, contrastive: bool = False) -> None:
-    """An evaluation's summary (eval_before / eval_after: ``eval/``; contrastive decoding: ``eval_contrastive/``)."""
+def log_eval(accelerator, summary: dict, step: int, contrastive: bool = False, suffix: str = "") -> None:
+    """An evaluation's summary (eval_before / eval_after: ``eval/``; contrastive decoding: ``eval_contrastive/``; the
+    out-of-distribution set, ``suffix="_ood"``: ``eval_ood/``, ``eval_contrastive_ood/``)."""
     if accelerator.trackers:
-        accelerator.log(numbers(summary, "eval_contrastive/" if contrastive else "eval/"), step=step)
+        accelerator.log(numbers(summary, ("eval_contrastive" if contrastive else "eval") + suffix + "/"), step=step)
 
 
 def log_samples(accelerator, rows: list[dict], step: int) -> None:

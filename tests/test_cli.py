@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,16 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert cd["summary"]["target_prefix"] == cd["summary"]["mean_tokens"]  # pi-hat*'s answers follow themselves to the end
     assert 0 <= after["target_prefix"] <= min(after["mean_tokens"], cd["summary"]["mean_tokens"])  # per answer: <= both lengths
     assert "held-out answers" in res.stdout and "contrastive decoding:" in res.stdout
+    # out of distribution (eval.ood_prompts=builtin:ood, its dev split), next to the held-out rows
+    ood = {row: json.loads((out / f"eval_{row}_ood.json").read_text()) for row in ("before", "contrastive", "after")}
+    from iqstar_lite.config import DataConfig
+    from iqstar_lite.data import load_examples
+    from iqstar_lite.eval_prompts import pick_examples
+
+    dev = [e.text for e in pick_examples(load_examples(DataConfig(prompts="builtin:ood"))[0], "dev", 2)]
+    assert [r["prompt"] for r in ood["after"]["records"]] == dev and ood["after"]["summary"]["n"] == 2
+    assert "out-of-distribution (builtin:ood dev) evaluation" in res.stdout
+    assert re.search(r"^ +held-out +out-of-distribution$", res.stdout, re.M)  # the side-by-side header
 
     # Watching the run: TensorBoard's own reader finds every step's metrics and the evaluations; sample answers after
     # every step (eval.every=1 in tiny_cpu) in samples.jsonl and the text tab; a picture of the run.

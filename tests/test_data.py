@@ -116,3 +116,24 @@ def test_shipped_ood_set_and_training_pool_are_disjoint_and_split():
     assert not texts["ood"] & texts["train_pool"] and not texts["ood"] & texts["builtin"]
     held = {e.text.lower() for e in sets["builtin"] if e.meta.get("split") == "heldout"}
     assert not held & texts["train_pool"]
+
+
+def test_training_pool_trains_and_the_builtin_heldout_evaluates(tmp_path):
+    """data.heldout_prompts: train on every row of one source, evaluate on another's held-out rows; a split column with
+    training rows only (builtin:train_pool) holds out by hash, never one leftover prompt."""
+    from iqstar_lite.config import DataConfig
+    from iqstar_lite.data import load_examples, load_prompts
+
+    builtin_held = [e.text for e in load_examples(DataConfig())[0] if e.meta["split"] == "heldout"]
+    both = load_prompts(DataConfig(prompts="builtin:train_pool", heldout_prompts="builtin"))
+    assert len(both.train) == 1605 and [e.text for e in both.heldout] == builtin_held
+    alone = load_prompts(DataConfig(prompts="builtin:train_pool"))
+    assert 300 < len(alone.heldout) < 500 and len(alone.train) + len(alone.heldout) == 1605  # 25% by hash
+    mine = tmp_path / "p.jsonl"
+    mine.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a?", "b?", builtin_held[0]]))
+    mixed = load_prompts(DataConfig(prompts=str(mine), heldout_prompts="builtin"))
+    assert [e.text for e in mixed.train] == ["a?", "b?"]  # a held-out prompt never trains
+    other = tmp_path / "h.jsonl"
+    other.write_text(json.dumps({"prompt": "c?", "split": "train"}) + "\n")
+    with pytest.raises(UserError, match="no held-out rows"):
+        load_prompts(DataConfig(prompts=str(mine), heldout_prompts=str(other)))

@@ -147,3 +147,12 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
         ref = response_logits(trained, batch, roll[0].shape[1])
     kl = kl_between_logits(pol, ref)
     torch.testing.assert_close(got, (kl * roll[1]).sum(1) / roll[1].sum(1).clamp(min=1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_length_batches_group_like_lengths_and_cover_every_prompt():
+    from iqstar_lite.evaluate import length_batches
+
+    lengths = [40, 500, 36, 62, 152, 300, 37]
+    assert length_batches(lengths, 16) == [[2, 6, 0, 3], [4, 5], [1]]  # 36..62 | 152, 300 | 500 (over 2 x 152)
+    assert length_batches(lengths, 2) == [[2, 6], [0, 3], [4, 5], [1]]  # batch_size still bounds each batch
+    assert length_batches([10] * 5, 40) == [[0, 1, 2, 3, 4]] and length_batches([], 4) == []
