@@ -255,7 +255,8 @@ def write_result(name: str, settings: dict, results: dict, notes: list[str] | No
 
 def training_prompts(cfg, tokenizer) -> list:
     """The recipe's training prompts, filtered by length exactly as ``recipe.stage_train`` does."""
-    from iqstar_lite.data import Formatter, load_prompts
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     return [e for e in load_prompts(cfg.data).train if len(fmt.ids(fmt.conditioned(e))) <= cfg.data.max_prompt_tokens]

@@ -5,16 +5,16 @@ same wall-clock budget.
     python bench/convergence.py --recipe smollm2_short   # "Answer in one short sentence."
     python bench/convergence.py --quick                  # tiny random model, smoke test only
 
-The judge is the recipe's evaluation judge, ``iqstar_lite.judges.pick_judge('auto', principle)`` (py3langid
+The judge is the recipe's evaluation judge, ``iqstar_lite.evaluation.judges.pick_judge('auto', principle)`` (py3langid
 French; one sentence of at most 20 words). Peers, each in its own subprocess, ``--runs`` times, alternating order:
-* iq-distill / iq-pg / iq-imitation: ``iqstar_lite.train.train`` with that loss (the recipe's rollout: 8 prompts x 2),
+* iq-distill / iq-pg / iq-imitation: ``iqstar_lite.algorithm.train.train`` with that loss (the recipe's rollout: 8 prompts x 2),
 * trl-grpo: TRL ``GRPOTrainer`` (beta > 0, peft LoRA, load_base()'s NF4 model object), reward = a dense form of the
   judge (``dense_score``) or the 0/1 judge, ``--trl-prompts`` x ``--trl-samples`` per step (default 4 x 4),
 * trl-sdft: TRL's ``SDFTTrainer``, teacher = the initial model given the principle as privileged context.
 Same training prompts in the same order, same lr / beta / LoRA / NF4.
 Training clock = sum of step seconds (iq: metrics "seconds"; TRL: on_step_begin -> on_step_end); evaluation is
 outside it. A run stops at the first step end past ``--budget-s``. Every ``--eval-every-s`` of clock, before
-training and at the end: the project's own evaluation (``iqstar_lite.evaluate.evaluate``: greedy answers *without*
+training and at the end: the project's own evaluation (``iqstar_lite.evaluation.evaluate.evaluate``: greedy answers *without*
 the principle on the recipe's held-out prompts; judge rate overall / harmful / benign, principle score, KL to the
 reference, KL(pi-hat* || pi_theta) on pi-hat*'s greedy answers, repetition, loop rate, mean length).
 Principle-contrastive decoding of the untrained model (pi-hat*) is the reference line and the quality target: a run
@@ -52,8 +52,8 @@ def recipe(s: dict, loss: str = "distill"):
 
 
 def heldout(cfg, n: int):
-    from iqstar_lite.data import load_prompts
-    from iqstar_lite.recipe import heldout_for_eval
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.evaluation.report import heldout_for_eval
 
     return heldout_for_eval(load_prompts(cfg.data).heldout, n)
 
@@ -64,7 +64,7 @@ QUALITY_KEYS = ("judge_rate", "judge_rate_harmful", "judge_rate_benign", "princi
 
 def quality(model, tok, fmt, examples, cfg, judge, target: list[list[int]] | None, contrastive: bool = False) -> dict:
     """The project's evaluation (one metrics implementation for the package and its benchmarks), summary only."""
-    from iqstar_lite.evaluate import evaluate
+    from iqstar_lite.evaluation.evaluate import evaluate
 
     t0 = time.perf_counter()
     ev = evaluate(model, tok, fmt, examples, cfg, judge, contrastive=contrastive, target=target)
@@ -102,10 +102,10 @@ class Clock:
 
 
 def child_iq(s: dict, loss: str) -> dict:
-    from iqstar_lite.data import Formatter
-    from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
-    from iqstar_lite.train import train
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.evaluation.judges import pick_judge
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.algorithm.train import train
 
     cfg = recipe(s, loss)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
@@ -124,10 +124,10 @@ def _trl_setup(s: dict) -> dict:
     from peft import LoraConfig
     from transformers import TrainerCallback
 
-    from iqstar_lite.data import Formatter
-    from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import load_tokenizer, pick_device
-    from iqstar_lite.train import prompt_batch
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.evaluation.judges import pick_judge
+    from iqstar_lite.models.load import load_tokenizer, pick_device
+    from iqstar_lite.algorithm.train import prompt_batch
 
     cfg = recipe(s)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
@@ -179,7 +179,7 @@ def _train_timed(trainer, c: dict, s: dict) -> dict:
 def dense_score(judge):
     """A dense form of a 0/1 judge, which moves before the judge flips: for a language judge, log P(target language) from
     the judge's own classifier; for one short sentence, minus the sentences beyond one and the words beyond 20 (/ 10)."""
-    from iqstar_lite.judges import SHORT_WORDS, one_short_sentence, sentences
+    from iqstar_lite.evaluation.judges import SHORT_WORDS, one_short_sentence, sentences
 
     if judge is one_short_sentence:
         return lambda t: -abs(len(sentences(t)) - 1) - max(0, len(t.split()) - SHORT_WORDS) / 10
@@ -196,7 +196,7 @@ def child_trl(s: dict) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from iqstar_lite.model import load_base
+    from iqstar_lite.models.load import load_base
 
     c = _trl_setup(s)
     cfg, judge = c["cfg"], c["judge"]
@@ -217,7 +217,7 @@ def child_sdft(s: dict) -> dict:
     from datasets import Dataset
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from iqstar_lite.model import load_base
+    from iqstar_lite.models.load import load_base
 
     c = _trl_setup(s)
     cfg = c["cfg"]
@@ -231,9 +231,9 @@ def child_sdft(s: dict) -> dict:
 def child_contrastive(s: dict) -> dict:
     """pi-hat*'s greedy answers (contrastive decoding of the untrained model): the reference row, and the trajectories of
     every peer's KL(pi-hat* || pi_theta)."""
-    from iqstar_lite.data import Formatter
-    from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.evaluation.judges import pick_judge
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
 
     cfg = recipe(s)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
@@ -342,13 +342,13 @@ def compare(results: dict, peers: list[str], runs: dict[str, list[dict]] | None 
 
 def notes(args) -> list[str]:
     return [
-        f"Recipe {args.recipe}; judge: iqstar_lite.judges.pick_judge('auto', principle); Inverse-Q* never sees it, TRL GRPO's reward is it "
+        f"Recipe {args.recipe}; judge: iqstar_lite.evaluation.judges.pick_judge('auto', principle); Inverse-Q* never sees it, TRL GRPO's reward is it "
         f"({'its dense form, bench/convergence.py dense_score' if args.trl_reward == 'dense' else 'the 0/1 judge'}); SDFT's teacher sees the principle.",
         f"Responses per step: iq 8 prompts x 2 samples (the recipe's rollout), TRL {args.trl_prompts} prompts x {args.trl_samples} samples "
         "(GRPO needs groups to get an advantage); same training prompt sequence (prompt_batch), "
         f"<= {args.tokens} new tokens, same lr / beta / LoRA / NF4 (load_base() model object on both sides).",
         "Training clock = sum of optimizer-step seconds, first (warm-up) step included on both sides (evaluation, logging and loading "
-        f"excluded); runs stop at the first step end past {args.budget_s} s. Evaluation: iqstar_lite.evaluate.evaluate, greedy, principle "
+        f"excluded); runs stop at the first step end past {args.budget_s} s. Evaluation: iqstar_lite.evaluation.evaluate.evaluate, greedy, principle "
         f"absent, {args.eval_prompts} held-out prompts (heldout_for_eval), {args.eval_tokens} new tokens; KL to pi* on contrastive "
         "decoding's greedy answers of the same run.",
         f"time_to_quality = training seconds of the first evaluation with judge >= {args.quality_judge} and repetition <= the run's "

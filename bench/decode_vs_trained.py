@@ -4,7 +4,7 @@
     python bench/decode_vs_trained.py RUN_DIR --quick
 
 Speed, on the first B held-out prompts (principle absent at inference for the trained model):
-* contrastive: ``iqstar_lite.evaluate.contrastive_generate`` on the untrained NF4 base (two contexts per
+* contrastive: ``iqstar_lite.evaluation.evaluate.contrastive_generate`` on the untrained NF4 base (two contexts per
   row, principle / none, stacked: z* = (1+alpha) z+ - alpha z0),
 * trained-nf4: the trained NF4 base + adapter (``merge.load_trained``), ``rollout.sample(greedy=True)``,
 * merged-fp32: RUN_DIR/merged, eager ``model.generate`` (if present),
@@ -48,15 +48,16 @@ def measure(name: str, fn, batch: int, repeats: int) -> dict:
 
 def side_fns(side: str, run_dir: Path, cfg, tok, new_tokens: int, threads: int = 0):
     """fn(plain_texts, cond_texts) -> tokens [B, steps] for one decoding side (the closure holds the model)."""
-    from iqstar_lite.evaluate import contrastive_generate
-    from iqstar_lite.model import load_policy, pick_device
-    from iqstar_lite.rollout import eos_token_ids, sample
+    from iqstar_lite.evaluation.evaluate import contrastive_generate
+    from iqstar_lite.models.load import load_policy, pick_device
+    from iqstar_lite.algorithm.rollout import model_eos_ids, sample
 
     if side == "contrastive":
         model = load_policy(cfg.model, cfg.lora, pick_device(cfg.model))  # fresh adapters; decoding runs in reference_mode
         return lambda plain, cond: contrastive_generate(model, tok, cond, plain, cfg.estimator.alpha, new_tokens)
     if side == "trained-nf4":
-        from iqstar_lite.merge import adapter_dir, load_trained
+        from iqstar_lite.models.load import adapter_dir
+        from iqstar_lite.export.merge import load_trained
 
         model = load_trained(cfg.model, adapter_dir(run_dir), pick_device(cfg.model))
         return lambda plain, cond: sample(model, tok, plain, max_new_tokens=new_tokens, greedy=True).response_ids
@@ -65,7 +66,7 @@ def side_fns(side: str, run_dir: Path, cfg, tok, new_tokens: int, threads: int =
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
-        eos = eos_token_ids(model, tok)
+        eos = model_eos_ids(model, tok)
         return lambda plain, cond: torch_greedy(model, ids_of(tok, plain), new_tokens, tok.pad_token_id, eos, fixed_length=False)
     gen = ort_generator(run_dir / "onnx", threads)
     return lambda plain, cond: ort_greedy(gen, ids_of(tok, plain), new_tokens, tok.pad_token_id, stop_at_eos=True)
@@ -86,9 +87,10 @@ def main() -> None:
     set_threads(args.threads)
     warn_if_busy()
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.data import Formatter, load_prompts
-    from iqstar_lite.model import load_tokenizer
-    from iqstar_lite.recipe import heldout_for_eval
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.models.load import load_tokenizer
+    from iqstar_lite.evaluation.report import heldout_for_eval
 
     cfg = load_run_config(args.run_dir)
     new_tokens = args.new_tokens or cfg.eval.max_new_tokens

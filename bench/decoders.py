@@ -10,7 +10,7 @@ def ort_generator(onnx_dir, threads: int = 0, spin: bool = False):
     """``OrtGenerator`` with idle-thread spinning off where the package supports it (torch shares the process)."""
     import inspect
 
-    from iqstar_lite.ort_generate import OrtGenerator
+    from iqstar_lite.runtimes.ort import OrtGenerator
 
     extra = {"spin": spin} if "spin" in inspect.signature(OrtGenerator).parameters else {}
     return OrtGenerator(onnx_dir, threads, **extra)
@@ -32,7 +32,7 @@ def torch_greedy(model, batch_ids: list[list[int]], new_tokens: int, pad_id: int
     ``fixed_length`` blocks EOS so every row decodes ``new_tokens`` steps (speed runs)."""
     from types import SimpleNamespace
 
-    from iqstar_lite.rollout import sample
+    from iqstar_lite.algorithm.rollout import sample
 
     ids_only = SimpleNamespace(pad_token_id=pad_id, eos_token_id=eos_ids[0] if eos_ids else None)  # contexts are ids: no encoding
     return sample(model, ids_only, batch_ids, max_new_tokens=new_tokens, greedy=True, min_new_tokens=new_tokens if fixed_length else 0).response_ids

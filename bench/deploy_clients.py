@@ -7,7 +7,7 @@ Clients: PyTorch (the merged checkpoint, fp32, the package's decoding loop); ``O
 every ONNX folder; onnxruntime-genai's own runtime (``GenaiGenerator``) on every folder with ``genai_config.json``;
 each ``RUN_DIR/gguf/model-*.gguf`` through transformers' GGUF loader (dequantized to fp32: the file's numbers, PyTorch's
 speed), and in llama.cpp where llama-cpp-python is installed (``LlamaCppGenerator``). Every client decodes exactly --new-tokens greedy steps after each held-out prompt (EOS suppressed), 1 warm-up;
-``same_tokens`` says whether its tokens equal PyTorch's on every prompt (the parity gate, ``iqstar_lite.check``, is the
+``same_tokens`` says whether its tokens equal PyTorch's on every prompt (the parity gate, ``iqstar_lite.export.check``, is the
 proof; this is the sanity check that the timed work is the same).
 """
 
@@ -33,7 +33,7 @@ def clients(run_dir: Path, onnx: list[str], threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from iqstar_lite.genai_generate import GenaiGenerator, is_genai_folder
+    from iqstar_lite.runtimes.genai import GenaiGenerator, is_genai_folder
 
     out = {}
 
@@ -50,7 +50,7 @@ def clients(run_dir: Path, onnx: list[str], threads: int) -> dict:
         if is_genai_folder(folder):
             gg = GenaiGenerator(folder)
             out[f"genai:{name}"] = (lambda ids, n, g=gg: g.generate(ids, n, stop_at_eos=False).tokens, f"onnxruntime-genai runtime on {folder.name}")
-    from iqstar_lite.llamacpp_generate import LlamaCppGenerator, available
+    from iqstar_lite.runtimes.llamacpp import LlamaCppGenerator, available
 
     for path in sorted((run_dir / "gguf").glob("model-*.gguf")):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -74,12 +74,13 @@ def main() -> None:
     warn_if_busy()
     from transformers import AutoTokenizer
 
-    from iqstar_lite.ort_generate import eos_token_ids, render_chat
+    from iqstar_lite.runtimes.ort import dir_eos_ids
+    from iqstar_lite.data.formatting import render_chat
 
     tok = AutoTokenizer.from_pretrained(args.run_dir / "merged")
     prompt_ids = [render_chat(tok, t) for t in held_out_prompts(args.run_dir, args.prompts)]
     all_clients = clients(args.run_dir, args.onnx, args.threads)
-    eos = eos_token_ids(args.run_dir / "merged", tok)
+    eos = dir_eos_ids(args.run_dir / "merged", tok)
     speed, tokens = {}, {}
     for name, (decode, _) in all_clients.items():
         times, _ = repeat(lambda: [decode(ids, args.new_tokens) for ids in prompt_ids], args.repeats)

@@ -1,5 +1,5 @@
 """Seconds of the held-out evaluation's three rows (contrastive decoding, untrained, trained) on a trained run, as the
-recipe runs them (``iqstar_lite.evaluate.evaluate``, the run's own eval settings), with their summaries.
+recipe runs them (``iqstar_lite.evaluation.evaluate.evaluate``, the run's own eval settings), with their summaries.
 
     python bench/eval_speed.py RUN_DIR                 # e.g. the run directory make demo printed
     python bench/eval_speed.py RUN_DIR --ood --rows contrastive    # its out-of-distribution set (eval.ood_prompts)
@@ -32,19 +32,20 @@ def main() -> None:
     warn_if_busy()
     import iqstar_lite
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.data import Formatter, load_prompts
-    from iqstar_lite.evaluate import evaluate
-    from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
-    from iqstar_lite.recipe import heldout_for_eval
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.evaluation.evaluate import evaluate
+    from iqstar_lite.evaluation.judges import pick_judge
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.evaluation.report import heldout_for_eval
 
     cfg = load_run_config(args.run_dir)
     tok, dev = load_tokenizer(cfg.model.path), pick_device(cfg.model)
     fmt, judge = Formatter(tok, cfg.data, cfg.estimator.kind), pick_judge(cfg.eval.judge, cfg.data.principle)
     if args.ood:  # pick_examples exists in older code too (e1425da on): a comparison across commits reads the same prompts
         from iqstar_lite.config import DataConfig
-        from iqstar_lite.data import load_examples
-        from iqstar_lite.eval_prompts import pick_examples
+        from iqstar_lite.data.sources import load_examples
+        from iqstar_lite.evaluation.report import pick_examples
 
         ood = getattr(cfg.eval, "ood_prompts", "builtin:ood") or "builtin:ood"
         held = pick_examples(load_examples(DataConfig(prompts=ood))[0], getattr(cfg.eval, "ood_split", "dev"), getattr(cfg.eval, "ood_max_prompts", 40))

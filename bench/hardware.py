@@ -67,8 +67,8 @@ def train_run(recipe: str, steps: int, out_dir: Path) -> Path:
 
 
 def model_sizes(cfg) -> dict:
-    from iqstar_lite.memory import count_params
-    from iqstar_lite.model import load_model_config
+    from iqstar_lite.models.memory import count_params
+    from iqstar_lite.models.load import load_model_config
 
     mc = load_model_config(cfg.model.path)
     total, linear, lora = count_params(mc, cfg.lora.r, cfg.lora.target_modules)
@@ -78,9 +78,9 @@ def model_sizes(cfg) -> dict:
 
 def step_tokens(cfg, step: int) -> dict:
     """Padded positions the update and estimator forward for metrics step ``step`` (1-based)."""
-    from iqstar_lite.data import Formatter
-    from iqstar_lite.model import load_tokenizer
-    from iqstar_lite.train import prompt_batch
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.models.load import load_tokenizer
+    from iqstar_lite.algorithm.train import prompt_batch
 
     tok = load_tokenizer(cfg.model.path)
     fmt = Formatter(tok, cfg.data, cfg.estimator.kind)
@@ -127,15 +127,15 @@ def utilisation(cfg, rows: list[dict], hw: dict) -> dict:
 
 
 def _compute_dtype(cfg):
-    from iqstar_lite.model import compute_dtype, pick_device
+    from iqstar_lite.models.load import compute_dtype, pick_device
 
     return compute_dtype(cfg.model, pick_device(cfg.model))
 
 
 def profile_step(cfg, top: int = 15) -> dict:
     """torch.profiler over one ``train`` step, after one warm-up step (own model load, temp dir)."""
-    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
-    from iqstar_lite.train import train
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.algorithm.train import train
 
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.resume = 1, 0, False
     device = pick_device(cfg.model)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 def main(run: Path, contrastive: Path) -> dict:
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.data import Formatter, load_prompts
-    from iqstar_lite.evaluate import common_prefix, contrastive_generate, loops, repetition
-    from iqstar_lite.model import load_policy, load_tokenizer, pick_device
-    from iqstar_lite.recipe import heldout_for_eval
-    from iqstar_lite.rollout import eos_token_ids, response_mask
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.evaluation.evaluate import common_prefix, contrastive_generate, loops, repetition
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
+    from iqstar_lite.evaluation.report import heldout_for_eval
+    from iqstar_lite.algorithm.rollout import model_eos_ids, response_mask
 
     cfg = load_run_config(run)
     tok = load_tokenizer(cfg.model.path)
@@ -34,7 +35,7 @@ def main(run: Path, contrastive: Path) -> dict:
     target = json.loads(contrastive.read_text())["records"]
     if not (len(trained) == len(target) == len(examples)):
         raise SystemExit(f"{run}/eval_after.json, {contrastive} and the recipe's held-out prompts differ in length; use the same recipe")
-    n_new, eos = cfg.eval.max_new_tokens, eos_token_ids(model, tok)
+    n_new, eos = cfg.eval.max_new_tokens, model_eos_ids(model, tok)
     prefixes = []
     for t, c in zip(trained, target):
         ids = tok(t["response"], add_special_tokens=False)["input_ids"]

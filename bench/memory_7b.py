@@ -1,7 +1,7 @@
 """7B memory, measured: ``laptop_7b`` for 2 optimizer steps on this CPU, peak RSS and its split vs ``--dry-run``.
 
 No download: ``build`` writes (once, in the cache, outside the repo) a random-initialised bf16 checkpoint with
-the exact architecture of the recipe's model (``iqstar_lite/known_configs/``: Qwen2.5-7B-Instruct, 7.6B
+the exact architecture of the recipe's model (``iqstar_lite/models/known_configs/``: Qwen2.5-7B-Instruct, 7.6B
 params, 152k vocabulary) and the embedded SmolLM2 tokenizer (its ids fit in the vocabulary; only memory is
 measured, so the weights' values do not matter). Responses are forced to exactly ``--tokens`` tokens.
 
@@ -93,8 +93,8 @@ def build_random(target: Path, seed: int = 0, tokenizer: str | None = None) -> P
 
     from iqstar_lite.atomic import atomic_dir
     from iqstar_lite.config import EMBEDDED_MODEL
-    from iqstar_lite.embedded import resolve_model_path
-    from iqstar_lite.model import load_model_config
+    from iqstar_lite.models.embedded import resolve_model_path
+    from iqstar_lite.models.load import load_model_config
 
     if (target / "config.json").is_file():
         return target
@@ -148,8 +148,8 @@ def tensor_bytes(t) -> int:
 
 def static_split(model, optimizer) -> dict:
     """Exact bytes of what stays resident: 4-bit weights (+ quant state), other frozen weights, LoRA + grad + optimizer state."""
-    from iqstar_lite.mapped import is_mapped, mapping_residency
-    from iqstar_lite.model import linear4bit_layers
+    from iqstar_lite.models.mapped import is_mapped, mapping_residency
+    from iqstar_lite.models.load import linear4bit_layers
 
     q4 = 0
     seen = set()
@@ -178,11 +178,12 @@ def child_main(settings: str, out: str) -> None:
     set_threads(s["threads"])
     import torch
 
-    import iqstar_lite.train as tr
+    import iqstar_lite.algorithm.train as tr
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.data import Formatter, load_prompts
-    from iqstar_lite.memory import estimate_memory
-    from iqstar_lite.model import load_model_config, load_policy, load_tokenizer, pick_device, unquantized_dtype
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.models.memory import estimate_memory
+    from iqstar_lite.models.load import load_model_config, load_policy, load_tokenizer, pick_device, unquantized_dtype
 
     cfg = load_recipe(s["recipe"], s["overrides"])
     device = pick_device(cfg.model)
@@ -267,7 +268,7 @@ def main() -> None:
                    help="cpu: peak RSS; cuda: peak bytes allocated on the GPU (+ reserved, + what the card reports used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for the random checkpoint (default: the embedded SmolLM2 one)")
     args = parse_args(p, {})
-    from iqstar_lite.embedded import cache_dir
+    from iqstar_lite.models.embedded import cache_dir
 
     target = args.cache or cache_dir() / "models" / "random-qwen2.5-7b-instruct"
     build_random(target, tokenizer=args.tokenizer)
@@ -288,7 +289,7 @@ def main() -> None:
                   f"estimate {sm['estimate_gib']['peak']} GiB ({sm['estimate_error']:+.1%}); split {sm['split_gib']}", flush=True)
         results[variant] = {"runs": [summarize(r) for r in runs], "raw": runs}
     write_result("memory_7b", settings, results, [
-        "Random-init weights with the exact Qwen2.5-7B-Instruct architecture (config from iqstar_lite/known_configs), SmolLM2 tokenizer; "
+        "Random-init weights with the exact Qwen2.5-7B-Instruct architecture (config from iqstar_lite/models/known_configs), SmolLM2 tokenizer; "
         "responses forced to exactly --tokens tokens (min_new_tokens).",
         "step peak = VmHWM after a /proc/self/clear_refs reset once loading ended (rollout + estimator + update of 2 steps); "
         "load peak = ru_maxrss when loading ended: it counts the checkpoint's memory-mapped bf16 shards (file-backed, reclaimable page "
@@ -296,7 +297,7 @@ def main() -> None:
         "ru_maxrss, so the child's wait4 peak is not reported.)",
         "weights_mapped = input embeddings served from the checkpoint by mmap (model.map_embeddings; not counted in weights_unquantized); "
         "weights_mapped_resident = how much of that mapping was resident at the end (/proc/self/smaps Rss: the pages of rows read).",
-        "estimate = iqstar_lite.memory.estimate_memory for the same config (what --dry-run prints); error = (estimate - measured) / measured, "
+        "estimate = iqstar_lite.models.memory.estimate_memory for the same config (what --dry-run prints); error = (estimate - measured) / measured, "
         "measured = step peak RSS on CPU, the GPU memory the card reports used (device_used) on CUDA.",
     ], args.results)
 

@@ -7,7 +7,7 @@ Every backend decodes exactly --new-tokens greedy steps (EOS ignored; same work 
 on, left-padded batches of the first B held-out prompts (chat template applied). PyTorch = the merged
 checkpoint in fp32, ``model.generate``. ONNX = the package's ``OrtGenerator.generate_batch`` (through
 ``decoders.ort_greedy``); its batch-1 ``generate`` is also timed as ``onnx-package``. Agreement: top-1 of
-the ONNX model teacher-forced on the merged model's greedy continuation (as ``iqstar_lite.check``).
+the ONNX model teacher-forced on the merged model's greedy continuation (as ``iqstar_lite.export.check``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ TARGETS = {"onnx_over_pytorch_min": 5.0, "int8_over_onnx_min": 1.5, "int8_agreem
 
 def held_out_prompts(run_dir: Path, n: int) -> list[str]:
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.merge import pick_prompts
-    from iqstar_lite.recipe import heldout_texts
+    from iqstar_lite.export.merge import pick_prompts
+    from iqstar_lite.evaluation.report import heldout_texts
 
     texts = heldout_texts(load_run_config(run_dir), n) if (run_dir / "config.yaml").is_file() else []
     return pick_prompts(texts, n)
@@ -37,7 +37,7 @@ def load_backends(run_dir: Path, threads: int, spin: bool, variants: list[str] =
 
     merged = run_dir / "merged"
     if not (merged / "config.json").is_file() or not (run_dir / "onnx").is_dir():
-        raise SystemExit(f"error: {run_dir} needs merged/ and onnx/ (run the export stage: python -m iqstar_lite.export {run_dir})")
+        raise SystemExit(f"error: {run_dir} needs merged/ and onnx/ (run the export stage: python -m iqstar_lite export {run_dir})")
     out = {"pytorch": AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), "onnx": ort_generator(run_dir / "onnx", threads, spin)}
     if (run_dir / "onnx-int8").is_dir():
         out["onnx-int8"] = ort_generator(run_dir / "onnx-int8", threads, spin)
@@ -103,7 +103,7 @@ def main() -> None:
     quiet_libraries()
     set_threads(args.threads)
     warn_if_busy()
-    from iqstar_lite.ort_generate import render_chat
+    from iqstar_lite.data.formatting import render_chat
 
     batches = [int(b) for b in args.batches.split(",")]
     backends = load_backends(args.run_dir, args.threads, args.ort_spin, args.variant)
@@ -135,7 +135,7 @@ def main() -> None:
                 "prompt_tokens": [len(i) for i in prompt_ids[: max(batches)]]}
     notes = ["tokens/s = batch x new_tokens / wall time of the whole greedy decode (prefill included); 1 warm-up run excluded.",
              "PyTorch: merged checkpoint loaded in fp32, eager, model.generate with min_new_tokens=max_new_tokens; threads = torch default unless --threads.",
-             "onnx-package = iqstar_lite.ort_generate.OrtGenerator.generate (batch 1); onnx / onnx-int8 = OrtGenerator.generate_batch."]
+             "onnx-package = iqstar_lite.runtimes.ort.OrtGenerator.generate (batch 1); onnx / onnx-int8 = OrtGenerator.generate_batch."]
     write_result("onnx_speed", settings, results, notes, args.results)
 
 

@@ -6,9 +6,9 @@ prompts, rollout size, micro-batch.
 
 Each peer runs in its own subprocess (peak RSS per peer, via wait4), ``--runs`` times, alternating the
 order. A run does 1 warm-up step + ``--steps`` measured steps; medians exclude warm-up steps.
-Inverse-Q*: ``iqstar_lite.train.train`` itself, split read from its metrics.jsonl (t_rollout /
+Inverse-Q*: ``iqstar_lite.algorithm.train.train`` itself, split read from its metrics.jsonl (t_rollout /
 t_estimator / t_update). TRL: ``GRPOTrainer`` with beta > 0 and a peft LoraConfig (reference = the
-adapter-disabled policy), the same NF4 base loaded by ``iqstar_lite.model.load_base`` (passed as a
+adapter-disabled policy), the same NF4 base loaded by ``iqstar_lite.models.load.load_base`` (passed as a
 model object), step time from on_step_begin/on_step_end; rollout = ``_generate``, "estimator" =
 the rest of ``_generate_and_score_completions`` (reference pass + reward), update = the remainder.
 """
@@ -53,8 +53,8 @@ class Captured(logging.Handler):
 
 
 def child_iq(s: dict, cfg, tmp: Path, rss: PhaseRss) -> dict:
-    import iqstar_lite.train as loop
-    from iqstar_lite.model import compute_dtype, load_policy, load_tokenizer, pick_device
+    import iqstar_lite.algorithm.train as loop
+    from iqstar_lite.models.load import compute_dtype, load_policy, load_tokenizer, pick_device
 
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.path)
@@ -89,7 +89,7 @@ def in_phase(rss: PhaseRss, phase: str, fn):
 
 def layer_facts(model) -> dict:
     """How many 4-bit layers the peer really ran, and how many bitsandbytes repacked (a different CPU kernel)."""
-    from iqstar_lite.model import linear4bit_layers
+    from iqstar_lite.models.load import linear4bit_layers
 
     layers = linear4bit_layers(model)
     return {"linear4bit_layers": len(layers), "repacked_layers": sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers),
@@ -153,9 +153,9 @@ def child_trl(s: dict, cfg, tmp: Path, rss: PhaseRss, sdft: bool = False) -> dic
     from trl import GRPOConfig, GRPOTrainer
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from iqstar_lite.embedded import resolve_model_path
-    from iqstar_lite.model import compute_dtype, load_base, load_tokenizer, pick_device, quantization_config
-    from iqstar_lite.train import prompt_batch
+    from iqstar_lite.models.embedded import resolve_model_path
+    from iqstar_lite.models.load import compute_dtype, load_base, load_tokenizer, pick_device, quantization_config
+    from iqstar_lite.algorithm.train import prompt_batch
 
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.path)
@@ -247,7 +247,7 @@ def compare(iq: dict, trl: dict) -> dict:
 
 def notes(args) -> list[str]:
     return [
-        "Same NF4 BitsAndBytesConfig (iqstar_lite.model.quantization_config: bf16 compute where the CPU has AVX512-bf16) and fp32 "
+        "Same NF4 BitsAndBytesConfig (iqstar_lite.models.load.quantization_config: bf16 compute where the CPU has AVX512-bf16) and fp32 "
         "embeddings/norms/lm_head on both sides. " + ("TRL loads it itself via GRPOConfig.model_init_kwargs; it never calls eval() during "
         "training, so bitsandbytes' eval-only CPU repack never triggers there either." if args.trl_load == "native" else
         "TRL gets load_base()'s model object (repack fast path off), so GRPOConfig.model_init_kwargs is unused."),

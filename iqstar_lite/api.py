@@ -11,7 +11,7 @@
     report = trainer.evaluate(["A prompt it never saw?"])   # the eval rows (contrastive / before / after)
     trainer.export(); trainer.check()             # merge + ONNX (+ int8, GGUF), then the parity gate
 
-Each call is the command's own code (``recipe.run``, ``eval_prompts.evaluate_target``, ``export.export_run``,
+Each call is the command's own code (``recipe.run``, ``evaluation.eval_prompts.evaluate_target``, ``export.export_run``,
 ``check.check_run``): the same files in the run directory, the same ``UserError`` (one line) on bad input.
 """
 
@@ -111,7 +111,8 @@ class IQStarTrainer:
 
     def train(self) -> Path:
         """Train (with the before / after evaluation unless ``args.eval.enabled`` is false); the run directory."""
-        from iqstar_lite.recipe import prepare_run_dir, run, setup_logging
+        from iqstar_lite.recipe import prepare_run_dir, run
+        from iqstar_lite.console import setup_logging
 
         setup_logging()
         prepare_run_dir(self.run_dir, not self.args.train.resume)  # refuses a finished run before anything is written
@@ -145,7 +146,8 @@ class IQStarTrainer:
 
 def train_recipe(recipe: str | RecipeConfig, overrides: list[str] | None = None) -> Path:
     """``iqstar-lite train RECIPE key=value ...`` from code, all the recipe's stages: the run directory."""
-    from iqstar_lite.recipe import prepare_run_dir, run, setup_logging
+    from iqstar_lite.recipe import prepare_run_dir, run
+    from iqstar_lite.console import setup_logging
 
     cfg = load_recipe(recipe, overrides) if isinstance(recipe, str) else _validated(recipe)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -165,10 +167,11 @@ def evaluate_prompts(target: str | Path, prompts: Any = None, split: str = "", p
     as training's evaluation took them). Returns the report; written as JSON to ``out`` if given."""
     import tempfile
 
-    from iqstar_lite.data import load_examples, load_prompts
-    from iqstar_lite.eval_prompts import evaluate_target, pick_examples, write_report
-    from iqstar_lite.recipe import heldout_for_eval
-    from iqstar_lite.targets import resolve_target
+    from iqstar_lite.data.sources import load_examples, load_prompts
+    from iqstar_lite.evaluation.eval_prompts import evaluate_target, write_report
+    from iqstar_lite.evaluation.report import pick_examples
+    from iqstar_lite.evaluation.report import heldout_for_eval
+    from iqstar_lite.models.targets import resolve_target
 
     if prompts is None:
         t = resolve_target(str(target), overrides, {"data": {"principle": principle}} if principle is not None else None)
@@ -194,7 +197,7 @@ def evaluate_prompts(target: str | Path, prompts: Any = None, split: str = "", p
 
 def export_model(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """``iqstar-lite export RUN_DIR export.key=value ...``: merge + ONNX (+ int8, genai, GGUF per ``export.*``); the report."""
-    from iqstar_lite.export import apply_export_overrides, export_run
+    from iqstar_lite.export.stage import apply_export_overrides, export_run
 
     cfg = apply_export_overrides(load_run_config(Path(run_dir)), overrides or [])
     return export_run(Path(run_dir), cfg)
@@ -202,7 +205,7 @@ def export_model(run_dir: str | Path, overrides: list[str] | None = None) -> dic
 
 def check_model(run_dir: str | Path) -> dict:
     """``iqstar-lite check RUN_DIR``: the parity gate on the run's exports; the report (``report["passed"]``)."""
-    from iqstar_lite.check import check_run
+    from iqstar_lite.export.check import check_run
 
     return check_run(Path(run_dir), load_run_config(Path(run_dir)))
 

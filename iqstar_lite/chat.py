@@ -14,10 +14,10 @@ What serves what (``--runtime auto``, the default):
   alpha z0, the principle in z+'s context only - a preview of what training reaches); ``--principle`` picks it,
   ``--compare`` prints all three;
 * a folder with ``genai_config.json`` (``export.onnx_graph=genai``): onnxruntime-genai's own runtime (its tokenizer,
-  chat template and generator; ``genai_generate.py``); ``--runtime onnxruntime`` runs the same graph with
+  chat template and generator; ``runtimes/genai.py``); ``--runtime onnxruntime`` runs the same graph with
   ``OrtGenerator`` instead (batches in one call);
-* another ONNX folder (``export.onnx_graph=optimum``): onnxruntime + numpy + a tokenizer (``ort_generate.py``);
-* a ``.gguf`` file: llama.cpp where llama-cpp-python is installed (``llamacpp_generate.py``), else transformers' GGUF
+* another ONNX folder (``export.onnx_graph=optimum``): onnxruntime + numpy + a tokenizer (``runtimes/ort.py``);
+* a ``.gguf`` file: llama.cpp where llama-cpp-python is installed (``runtimes/llamacpp.py``), else transformers' GGUF
   loader and the package's PyTorch decoding loop (``rollout.sample``; needs torch); ``--runtime`` picks either.
 
 The ONNX paths never import torch.
@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.runtimes.base import Runtime
 
 RUNTIMES = ("auto", "torch", "onnxruntime", "genai", "llama.cpp", "transformers")
 MODES = ("base", "contrastive", "trained")
@@ -52,14 +53,14 @@ def pick_runtime(path: Path, runtime: str = "auto") -> str:
             raise UserError(f"{str(path)!r} is an exported model; --runtime torch serves a run, an adapter, a recipe or a model "
                             "(pass RUN_DIR), or drop --runtime")
         return "torch"
-    from iqstar_lite.genai_generate import is_genai_folder
+    from iqstar_lite.runtimes.genai import is_genai_folder
 
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{str(path)!r} does not exist; pass RUN_DIR/gguf/model-q8_0.gguf (or -f16) written by 'iqstar-lite export RUN_DIR'")
         if runtime not in ("auto", "transformers", "llama.cpp"):
             raise UserError(f"a GGUF file runs with --runtime llama.cpp or transformers (or auto), not {runtime}")
-        from iqstar_lite.llamacpp_generate import available
+        from iqstar_lite.runtimes.llamacpp import available
 
         return ("llama.cpp" if available() else "transformers") if runtime == "auto" else runtime
     if path.is_dir() and sorted(path.glob("model-*.gguf")) and not (path / "model.onnx").exists():
@@ -71,46 +72,6 @@ def pick_runtime(path: Path, runtime: str = "auto") -> str:
             raise UserError(f"{str(path)!r} is not an onnxruntime-genai folder (no genai_config.json); export with export.onnx_graph=genai or use --runtime onnxruntime")
         return "genai"
     return "onnxruntime"
-
-
-class GgufChat:
-    """A GGUF file through transformers' GGUF loader (dequantized to fp32) and ``rollout.sample``."""
-
-    def __init__(self, path: Path):
-        from iqstar_lite.gguf_export import load_back
-
-        path = Path(path)
-        self.tokenizer, self.model = load_back(path)
-        # transformers 4.57's GGUF tokenizer reports the BOS as EOS and no pad; the file's own ids are the truth.
-        import gguf
-
-        fields = gguf.GGUFReader(str(path)).fields
-        eos = (int(fields["tokenizer.ggml.eos_token_id"].contents()) if "tokenizer.ggml.eos_token_id" in fields
-               else self.tokenizer.eos_token_id)  # a GGUF written elsewhere may not name one
-        pad = int(fields["tokenizer.ggml.padding_token_id"].contents()) if "tokenizer.ggml.padding_token_id" in fields else eos
-        self.tokenizer.eos_token, self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens([eos, pad])
-        self.model.generation_config.eos_token_id, self.model.generation_config.pad_token_id = eos, pad
-
-    def chat_batch(self, prompts: list[str], max_new_tokens: int, system: str | None = None, sample: bool = False,
-                   temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                   on_token: Callable[[int], None] | None = None) -> list[str]:
-        """Answers in one batch; ``on_token(id)`` streams the first row's tokens."""
-        import torch
-
-        from iqstar_lite.ort_generate import render_chat
-        from iqstar_lite.rollout import sample as decode
-
-        if seed is not None:
-            torch.manual_seed(seed)
-        ids = [render_chat(self.tokenizer, p, system) for p in prompts]
-        stream = None if on_token is None else (lambda tokens: on_token(int(tokens[0])))
-        with torch.no_grad():
-            out = decode(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         greedy=not sample, on_token=stream)
-        return [self.decode(row[mask.bool()].tolist()).strip() for row, mask in zip(out.response_ids, out.response_mask)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class TextStream:
@@ -146,9 +107,9 @@ class TorchChat:
     def __init__(self, target, principle: str | None = None):
         import torch
 
-        from iqstar_lite.data import Formatter
-        from iqstar_lite.rollout import eos_token_ids
-        from iqstar_lite.targets import load_adapter_weights, load_target
+        from iqstar_lite.data.formatting import Formatter
+        from iqstar_lite.algorithm.rollout import model_eos_ids
+        from iqstar_lite.models.targets import load_adapter_weights, load_target
 
         self.target, self.cfg = target, target.cfg
         if principle:
@@ -159,7 +120,7 @@ class TorchChat:
         if target.adapter is not None:
             load_adapter_weights(self.model, target.adapter)
         self.fmt = Formatter(self.tokenizer, self.cfg.data)
-        self.eos = eos_token_ids(self.model, self.tokenizer)
+        self.eos = model_eos_ids(self.model, self.tokenizer)
 
     def modes(self) -> tuple[str, ...]:
         """What this client can answer with, in --compare's order."""
@@ -172,9 +133,9 @@ class TorchChat:
               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, on_token: Callable[[int], None] | None = None) -> str:
         import torch
 
-        from iqstar_lite.data import Example
-        from iqstar_lite.reference import reference_mode
-        from iqstar_lite.rollout import sample as decode
+        from iqstar_lite.data.sources import Example
+        from iqstar_lite.algorithm.reference import reference_mode
+        from iqstar_lite.algorithm.rollout import sample as decode
 
         if mode not in self.modes():
             raise UserError(f"mode {mode!r} needs a trained adapter; {self.target.label} has none (modes: {', '.join(self.modes())})")
@@ -195,29 +156,34 @@ class TorchChat:
         return self.decode(roll.response_ids[0][roll.response_mask[0].bool()].tolist()).strip()
 
 
+def open_runtime(path: Path, runtime: str, n_ctx: int = 4096) -> Runtime:
+    """The client ``runtime`` (``pick_runtime``) on an exported model."""
+    if runtime == "transformers":
+        from iqstar_lite.runtimes.gguf_transformers import GgufTransformers
+
+        return GgufTransformers(path)
+    if runtime == "llama.cpp":
+        from iqstar_lite.runtimes.llamacpp import LlamaCppGenerator
+
+        return LlamaCppGenerator(path, n_ctx=n_ctx)
+    if runtime == "genai":
+        from iqstar_lite.runtimes.genai import GenaiGenerator
+
+        return GenaiGenerator(path)
+    from iqstar_lite.runtimes.ort import OrtGenerator
+
+    return OrtGenerator(path)
+
+
 class ExportChat:
     """An exported model in the client ``runtime`` (``pick_runtime``): one mode, the model as exported."""
 
     def __init__(self, path: Path, runtime: str, n_ctx: int = 4096):
         self.runtime = runtime
-        if runtime == "transformers":
-            self.gen = GgufChat(path)
-            self.decode = self.gen.decode
-        elif runtime == "llama.cpp":
-            from iqstar_lite.llamacpp_generate import LlamaCppGenerator
+        self.gen = open_runtime(path, runtime, n_ctx)
 
-            self.gen = LlamaCppGenerator(path, n_ctx=n_ctx)
-            self.decode = self.gen.decode
-        elif runtime == "genai":
-            from iqstar_lite.genai_generate import GenaiGenerator
-
-            self.gen = GenaiGenerator(path)
-            self.decode = lambda ids: self.gen.decode([t for t in ids if t not in self.gen.eos_ids])
-        else:
-            from iqstar_lite.ort_generate import OrtGenerator
-
-            self.gen = OrtGenerator(path)
-            self.decode = lambda ids: self.gen.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int]) -> str:
+        return self.gen.decode([t for t in ids if t not in self.gen.eos_ids])
 
     def modes(self) -> tuple[str, ...]:
         return ("trained",)
@@ -225,8 +191,6 @@ class ExportChat:
     def reply(self, prompt: str, max_new_tokens: int, mode: str = "trained", system: str | None = None, sample: bool = False,
               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, on_token: Callable[[int], None] | None = None) -> str:
         kw = {"system": system, "sample": sample, "temperature": temperature, "top_p": top_p, "seed": seed, "on_token": on_token}
-        if self.runtime == "transformers":
-            return self.gen.chat_batch([prompt], max_new_tokens, **kw)[0]
         if self.runtime == "llama.cpp":
             ids = self.gen.chat_ids(prompt, system)
             if len(ids) + max_new_tokens > self.gen.llm.n_ctx():
@@ -246,7 +210,7 @@ def open_client(model: str, runtime: str = "auto", overrides: list[str] | None =
         if principle is not None or overrides:
             raise UserError(f"--principle, --compare and --set need the PyTorch client (pass RUN_DIR, a recipe or a model), not an export ({model})")
         return ExportChat(Path(model), runtime)
-    from iqstar_lite.targets import resolve_target
+    from iqstar_lite.models.targets import resolve_target
 
     return TorchChat(resolve_target(model, overrides), principle.strip() if principle else None)
 
@@ -254,7 +218,7 @@ def open_client(model: str, runtime: str = "auto", overrides: list[str] | None =
 def answers(path: Path, prompts: list[str], runtime: str, max_new_tokens: int, **kw) -> list[str]:
     """One answer per prompt from the client ``runtime`` (see ``pick_runtime``), without streaming."""
     if runtime == "onnxruntime" and len(prompts) > 1:
-        from iqstar_lite.ort_generate import OrtGenerator
+        from iqstar_lite.runtimes.ort import OrtGenerator
 
         return OrtGenerator(path).chat_batch(prompts, max_new_tokens, **kw)  # one batch
     client = open_client(str(path), runtime)
@@ -321,7 +285,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.chat"
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the PyTorch client, e.g. --set estimator.alpha=2 (repeatable)")
     args = ap.parse_intermixed_args(argv)
-    from iqstar_lite.recipe import setup_logging
+    from iqstar_lite.console import setup_logging
 
     setup_logging()
     if args.max_new_tokens <= 0:

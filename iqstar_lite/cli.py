@@ -29,21 +29,21 @@ def _train(argv: list[str], prog: str) -> int:
 
 
 def _eval(argv: list[str], prog: str) -> int:
-    from iqstar_lite.eval_prompts import main
-    from iqstar_lite.recipe import setup_logging
+    from iqstar_lite.evaluation.eval_prompts import main
+    from iqstar_lite.console import setup_logging
 
     setup_logging()
     return main(argv, prog)
 
 
 def _export(argv: list[str], prog: str) -> int:
-    from iqstar_lite.export import main
+    from iqstar_lite.export.stage import main
 
     return main(argv, prog)
 
 
 def _check(argv: list[str], prog: str) -> int:
-    from iqstar_lite.check import main
+    from iqstar_lite.export.check import main
 
     return main(argv, prog)
 
@@ -55,7 +55,7 @@ def _chat(argv: list[str], prog: str) -> int:
 
 
 def _curves(argv: list[str], prog: str) -> int:
-    from iqstar_lite.curves import main
+    from iqstar_lite.evaluation.curves import main
 
     return main(argv, prog)
 
@@ -78,7 +78,7 @@ def _ls(argv: list[str], prog: str) -> int:
 
     argparse.ArgumentParser(prog=prog, description="List the shipped recipes (train, cp) and prompt sets (eval --prompts builtin:NAME).").parse_args(argv)
     from iqstar_lite.config import list_recipes
-    from iqstar_lite.data import builtin_sets
+    from iqstar_lite.data.sources import builtin_sets
 
     names = list_recipes()
     width = max(len(n) for n in names)
@@ -89,7 +89,7 @@ def _ls(argv: list[str], prog: str) -> int:
     from collections import Counter
 
     from iqstar_lite.config import DataConfig
-    from iqstar_lite.data import load_examples
+    from iqstar_lite.data.sources import load_examples
 
     set_width = max(len(n) for n in builtin_sets()) + len("builtin:")
     for name in builtin_sets():

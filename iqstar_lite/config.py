@@ -42,7 +42,7 @@ class ModelConfig:
     map_embeddings: bool = True
     """CPU: serve the frozen input embeddings from the checkpoint file by mmap, so only the rows read are resident
     (a 7B's untied 152k-vocab table: 1.0 GiB less RSS). Applies only where exact: untied embeddings stored as
-    safetensors in the dtype they are used in; otherwise they are loaded as usual (``iqstar_lite/mapped.py``)."""
+    safetensors in the dtype they are used in; otherwise they are loaded as usual (``iqstar_lite/models/mapped.py``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant). Saves memory on long sequences / big models."""
@@ -236,14 +236,14 @@ class ExportConfig:
     onnx_graph: Literal["optimum", "genai"] = "genai"
     """ONNX layout: ``genai`` (default: onnxruntime-genai's model builder, fused attention; faster - bench/RESULTS.md,
     onnx_speed; runs in onnxruntime-genai's own runtime and in ``OrtGenerator``) or ``optimum`` (optimum-onnx; standard
-    ops, the layout optimum's ``ORTModelForCausalLM`` loads). See ``onnx_export.export_onnx``."""
+    ops, the layout optimum's ``ORTModelForCausalLM`` loads). See ``export.to_onnx.export_onnx``."""
     int8: bool = True
     int8_block: int = 32
     """int8 weight groups: 16, 32, 64, ... = one scale per that many input rows of each output channel (onnxruntime
     MatMulNBits); 0 = one per output channel. SmolLM2 demo, one run (bench/onnx_speed.py), top-1 agreement and
     speed over fp32 ONNX at batch 1 / 4: 32 -> 0.94, 1.59x / 1.39x; 0 -> 0.91, 1.58x / 1.39x; 16 -> 0.96, 1.44x / 1.32x."""
     gguf: str = "f16,q8_0"
-    """GGUF files for llama.cpp / Ollama (``RUN_DIR/gguf/``, gguf_export.py): a comma list of f32, f16, q8_0, or
+    """GGUF files for llama.cpp / Ollama (``RUN_DIR/gguf/``, export/to_gguf.py): a comma list of f32, f16, q8_0, or
     ``none``. Checked by loading each back (transformers' GGUF loader: f32/f16 identical greedy tokens, q8_0 top-1
     agreement >= min_int8_agreement)."""
     check_prompts: int = 4

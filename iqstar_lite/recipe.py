@@ -17,7 +17,9 @@ import yaml
 
 from iqstar_lite.atomic import recover_dirs
 from iqstar_lite.config import RECIPES_DIR, RecipeConfig, list_recipes, load_recipe, load_run_config, save_config
+from iqstar_lite.console import setup_logging
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.evaluation.report import eval_rows, heldout_for_eval, heldout_texts, ood_examples, print_eval_table, print_examples, print_side_by_side
 
 log = logging.getLogger("iqstar_lite")
 
@@ -32,50 +34,14 @@ def _parser(prog: str = "python -m iqstar_lite.recipe") -> argparse.ArgumentPars
 
 
 def dry_run(cfg: RecipeConfig) -> None:
-    from iqstar_lite.memory import estimate_memory, format_estimate
-    from iqstar_lite.model import hub_kwargs, load_model_config, lora_in_use
+    from iqstar_lite.models.memory import estimate_memory, format_estimate
+    from iqstar_lite.models.load import hub_kwargs, load_model_config, lora_in_use
 
     cfg.lora = lora_in_use(cfg.model, cfg.lora)  # model.adapter's own r / targets, printed and estimated
     estimate = format_estimate(estimate_memory(cfg, load_model_config(cfg.model.path, **hub_kwargs(cfg.model))))
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     print("---")
     print(estimate)
-
-
-def heldout_for_eval(heldout, n: int):
-    """Interleave kinds (harmful, benign, ...) so the first n are balanced."""
-    by_kind: dict[str, list] = {}
-    for ex in heldout:
-        by_kind.setdefault(ex.kind, []).append(ex)
-    mixed = [ex for group in zip(*by_kind.values()) for ex in group] if len(by_kind) > 1 else list(heldout)
-    used = {id(e) for e in mixed}
-    mixed += [e for e in heldout if id(e) not in used]
-    return mixed[:n]
-
-
-def print_eval_table(rows: dict[str, dict], title: str = "held-out evaluation") -> None:
-    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_to_target", "target_prefix", "kl_per_token",
-            "repetition", "loop_rate", "mean_tokens", "seconds"]
-    keys = [k for k in keys if any(k in r for r in rows.values())]
-    judge = next((r.get("judge") for r in rows.values() if r.get("judge")), None)
-    print(f"\n{title}, principle absent at inference (judge: {judge})")
-    print(f"{'':<34}" + "".join(f"{k:>19}" for k in keys))
-    for name, r in rows.items():
-        print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>19}" for k in keys))
-
-
-SIDE_BY_SIDE = ("judge_rate", "loop_rate", "repetition", "mean_tokens")
-
-
-def print_side_by_side(sets: dict[str, dict[str, dict]]) -> None:
-    """Each row's main measures on every evaluation set, next to each other: in distribution | out of distribution."""
-    names = list(sets)
-    labels = list(next(iter(sets.values())))
-    print("\n" + f"{'':<34}" + "".join(f"{n.split(' (')[0][:29]:>{11 * len(SIDE_BY_SIDE)}}" for n in names))
-    print(f"{'':<34}" + "".join(f"{k.replace('_rate', '').replace('mean_', ''):>11}" for _ in names for k in SIDE_BY_SIDE))
-    for label in labels:
-        cells = [sets[n].get(label, {}).get(k) for n in names for k in SIDE_BY_SIDE]
-        print(f"{label:<34}" + "".join(f"{'-' if c is None else round(c, 3):>11}" for c in cells))
 
 
 def processes(device):
@@ -98,15 +64,16 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     """Evaluate, train, evaluate (the main process; the others train). Returns whether this is the main process."""
     import torch
 
-    from iqstar_lite.curves import write_curves
-    from iqstar_lite.data import Formatter, drop_too_long, load_prompts
-    from iqstar_lite.embedded import resolve_model_path
-    from iqstar_lite.evaluate import evaluate, target_ids, untrained_rows
-    from iqstar_lite.judges import pick_judge
-    from iqstar_lite.model import hub_kwargs, load_policy, load_tokenizer, lora_in_use, pick_device
-    from iqstar_lite.samples import SampleWriter
+    from iqstar_lite.evaluation.curves import write_curves
+    from iqstar_lite.data.formatting import Formatter, drop_too_long
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.models.embedded import resolve_model_path
+    from iqstar_lite.evaluation.evaluate import evaluate, target_ids, untrained_rows
+    from iqstar_lite.evaluation.judges import pick_judge
+    from iqstar_lite.models.load import hub_kwargs, load_policy, load_tokenizer, lora_in_use, pick_device
+    from iqstar_lite.evaluation.samples import SampleWriter
     from iqstar_lite.tracking import log_eval, make_accelerator, start_trackers
-    from iqstar_lite.train import train
+    from iqstar_lite.algorithm.train import train
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -178,55 +145,6 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     return True
 
 
-EVAL_ROWS = (("before (untrained, no principle)", "eval_before"),
-             ("contrastive decoding (untrained)", "eval_contrastive"),
-             ("after (trained, no principle)", "eval_after"))
-
-
-def eval_rows(run_dir: Path, suffix: str = "") -> dict[str, dict]:
-    """A run's evaluation rows (label -> eval_*.json), held-out (``suffix=""``) or out of distribution (``"_ood"``)."""
-    return {label: json.loads((run_dir / f"{stem}{suffix}.json").read_text()) for label, stem in EVAL_ROWS
-            if (run_dir / f"{stem}{suffix}.json").exists()}
-
-
-def ood_examples(cfg: RecipeConfig, train_set: list) -> list:
-    """``eval.ood_prompts`` (its ``eval.ood_split`` rows, kinds interleaved, the first ``eval.ood_max_prompts``): the
-    out-of-distribution evaluation set. A prompt also among the training prompts is dropped (logged): it would measure fit."""
-    from iqstar_lite.config import DataConfig
-    from iqstar_lite.data import load_examples
-    from iqstar_lite.eval_prompts import pick_examples
-
-    examples, where = load_examples(DataConfig(prompts=cfg.eval.ood_prompts))
-    trained = {e.text for e in train_set}
-    kept = [e for e in examples if e.text not in trained]
-    if len(kept) < len(examples):
-        log.info("eval.ood_prompts: %d of %s are training prompts too; left out of the out-of-distribution set", len(examples) - len(kept), where)
-    try:
-        return pick_examples(kept, cfg.eval.ood_split, cfg.eval.ood_max_prompts)
-    except UserError as e:
-        raise UserError(f"eval.ood_split: {e}".replace("drop --split", "set eval.ood_split=")) from None
-
-
-def print_examples(evals: dict[str, dict], n: int, title: str = "held-out answers") -> None:
-    """The first n held-out prompts with each row's answer under it: a reader trusts what they can read."""
-    rows = list(evals.items())
-    if not rows or n <= 0:
-        return
-    print(f"\n{title} (greedy, principle absent except for contrastive decoding), first {n}:")
-    for i in range(min(n, len(rows[0][1]["records"]))):
-        prompt = " ".join(rows[0][1]["records"][i]["prompt"].split())
-        print(f"\n[{i + 1}] {prompt if len(prompt) <= 160 else prompt[:157] + '...'}")
-        for label, e in rows:
-            text = " ".join(e["records"][i]["response"].split())
-            print(f"  {label.split(' (')[0]:>20}: {text}")
-
-
-def heldout_texts(cfg: RecipeConfig, n: int) -> list[str]:
-    from iqstar_lite.data import load_prompts
-
-    return [e.text for e in heldout_for_eval(load_prompts(cfg.data).heldout, n)]
-
-
 def run(cfg: RecipeConfig, run_dir: Path) -> int:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     prepare_run_dir(run_dir, "train" in stages and not cfg.train.resume)
@@ -237,11 +155,11 @@ def run(cfg: RecipeConfig, run_dir: Path) -> int:
         raise UserError(f"{str(run_dir)!r} has no adapter/; run the train stage first (stages=train,...) or point out_dir at a trained run")
     code = 0
     if "export" in stages:
-        from iqstar_lite.export import export_run
+        from iqstar_lite.export.stage import export_run
 
         export_run(run_dir, cfg, heldout_texts(cfg, cfg.export.check_prompts))
     if "check" in stages:
-        from iqstar_lite.check import check_run
+        from iqstar_lite.export.check import check_run
 
         report = check_run(run_dir, cfg, heldout_texts(cfg, cfg.export.check_prompts))
         code = 0 if report.get("passed") else 1
@@ -287,15 +205,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.recip
         cfg = _with_stages(load_run_config(run_dir), cfg)
     cfg.out_dir = str(run_dir)
     return run(cfg, run_dir)
-
-
-def setup_logging() -> None:
-    """The package's log lines (INFO on the main process, warnings on the others) with a time stamp; the libraries' quiet."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _with_stages(saved: RecipeConfig, given: RecipeConfig) -> RecipeConfig:

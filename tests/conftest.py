@@ -16,14 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     from iqstar_lite.config import TINY_MODEL
-    from iqstar_lite.embedded import resolve_model_path
+    from iqstar_lite.models.embedded import resolve_model_path
 
     return resolve_model_path(TINY_MODEL)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_path):
-    from iqstar_lite.model import load_tokenizer
+    from iqstar_lite.models.load import load_tokenizer
 
     return load_tokenizer(tiny_path)
 
@@ -31,7 +31,7 @@ def tokenizer(tiny_path):
 def make_policy(path: str, quantize: str = "nf4", seed: int = 0, randomize_lora: bool = True, device: str = "cpu"):
     """Tiny base + LoRA with non-zero B (so adapters change the output)."""
     from iqstar_lite.config import LoraSettings, ModelConfig
-    from iqstar_lite.model import load_policy
+    from iqstar_lite.models.load import load_policy
 
     model = load_policy(ModelConfig(path=path, quantize=quantize, device=device), LoraSettings(r=4, alpha=8))
     return randomize_lora_b(model, std=0.05, seed=seed) if randomize_lora else model

@@ -23,8 +23,8 @@ def update_on_fixed_batch(out: str, loss: str) -> None:
 
     from conftest import make_policy
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.embedded import resolve_model_path
-    from iqstar_lite.train import Guided, make_scheduler, update
+    from iqstar_lite.models.embedded import resolve_model_path
+    from iqstar_lite.algorithm.train import Guided, make_scheduler, update
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -57,7 +57,7 @@ def update_on_fixed_batch(out: str, loss: str) -> None:
 
 
 def recipe(args: list[str]) -> None:
-    import iqstar_lite.train as train_mod
+    import iqstar_lite.algorithm.train as train_mod
     from iqstar_lite.errors import run_cli
     from iqstar_lite.recipe import main
 

@@ -118,7 +118,7 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     from safetensors.torch import load_file
 
     from iqstar_lite.config import ModelConfig
-    from iqstar_lite.model import load_base
+    from iqstar_lite.models.load import load_base
 
     out = tmp_path / "run"
     res = cli("tiny_cpu", f"out_dir={out}", "stages=train")
@@ -142,8 +142,8 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     # out of distribution (eval.ood_prompts=builtin:ood, its dev split), next to the held-out rows
     ood = {row: json.loads((out / f"eval_{row}_ood.json").read_text()) for row in ("before", "contrastive", "after")}
     from iqstar_lite.config import DataConfig
-    from iqstar_lite.data import load_examples
-    from iqstar_lite.eval_prompts import pick_examples
+    from iqstar_lite.data.sources import load_examples
+    from iqstar_lite.evaluation.report import pick_examples
 
     dev = [e.text for e in pick_examples(load_examples(DataConfig(prompts="builtin:ood"))[0], "dev", 2)]
     assert [r["prompt"] for r in ood["after"]["records"]] == dev and ood["after"]["summary"]["n"] == 2

@@ -51,7 +51,7 @@ def test_guided_samples_must_leave_on_policy_samples():
 
 
 def test_second_principle_recipe_picks_its_judge():
-    from iqstar_lite.judges import one_short_sentence, pick_judge
+    from iqstar_lite.evaluation.judges import one_short_sentence, pick_judge
 
     cfg = load_recipe("smollm2_short")
     assert cfg.data.principle == "Answer in one short sentence." and cfg.data.keep_default_system

@@ -28,7 +28,7 @@ def _grads(model, ids):
 
 
 def test_cuda_policy_is_4bit_on_gpu(tiny_path):
-    from iqstar_lite.model import linear4bit_layers
+    from iqstar_lite.models.load import linear4bit_layers
 
     model = make_policy(tiny_path, device="cuda")
     layers = linear4bit_layers(model)
@@ -37,7 +37,7 @@ def test_cuda_policy_is_4bit_on_gpu(tiny_path):
 
 
 def test_cuda_grads_after_rollout_equal_grads_without(tiny_path, tokenizer):
-    from iqstar_lite.rollout import sample
+    from iqstar_lite.algorithm.rollout import sample
 
     model = make_policy(tiny_path, device="cuda")
     ids = torch.tensor([[1, 17, 300, 42, 7, 99]], device="cuda")
@@ -52,7 +52,7 @@ def test_cuda_grads_after_rollout_equal_grads_without(tiny_path, tokenizer):
 
 
 def test_cuda_reference_is_adapters_off(tiny_path):
-    from iqstar_lite.reference import reference_mode
+    from iqstar_lite.algorithm.reference import reference_mode
 
     model = make_policy(tiny_path, device="cuda")
     ids = torch.tensor([[1, 17, 300, 42]], device="cuda")
@@ -70,7 +70,7 @@ def test_cuda_reference_is_adapters_off(tiny_path):
 
 def test_cuda_recipe_trains_and_merge_is_exact(tmp_path, tiny_path):
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.merge import merge_run
+    from iqstar_lite.export.merge import merge_run
     from iqstar_lite.recipe import run
 
     out = tmp_path / "run"
@@ -87,7 +87,7 @@ def test_cuda_recipe_trains_and_merge_is_exact(tmp_path, tiny_path):
 
 def test_cuda_same_seed_same_adapters(tiny_path):
     from iqstar_lite.config import LoraSettings, ModelConfig
-    from iqstar_lite.model import load_policy
+    from iqstar_lite.models.load import load_policy
 
     cfg, lora = ModelConfig(path=tiny_path, quantize="nf4", device="cuda"), LoraSettings(r=4, alpha=8)
     a = {n: p.detach().clone() for n, p in load_policy(cfg, lora, seed=3).named_parameters() if p.requires_grad}

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from iqstar_lite.config import DataConfig
-from iqstar_lite.data import default_system_prompt, Example, Formatter, load_prompts, with_instruction
+from iqstar_lite.data.formatting import default_system_prompt, Formatter, with_instruction
+from iqstar_lite.data.sources import Example, load_prompts
 from iqstar_lite.errors import UserError
 
 
@@ -103,7 +104,7 @@ def test_shipped_ood_set_and_training_pool_are_disjoint_and_split():
     from collections import Counter
 
     from iqstar_lite.config import DataConfig
-    from iqstar_lite.data import builtin_sets, load_examples
+    from iqstar_lite.data.sources import builtin_sets, load_examples
 
     assert {"builtin", "ood", "train_pool"} <= set(builtin_sets())
     sets = {name: load_examples(DataConfig(prompts=f"builtin:{name}"))[0] for name in ("builtin", "ood", "train_pool")}
@@ -122,7 +123,7 @@ def test_training_pool_trains_and_the_builtin_heldout_evaluates(tmp_path):
     """data.heldout_prompts: train on every row of one source, evaluate on another's held-out rows; a split column with
     training rows only (builtin:train_pool) holds out by hash, never one leftover prompt."""
     from iqstar_lite.config import DataConfig
-    from iqstar_lite.data import load_examples, load_prompts
+    from iqstar_lite.data.sources import load_examples, load_prompts
 
     builtin_held = [e.text for e in load_examples(DataConfig())[0] if e.meta["split"] == "heldout"]
     both = load_prompts(DataConfig(prompts="builtin:train_pool", heldout_prompts="builtin"))

@@ -10,7 +10,8 @@ import logging
 import pytest
 
 from iqstar_lite.config import DataConfig, load_recipe
-from iqstar_lite.data import Formatter, drop_too_long, load_prompts
+from iqstar_lite.data.formatting import Formatter, drop_too_long
+from iqstar_lite.data.sources import load_prompts
 from iqstar_lite.errors import UserError
 
 
@@ -49,7 +50,7 @@ def test_trl_conversational_jsonl(tmp_path, tokenizer):
 
 
 def test_multi_turn_chosen_is_rendered_as_text_without_turn_markers(tokenizer):
-    from iqstar_lite.data import _to_example
+    from iqstar_lite.data.sources import _to_example
 
     turns = [{"role": "assistant", "content": "Let me check."}, {"role": "user", "content": "Please."}, {"role": "assistant", "content": "Done."}]
     ex = _to_example({"prompt": "Fix it?", "chosen": turns}, "row 1")
@@ -139,7 +140,7 @@ def test_column_mapping_from_the_command_line_is_validated():
 
 
 def test_too_long_prompts_are_reported_with_the_longest(tokenizer, caplog):
-    from iqstar_lite.data import Example
+    from iqstar_lite.data.sources import Example
 
     fmt = Formatter(tokenizer, DataConfig())
     short, long_ = Example([{"role": "user", "content": "Hi?"}]), Example([{"role": "user", "content": "word " * 300}])

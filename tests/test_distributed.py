@@ -43,7 +43,7 @@ def test_two_process_run_writes_one_consistent_run_directory_and_resumes(tmp_pat
     from peft import PeftModel
 
     from iqstar_lite.config import ModelConfig
-    from iqstar_lite.model import load_base
+    from iqstar_lite.models.load import load_base
 
     out = tmp_path / "run"
     common = ["tiny_cpu", f"out_dir={out}", "stages=train", "train.checkpoint_every=1"]
@@ -60,9 +60,10 @@ def test_two_process_run_writes_one_consistent_run_directory_and_resumes(tmp_pat
     # each step's global batch (rollout.prompts_per_step = 4) split into disjoint halves
     ranks = [[json.loads(ln) for ln in (out / f"prompts-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.data import Formatter, load_prompts
-    from iqstar_lite.model import load_tokenizer
-    from iqstar_lite.train import prompt_batch
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.models.load import load_tokenizer
+    from iqstar_lite.algorithm.train import prompt_batch
 
     cfg = load_recipe("tiny_cpu", [])
     fmt = Formatter(load_tokenizer(cfg.model.path), cfg.data, cfg.estimator.kind)

@@ -1,4 +1,4 @@
-"""The pi* estimator (iqstar_lite/estimator.py): hand values, nucleus, rewards, chunked == naive.
+"""The pi* estimator (iqstar_lite/algorithm/estimator.py): hand values, nucleus, rewards, chunked == naive.
 
 z* = (1 + alpha) z+ - alpha z0; log pi* = log_softmax(z*) restricted to the top-p nucleus of softmax(z+);
 r_t = beta (log pi*(a_t) - log pi_ref(a_t)) with pi_ref = softmax(z0).
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from iqstar_lite.estimator import contrastive_logits, estimate, log_pi_star, nucleus_mask, token_rewards
+from iqstar_lite.algorithm.estimator import contrastive_logits, estimate, log_pi_star, nucleus_mask, token_rewards
 
 NEG_INF = float("-inf")
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from conftest import make_policy
-from iqstar_lite.evaluate import contrastive_generate, repetition
-from iqstar_lite.judges import pick_judge, refusal_judge
-from iqstar_lite.reference import reference_mode
-from iqstar_lite.rollout import sample
+from iqstar_lite.evaluation.evaluate import contrastive_generate, repetition
+from iqstar_lite.evaluation.judges import pick_judge, refusal_judge
+from iqstar_lite.algorithm.reference import reference_mode
+from iqstar_lite.algorithm.rollout import sample
 
 
 def test_repetition():
@@ -41,7 +41,7 @@ def test_contrastive_alpha0_is_principle_conditioned_greedy(tiny_path, tokenizer
 def test_loops():
     """>= 12 words and repetition > 0.6: 'a b c' x 4 has 3 distinct of 12 words (0.75) -> a loop; 12 distinct words -> not;
     'a a a' (too short to call) -> not."""
-    from iqstar_lite.evaluate import loops
+    from iqstar_lite.evaluation.evaluate import loops
 
     assert loops("a b c " * 4)
     assert not loops(" ".join(str(i) for i in range(12)))
@@ -50,7 +50,7 @@ def test_loops():
 
 def test_common_prefix():
     """[5, 6, 7] vs [5, 6, 9, 1] -> 2 leading tokens shared; vs itself -> 3; first token differs -> 0; empty -> 0."""
-    from iqstar_lite.evaluate import common_prefix
+    from iqstar_lite.evaluation.evaluate import common_prefix
 
     assert common_prefix([5, 6, 7], [5, 6, 9, 1]) == 2
     assert common_prefix([5, 6, 7], [5, 6, 7]) == 3
@@ -59,7 +59,7 @@ def test_common_prefix():
 
 
 def test_one_short_sentence_judge():
-    from iqstar_lite.judges import one_short_sentence, sentences
+    from iqstar_lite.evaluation.judges import one_short_sentence, sentences
 
     assert pick_judge("auto", "Answer in one short sentence.") is one_short_sentence
     assert sentences("Rain is water. It falls!\nYes") == ["Rain is water", "It falls", "Yes"]
@@ -72,7 +72,7 @@ def test_one_short_sentence_judge():
 def test_kl_to_target_is_zero_when_the_policy_is_pi_star(tiny_path, tokenizer):
     """Adapters at identity (pi_theta = pi_ref) and the principle context equal to the plain one (z+ = z0, so
     pi* = softmax((1+a) z0 - a z0) = pi_ref): KL(pi* || pi_theta) = 0 on every position. Random adapters: > 0."""
-    from iqstar_lite.evaluate import kl_to_target
+    from iqstar_lite.evaluation.evaluate import kl_to_target
 
     ctx = [[1, 40, 41], [1, 50]]
     target = torch.tensor([[11, 12, 13], [21, 22, 23]])
@@ -87,8 +87,8 @@ def test_kl_to_target_is_zero_when_the_policy_is_pi_star(tiny_path, tokenizer):
 def test_identity_adapters_skip_the_policy_forward_with_the_same_kl(tiny_path, tokenizer, monkeypatch):
     """Fresh LoRA (B = 0) is detected as identity; then KL(pi* || pi_theta) uses the reference's logits for pi_theta, and
     equals the value computed with the policy's own forward (the shortcut forced off). Random adapters: not identity."""
-    import iqstar_lite.evaluate as ev
-    from iqstar_lite.reference import adapters_are_identity
+    import iqstar_lite.evaluation.evaluate as ev
+    from iqstar_lite.algorithm.reference import adapters_are_identity
 
     cond, plain = [[1, 7, 40, 41], [1, 7, 50]], [[1, 40, 41], [1, 50]]
     target = torch.tensor([[11, 12, 13], [21, 22, 23]])
@@ -106,12 +106,13 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
     loop's z+ / z0 = the teacher-forced estimator's; its ``kl_star_ref`` = the before row's KL(pi-hat* || pi_theta)
     recomputed by a pass (adapters at identity); the trained row's KL(pi_theta || pi_ref) sharing the estimator's
     reference logits = the policy and the reference scored apart."""
-    import iqstar_lite.evaluate as ev
+    import iqstar_lite.evaluation.evaluate as ev
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.data import Formatter, load_prompts
-    from iqstar_lite.logprobs import kl_between_logits
-    from iqstar_lite.rollout import pack, response_logits
-    from iqstar_lite.scoring import estimator_pass
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
+    from iqstar_lite.algorithm.logprobs import kl_between_logits
+    from iqstar_lite.algorithm.rollout import pack, response_logits
+    from iqstar_lite.algorithm.scoring import estimator_pass
 
     cfg = load_recipe("tiny_cpu", ["eval.max_new_tokens=6", "eval.batch_size=3", "train.micro_batch=2"])
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
@@ -140,7 +141,7 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
     answers = [fmt.ids(fmt.plain(e)) for e in examples]
     got = torch.tensor([r["kl_per_token"] for r in after["records"]])
     assert (got > 0).all()
-    roll = ev.greedy_answers(trained, tokenizer, fmt, examples, 6, ev.eos_token_ids(trained, tokenizer))
+    roll = ev.greedy_answers(trained, tokenizer, fmt, examples, 6, ev.model_eos_ids(trained, tokenizer))
     batch = pack(answers, roll[0], tokenizer.pad_token_id)
     pol = response_logits(trained, batch, roll[0].shape[1])
     with ev.reference_mode(trained):
@@ -150,7 +151,7 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
 
 
 def test_length_batches_group_like_lengths_and_cover_every_prompt():
-    from iqstar_lite.evaluate import length_batches
+    from iqstar_lite.evaluation.evaluate import length_batches
 
     lengths = [40, 500, 36, 62, 152, 300, 37]
     assert length_batches(lengths, 16) == [[2, 6, 0, 3], [4, 5], [1]]  # 36..62 | 152, 300 | 500 (over 2 x 152)

@@ -77,7 +77,7 @@ def _tiny_cfg(model_dir: Path) -> RecipeConfig:
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished 'training run': config.yaml, adapter/ (random non-zero LoRA), metrics.jsonl."""
-    from iqstar_lite.model import load_policy
+    from iqstar_lite.models.load import load_policy
 
     run = tmp_path_factory.mktemp("run")
     cfg = _tiny_cfg(tiny_model_dir)
@@ -91,13 +91,13 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(run_dir) -> tuple[Path, dict]:
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.export import export_run
+    from iqstar_lite.export.stage import export_run
 
     return run_dir, export_run(run_dir, load_run_config(run_dir), PROMPTS)
 
 
 def _prompt_ids(tok, text: str) -> list[int]:
-    from iqstar_lite.ort_generate import render_chat
+    from iqstar_lite.data.formatting import render_chat
 
     return render_chat(tok, text)
 
@@ -108,7 +108,7 @@ def _prompt_ids(tok, text: str) -> list[int]:
 def test_adapter_card_written_and_adapter_reloads(exported, tiny_model_dir):
     from peft import PeftModel
 
-    from iqstar_lite.model import load_base
+    from iqstar_lite.models.load import load_base
 
     run, _ = exported
     card = (run / "adapter" / "README.md").read_text()
@@ -122,7 +122,7 @@ def test_adapter_card_written_and_adapter_reloads(exported, tiny_model_dir):
 def test_merged_checkpoint_reloads_and_matches_fp32_compute_model(exported, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from iqstar_lite.merge import load_trained, prompt_logits
+    from iqstar_lite.export.merge import load_trained, prompt_logits
 
     run, report = exported
     merged_dir = run / "merged"
@@ -154,7 +154,7 @@ def test_dequantized_merge_is_exact_when_training_held_unquantized_parts_in_bf16
     import dataclasses
 
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.merge import merge_run
+    from iqstar_lite.export.merge import merge_run
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*"))
@@ -171,7 +171,7 @@ def test_export_cli_original_base_bf16_without_onnx(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json"))
     (run / "onnx").mkdir(exist_ok=True)  # a stale export from an earlier merge must not survive
-    proc = _run("iqstar_lite.export", str(run), "export.merge_base=original", "export.dtype=bf16", "export.onnx=false")
+    proc = _run("iqstar_lite.export.stage", str(run), "export.merge_base=original", "export.dtype=bf16", "export.onnx=false")
     assert proc.returncode == 0, proc.stderr
     assert "merged (original, bf16)" in proc.stdout and "includes the NF4 quantization error" in proc.stdout
     assert not (run / "onnx").exists() and not (run / "onnx-int8").exists()
@@ -189,7 +189,7 @@ def test_export_cli_original_base_bf16_without_onnx(run_dir, tmp_path):
 
 
 def test_export_passes_parity_check(exported):
-    from iqstar_lite.check import check_run, format_table
+    from iqstar_lite.export.check import check_run, format_table
     from iqstar_lite.config import load_run_config
 
     run, report = exported
@@ -217,7 +217,7 @@ def test_export_passes_parity_check(exported):
 def genai_exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
     """The same run exported with export.onnx_graph=genai (the default graph; no GGUF)."""
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.export import apply_export_overrides, export_run
+    from iqstar_lite.export.stage import apply_export_overrides, export_run
 
     run = tmp_path_factory.mktemp("genai") / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*", "gguf"))
@@ -227,9 +227,9 @@ def genai_exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_exported, tmp_path):
     """export.onnx_graph=genai (onnxruntime-genai's builder): same parity gate, int8 twin, right-padded batches."""
-    from iqstar_lite.check import check_run
+    from iqstar_lite.export.check import check_run
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.ort_generate import OrtGenerator
+    from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, report = genai_exported
     cfg = load_run_config(run)
@@ -269,7 +269,7 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_export
 
     # The gate fails when genai's tokenizer does not read tokenizer.json as transformers does (the decoder that
     # transformers' GGUF converter writes made onnxruntime-extensions treat the vocabulary as SentencePiece).
-    from iqstar_lite.check import check_onnx
+    from iqstar_lite.export.check import check_onnx
 
     bad = _copy_run(run, tmp_path / "bad", "merged", "onnx")
     tok_json = json.loads((bad / "onnx" / "tokenizer.json").read_text())
@@ -297,8 +297,8 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_export
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from iqstar_lite.genai_tokenizer import rewrite, write_genai_tokenizer
-    from iqstar_lite.onnx_export import copy_sidecars
+    from iqstar_lite.export.genai_tokenizer import rewrite, write_genai_tokenizer
+    from iqstar_lite.export.to_onnx import copy_sidecars
 
     original = json.loads((Path(tiny_path) / "tokenizer.json").read_text())
     new, changes = rewrite(original)
@@ -331,7 +331,7 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_export
 def test_gguf_rotary_permutation_arithmetic():
     """One head of dim 4, rows q = [a0, a1, b0, b1] (rotate-half: a = first half, b = second) -> llama.cpp's
     interleaved [a0, b0, a1, b1]; two heads permute independently; k with fewer heads uses its own count."""
-    from iqstar_lite.gguf_export import permute_rotary
+    from iqstar_lite.export.to_gguf import permute_rotary
 
     w = np.arange(4.0)[:, None] * np.ones((1, 3))
     np.testing.assert_array_equal(permute_rotary(w, 1)[:, 0], [0, 2, 1, 3])
@@ -342,7 +342,7 @@ def test_gguf_rotary_permutation_arithmetic():
 def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
     import gguf
 
-    from iqstar_lite.gguf_export import export_gguf
+    from iqstar_lite.export.to_gguf import export_gguf
 
     run, report = exported
     assert sorted(report["gguf"]["files"]) == ["f16", "q8_0"]
@@ -367,13 +367,13 @@ def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
 def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_path):
     import gguf
 
-    from iqstar_lite.chat import GgufChat
-    from iqstar_lite.check import check_onnx
+    from iqstar_lite.runtimes.gguf_transformers import GgufTransformers
+    from iqstar_lite.export.check import check_onnx
 
     run, _ = exported
     bad = _copy_run(run, tmp_path / "run", "merged", "onnx", "gguf")
     (bad / "gguf" / "model-q8_0.gguf").unlink()
-    from iqstar_lite.check import check_run  # a file export.gguf asks for and the gate never saw: not passed
+    from iqstar_lite.export.check import check_run  # a file export.gguf asks for and the gate never saw: not passed
 
     report = check_run(bad, load_recipe("tiny_cpu", ["export.check_prompts=1", "export.check_new_tokens=4", "export.int8=false"]), PROMPTS[:1])
     assert not report["passed"] and any("model-q8_0.gguf missing" in f for f in report["failures"]), report["failures"]
@@ -390,7 +390,7 @@ def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_p
     with pytest.raises(UserError, match="cannot be loaded by transformers' GGUF reader"):
         check_onnx(bad / "onnx", bad / "merged", export, PROMPTS[:1], gguf_dir=bad / "gguf")
     with pytest.raises(UserError, match="cannot be loaded by transformers' GGUF reader"):
-        GgufChat(bad / "gguf" / "model-f16.gguf")
+        GgufTransformers(bad / "gguf" / "model-f16.gguf")
 
 
 def test_llama_cpp_runs_the_gguf_like_the_merged_model(exported):
@@ -399,8 +399,8 @@ def test_llama_cpp_runs_the_gguf_like_the_merged_model(exported):
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from iqstar_lite.check import check_onnx
-    from iqstar_lite.llamacpp_generate import LlamaCppGenerator
+    from iqstar_lite.export.check import check_onnx
+    from iqstar_lite.runtimes.llamacpp import LlamaCppGenerator
 
     run, _ = exported
     tok = AutoTokenizer.from_pretrained(run / "merged")
@@ -424,7 +424,7 @@ def test_chat_serves_each_format(exported, capsys):
     assert main([str(run / "gguf" / "model-f16.gguf"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "6", "--runtime", "transformers"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("[1] ") and "\n[2] " in out
-    from iqstar_lite.llamacpp_generate import available
+    from iqstar_lite.runtimes.llamacpp import available
 
     assert pick_runtime(run / "onnx") == "onnxruntime" and pick_runtime(run / "gguf" / "model-q8_0.gguf") == ("llama.cpp" if available() else "transformers")
     for path, runtime, needle in ((run / "gguf", "auto", "holds GGUF files"), (run / "onnx", "genai", "not an onnxruntime-genai folder"),
@@ -445,7 +445,7 @@ def test_chat_repl_scripted_session_per_client(client, exported, genai_exported)
     """``iqstar-lite chat EXPORT`` with prompts on stdin (one per line, /quit ends): each client streams the same answers it
     gives when asked directly (``answers``); the ONNX clients without torch."""
     from iqstar_lite.chat import answers
-    from iqstar_lite.llamacpp_generate import available
+    from iqstar_lite.runtimes.llamacpp import available
 
     if client == "llama.cpp" and not available():
         pytest.skip("llama-cpp-python not installed (the llamacpp extra)")
@@ -492,7 +492,7 @@ def test_corrupted_onnx_weight_fails_check_naming_prompt_and_position(exported, 
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     onnx.save(model, str(bad / "onnx" / "model.onnx"))
 
-    proc = _run("iqstar_lite.check", str(bad / "onnx"))
+    proc = _run("iqstar_lite.export.check", str(bad / "onnx"))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAILED" in proc.stdout
     assert "prompt 0" in proc.stdout and "position" in proc.stdout
@@ -504,8 +504,8 @@ def test_corrupted_onnx_weight_fails_check_naming_prompt_and_position(exported, 
 def test_int8_methods_and_external_data(exported, tmp_path, method):
     import onnx
 
-    from iqstar_lite.onnx_export import copy_sidecars, quantize_int8, uses_external_data
-    from iqstar_lite.ort_generate import OrtGenerator
+    from iqstar_lite.export.to_onnx import copy_sidecars, quantize_int8, uses_external_data
+    from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, report = exported
     assert report["onnx_int8"]["method"] == "weights" and report["onnx_int8"]["weights_quantized"] == 15  # 2 layers x 7 + the tied head
@@ -528,8 +528,8 @@ def test_int8_methods_and_external_data(exported, tmp_path, method):
 
 
 def test_blocked_int8_export_is_closer_to_fp32_than_per_channel(exported, tmp_path):
-    from iqstar_lite.onnx_export import quantize_int8
-    from iqstar_lite.ort_generate import OrtGenerator
+    from iqstar_lite.export.to_onnx import quantize_int8
+    from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, report = exported
     assert report["onnx_int8"]["block_size"] == 32  # the export default
@@ -559,7 +559,7 @@ def test_weight_quantization_arithmetic():
     import onnx
     from onnx import numpy_helper
 
-    from iqstar_lite.onnx_export import quantize_matmul_weights_int8
+    from iqstar_lite.export.to_onnx import quantize_matmul_weights_int8
 
     model = _one_matmul(np.array([[1.0, -2.0], [0.5, 4.0]], dtype=np.float32))
     assert quantize_matmul_weights_int8(model) == 1
@@ -579,7 +579,7 @@ def test_blocked_int8_is_matmulnbits_with_hand_computed_values():
     import onnx
     from onnx import numpy_helper
 
-    from iqstar_lite.onnx_export import quantize_matmul_weights_int8
+    from iqstar_lite.export.to_onnx import quantize_matmul_weights_int8
 
     w = np.zeros((32, 2), dtype=np.float32)
     w[:16, 0], w[16:31, 0], w[31, 0], w[:, 1] = 1.0, 0.25, -0.5, 2.0
@@ -607,7 +607,7 @@ def test_tied_head_transpose_is_quantized_and_embedding_kept():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from iqstar_lite.onnx_export import quantize_matmul_weights_int8
+    from iqstar_lite.export.to_onnx import quantize_matmul_weights_int8
 
     e = np.array([[1.0, 1.0], [-2.0, 4.0]], dtype=np.float32)  # head W = E^T = [[1, -2], [1, 4]]: s = [1/127, 4/127]
     graph = helper.make_graph(
@@ -634,7 +634,7 @@ def test_tied_head_transpose_is_quantized_and_embedding_kept():
 
 
 def test_ort_generator_kv_cache_matches_full_forward(exported):
-    from iqstar_lite.ort_generate import OrtGenerator
+    from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, _ = exported
     gen = OrtGenerator(run / "onnx")
@@ -648,7 +648,7 @@ def test_ort_generator_kv_cache_matches_full_forward(exported):
 def test_generate_batch_equals_one_prompt_at_a_time(exported):
     """Left-padded batch (prompts of different lengths) = each prompt alone: same greedy tokens, each row ending
     at its own EOS; seeded sampling is reproducible."""
-    from iqstar_lite.ort_generate import OrtGenerator
+    from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, _ = exported
     gen = OrtGenerator(run / "onnx")
@@ -665,7 +665,7 @@ def test_generate_batch_equals_one_prompt_at_a_time(exported):
 
 
 def test_sample_token_nucleus():
-    from iqstar_lite.ort_generate import sample_token
+    from iqstar_lite.runtimes.base import sample_token
 
     rng = np.random.default_rng(0)
     logits = np.log(np.array([0.5, 0.3, 0.2]))
@@ -692,7 +692,7 @@ def test_chat_cli_runs_without_torch(exported):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("module", ["iqstar_lite.export", "iqstar_lite.check", "iqstar_lite.chat"])
+@pytest.mark.parametrize("module", ["iqstar_lite.export.stage", "iqstar_lite.export.check", "iqstar_lite.chat"])
 def test_not_a_run_dir_exits_2_with_one_line(module, tmp_path):
     args = [str(tmp_path)] + (["hello"] if module.endswith("chat") else [])
     proc = _run(module, *args)
@@ -703,7 +703,7 @@ def test_not_a_run_dir_exits_2_with_one_line(module, tmp_path):
 
 def test_export_overrides_only_export_keys(run_dir):
     from iqstar_lite.config import load_run_config
-    from iqstar_lite.export import apply_export_overrides
+    from iqstar_lite.export.stage import apply_export_overrides
 
     cfg = apply_export_overrides(load_run_config(run_dir), ["export.int8=false", "export.dtype=bf16"])
     assert cfg.export.int8 is False and cfg.export.dtype == "bf16"
@@ -725,10 +725,10 @@ def test_smollm2_export_and_check(tmp_path):
     Measured (2-core CPU): merge vs fp32-compute 1e-4, vs bf16-compute trained 1.2; ONNX max |dlogit| 1.1e-4,
     greedy identical; int8 agreement 0.96; export ~30 s, check ~11 s.
     """
-    from iqstar_lite.check import check_run
+    from iqstar_lite.export.check import check_run
     from iqstar_lite.config import EMBEDDED_MODEL
-    from iqstar_lite.export import export_run
-    from iqstar_lite.model import load_policy
+    from iqstar_lite.export.stage import export_run
+    from iqstar_lite.models.load import load_policy
 
     cfg = RecipeConfig(name="smollm2", model=ModelConfig(path=EMBEDDED_MODEL, device="cpu"), lora=LoraSettings(r=16, alpha=32))
     policy = randomize_lora_b(load_policy(cfg.model, cfg.lora), std=0.01, seed=0)
@@ -790,14 +790,14 @@ def test_damaged_adapter_is_refused_by_export_with_one_line(run_dir, tmp_path, d
         weights.rename(bad / "adapter" / "adapter_model.bin")
     else:
         (bad / "adapter" / "adapter_config.json").write_text("{not json")
-    proc = _run("iqstar_lite.export", str(bad))
+    proc = _run("iqstar_lite.export.stage", str(bad))
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in bad.iterdir()) == ["adapter", "config.yaml"]
 
 
-@pytest.mark.parametrize("module", ["iqstar_lite.check", "iqstar_lite.chat"])
+@pytest.mark.parametrize("module", ["iqstar_lite.export.check", "iqstar_lite.chat"])
 def test_corrupted_onnx_file_exits_2_with_one_line(exported, tmp_path, module):
     run, _ = exported
     bad = _copy_run(run, tmp_path / "run", "merged", "onnx")
@@ -812,7 +812,7 @@ def test_parity_gate_fails_on_nan_logits(exported, tmp_path):
     """A reference with a nan weight gives nan logits: |diff| is nan, which '> limit' would let through; the gate fails."""
     from safetensors.torch import load_file, save_file
 
-    from iqstar_lite.check import check_onnx
+    from iqstar_lite.export.check import check_onnx
 
     run, _ = exported
     bad = _copy_run(run, tmp_path / "run", "merged")

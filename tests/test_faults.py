@@ -65,7 +65,7 @@ def assert_every_checkpoint_loads(out: Path, tiny_path: str) -> None:
     from conftest import make_policy
     from iqstar_lite.checkpoint import checkpoints, load_checkpoint
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.train import make_optimizer, make_scheduler
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}"])
     found = checkpoints(out)
@@ -139,7 +139,7 @@ sys.path[:0] = [{tests!r}, {root!r}]
 from conftest import make_policy
 from iqstar_lite import checkpoint, state_io
 from iqstar_lite.config import load_recipe
-from iqstar_lite.train import make_optimizer, make_scheduler
+from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
 cfg = load_recipe("tiny_cpu", ["model.path={tiny}"])
 model = make_policy({tiny!r})
 opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)

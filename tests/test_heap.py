@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import iqstar_lite.heap as heap
-import iqstar_lite.train as tr
+import iqstar_lite.algorithm.train as tr
 from conftest import make_policy
 from iqstar_lite.config import load_recipe
-from iqstar_lite.data import load_prompts
+from iqstar_lite.data.sources import load_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

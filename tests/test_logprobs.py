@@ -1,4 +1,4 @@
-"""Chunked log-probs and KLs (iqstar_lite/logprobs.py) against naive full-tensor versions.
+"""Chunked log-probs and KLs (iqstar_lite/algorithm/logprobs.py) against naive full-tensor versions.
 
 The chunked functions must be numerically the naive ``log_softmax(logits.float()).gather(tokens)`` /
 ``sum_v p (log p - log q)``, with identical gradients (the autograd path recomputes each chunk in
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from iqstar_lite.logprobs import chunked_over_time, kl_between_logits, kl_to_logits, token_logprobs
+from iqstar_lite.algorithm.logprobs import chunked_over_time, kl_between_logits, kl_to_logits, token_logprobs
 
 B, T, V = 2, 20, 13
 CHUNKS = [1, 3, 16, 100]
@@ -86,7 +86,7 @@ def test_token_logprobs_grad_analytic():
 def test_token_logprobs_uses_checkpointing_under_autograd(monkeypatch):
     """With autograd on, every chunk goes through torch.utils.checkpoint (so fp32 [t, V] chunks are recomputed
     in backward, not stored); under no_grad, or with no input requiring grad, checkpoint is not used."""
-    import iqstar_lite.logprobs as lp
+    import iqstar_lite.algorithm.logprobs as lp
 
     calls = []
     real = lp.checkpoint

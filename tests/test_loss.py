@@ -1,4 +1,4 @@
-"""Inverse-Q* losses (iqstar_lite/loss.py): hand arithmetic on 2-3 token tensors, then invariants.
+"""Inverse-Q* losses (iqstar_lite/algorithm/loss.py): hand arithmetic on 2-3 token tensors, then invariants.
 
 Style (docs/style.md items 1-2): every expected value is written out in the docstring and checked with
 ``torch.testing.assert_close``. Invariants: pi_theta = pi_ref = pi* is a fixed point (zero reward,
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from iqstar_lite.estimator import token_rewards
-from iqstar_lite.logprobs import kl_to_logits
-from iqstar_lite.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, position_weights, whiten
+from iqstar_lite.algorithm.estimator import token_rewards
+from iqstar_lite.algorithm.logprobs import kl_to_logits
+from iqstar_lite.algorithm.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, position_weights, whiten
 
 D = torch.float64
 LN2 = math.log(2.0)

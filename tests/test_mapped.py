@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from iqstar_lite.config import LoraSettings, ModelConfig
-from iqstar_lite.mapped import is_mapped, mapping_residency, safetensors_entry
-from iqstar_lite.model import load_base, load_policy
+from iqstar_lite.models.mapped import is_mapped, mapping_residency, safetensors_entry
+from iqstar_lite.models.load import load_base, load_policy
 
 VOCAB, HIDDEN = 131072, 256  # a 64 MiB bf16 table: big enough to tell "a few rows resident" from "all of it"
 FOLIO = 2 * 2**20  # the kernel may map a whole page-cache folio (up to 2 MiB on x86-64) per row read
@@ -114,7 +114,7 @@ def test_merge_from_a_mapped_base_equals_the_in_memory_merge(untied, tmp_path):
 
     from conftest import randomize_lora_b
     from iqstar_lite.config import RecipeConfig
-    from iqstar_lite.merge import merge_adapter
+    from iqstar_lite.export.merge import merge_adapter
 
     policy = randomize_lora_b(load_policy(_cfg(untied), LoraSettings(r=4, alpha=8), seed=0), std=0.05)
     policy.save_pretrained(tmp_path / "adapter")

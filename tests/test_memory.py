@@ -1,8 +1,8 @@
 """The --dry-run memory estimate against the 7B run measured by bench/memory_7b.py (offline: known config, meta device)."""
 
 from iqstar_lite.config import load_recipe
-from iqstar_lite.memory import GIB, estimate_memory
-from iqstar_lite.model import load_model_config
+from iqstar_lite.models.memory import GIB, estimate_memory
+from iqstar_lite.models.load import load_model_config
 
 # bench/results/memory_7b-20261125-134704.json: laptop_7b (loss then defaulted to distill), 2 steps on this CPU, random weights
 MEASURED_STEP_PEAK_GIB = 6.997

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iqstar_lite.config import ModelConfig
-from iqstar_lite.model import FP32_UNQUANTIZED_MAX_BYTES, _head_input_2d, _head_output_3d, embedding_params, unquantized_dtype
+from iqstar_lite.models.load import FP32_UNQUANTIZED_MAX_BYTES, _head_input_2d, _head_output_3d, embedding_params, unquantized_dtype
 
 SMOLLM2 = SimpleNamespace(vocab_size=49152, hidden_size=576, tie_word_embeddings=True)
 QWEN_7B = SimpleNamespace(vocab_size=152064, hidden_size=3584, tie_word_embeddings=False)

@@ -12,10 +12,10 @@ import torch
 
 from conftest import make_policy
 from iqstar_lite.config import ModelConfig, load_recipe
-from iqstar_lite.data import load_prompts
+from iqstar_lite.data.sources import load_prompts
 from iqstar_lite.errors import UserError
-from iqstar_lite.model import load_base, load_model_config, load_policy, load_tokenizer
-from iqstar_lite.train import train
+from iqstar_lite.models.load import load_base, load_model_config, load_policy, load_tokenizer
+from iqstar_lite.algorithm.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -49,8 +49,8 @@ def test_training_continues_from_an_existing_adapter(tiny_path, tokenizer, tmp_p
 
 
 def test_dry_run_estimates_the_start_adapters_lora(tiny_path, tmp_path):
-    from iqstar_lite.memory import estimate_memory
-    from iqstar_lite.model import lora_in_use
+    from iqstar_lite.models.memory import estimate_memory
+    from iqstar_lite.models.load import lora_in_use
 
     start = make_policy(tiny_path)
     start.save_pretrained(tmp_path / "sft")
@@ -85,7 +85,7 @@ def test_start_adapters_peft_cannot_train_here_are_refused(tiny_path, tmp_path):
 
 
 def test_export_of_custom_code_models_is_refused_in_one_line(tmp_path):
-    from iqstar_lite.export import export_run
+    from iqstar_lite.export.stage import export_run
 
     cfg = load_recipe("tiny_cpu", ["model.trust_remote_code=true"])
     with pytest.raises(UserError, match="custom code .*not supported.*stages=train"):
@@ -116,7 +116,7 @@ def test_revision_and_attention_implementation_reach_the_model(hub_cache):
     assert model.config.iq_marker == "v2" and model.config._attn_implementation == "eager"
     assert load_model_config(hub_cache).iq_marker == "main"
     assert load_tokenizer(hub_cache, revision="v2").name_or_path == hub_cache  # read from the v2 snapshot, offline
-    from iqstar_lite.mapped import checkpoint_file
+    from iqstar_lite.models.mapped import checkpoint_file
 
     assert checkpoint_file(hub_cache, "model.embed_tokens.weight", "v2").parent.name == "b" * 40  # the mapped embeddings' file
     assert checkpoint_file(hub_cache, "model.embed_tokens.weight").parent.name == "a" * 40

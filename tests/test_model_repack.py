@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import make_policy
-from iqstar_lite.model import assert_trainable_layout, linear4bit_layers
-from iqstar_lite.rollout import sample
+from iqstar_lite.models.load import assert_trainable_layout, linear4bit_layers
+from iqstar_lite.algorithm.rollout import sample
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

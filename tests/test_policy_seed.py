@@ -3,7 +3,7 @@
 import torch
 
 from iqstar_lite.config import LoraSettings, ModelConfig
-from iqstar_lite.model import load_policy
+from iqstar_lite.models.load import load_policy
 
 
 def _lora(model) -> dict[str, torch.Tensor]:

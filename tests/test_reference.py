@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_policy
-from iqstar_lite.reference import reference_mode
+from iqstar_lite.algorithm.reference import reference_mode
 
 
 @pytest.fixture

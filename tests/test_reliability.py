@@ -13,11 +13,11 @@ import torch
 from conftest import make_policy
 from iqstar_lite.checkpoint import NonFiniteAdapterError, checkpoints, load_checkpoint, resume_latest, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import load_recipe
-from iqstar_lite.data import load_prompts
+from iqstar_lite.data.sources import load_prompts
 from iqstar_lite.errors import UserError
 from iqstar_lite.state_io import StateFormatError, load_state, save_state
 from iqstar_lite.checkpoint import keep_metrics_until
-from iqstar_lite.train import make_optimizer, make_scheduler, train
+from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -133,7 +133,7 @@ def test_non_finite_adapter_is_never_saved(tiny_path, tmp_path):
 
 def _nan_on(calls: set[int]):
     """A distill_loss that returns nan on the given call numbers (one call per micro-batch)."""
-    from iqstar_lite import train as train_mod
+    from iqstar_lite.algorithm import train as train_mod
 
     real, count = train_mod.distill_loss, [0]
 
@@ -148,7 +148,7 @@ def _nan_on(calls: set[int]):
 def test_nan_loss_skips_the_step_and_a_run_of_them_stops_training(tiny_path, tokenizer, tmp_path, monkeypatch):
     """Step 2's loss is nan: its optimizer step is skipped (counted in metrics), the adapter stays finite and equal to
     step 1's. Then every loss nan: after train.max_nonfinite_steps=2 steps in a row the run stops with one clear error."""
-    from iqstar_lite import train as train_mod
+    from iqstar_lite.algorithm import train as train_mod
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "train.steps=3", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
                                    "train.checkpoint_every=1", "loss.type=distill", "train.max_nonfinite_steps=2", "train.micro_batch=2"])

@@ -3,7 +3,7 @@ import torch
 from conftest import make_policy
 import pytest
 
-from iqstar_lite.rollout import pack, response_logits, response_mask, sample, shared_context_logits
+from iqstar_lite.algorithm.rollout import pack, response_logits, response_mask, sample, shared_context_logits
 
 
 def test_response_mask_keeps_first_eos():
@@ -42,7 +42,7 @@ def test_sample_shapes_and_k(tiny_path, tokenizer):
 def test_sample_records_the_models_logprobs_of_its_tokens(tiny_path, tokenizer):
     """Rollout.logprobs = log pi(y_t | s_t) of the sampled tokens, untempered: equal to scoring the responses
     afterwards with a full forward (the KV-cache loop and the packed forward agree); 0 after EOS."""
-    from iqstar_lite.logprobs import token_logprobs
+    from iqstar_lite.algorithm.logprobs import token_logprobs
 
     model = make_policy(tiny_path, quantize="none")
     fmt = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)  # noqa: E731
@@ -85,7 +85,7 @@ def test_shared_context_logits_equal_the_packed_pass(tiny_path, quantize):
 def test_shared_context_gradients_equal_the_packed_pass(tiny_path, quantize):
     """With grad on (the update), the copies of a shared prefill pass their gradients back into it: LoRA
     gradients equal those of the packed pass (fp32: to 1e-5; bf16 compute: to its rounding)."""
-    from iqstar_lite.logprobs import token_logprobs
+    from iqstar_lite.algorithm.logprobs import token_logprobs
 
     model = make_policy(tiny_path, quantize=quantize)
     model.train()
@@ -110,8 +110,8 @@ def test_contrastive_sampling_records_log_pi_star_of_its_tokens(tiny_path, token
     """With ``contrast`` the one loop samples K rows per prompt from z* = (1+a) z+ - a z0 and records log softmax(z*) at
     the drawn tokens: equal to z+ and z0 scored afterwards by packed forwards, row by row (the stacked halves stay aligned
     after the K-fold repeat)."""
-    from iqstar_lite.estimator import contrastive_logits
-    from iqstar_lite.logprobs import token_logprobs
+    from iqstar_lite.algorithm.estimator import contrastive_logits
+    from iqstar_lite.algorithm.logprobs import token_logprobs
 
     model = make_policy(tiny_path, quantize="none")
     chat = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731
@@ -146,9 +146,9 @@ def test_mixed_rollout_policy_rows_and_reference_pi_star_rows_in_one_batch(tiny_
     (adapters off for those rows only, peft's per-row adapter names), one forward per token. Each row's recorded
     log-probs equal scoring it afterwards the separate way: policy rows with the policy, guided rows with
     z* = 2 z+ - z0 of the reference."""
-    from iqstar_lite.estimator import contrastive_logits
-    from iqstar_lite.logprobs import token_logprobs
-    from iqstar_lite.reference import reference_mode
+    from iqstar_lite.algorithm.estimator import contrastive_logits
+    from iqstar_lite.algorithm.logprobs import token_logprobs
+    from iqstar_lite.algorithm.reference import reference_mode
 
     model = make_policy(tiny_path, quantize=quantize)
     chat = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731

@@ -1,7 +1,7 @@
 import torch
 
 from conftest import make_policy
-from iqstar_lite.rollout import next_token, sample
+from iqstar_lite.algorithm.rollout import next_token, sample
 
 
 def test_next_token_frequencies_match_softmax():

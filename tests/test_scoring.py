@@ -1,9 +1,9 @@
 import torch
 
 from conftest import make_policy
-from iqstar_lite.reference import reference_mode
-from iqstar_lite.rollout import pack, response_logits
-from iqstar_lite.scoring import estimator_pass
+from iqstar_lite.algorithm.reference import reference_mode
+from iqstar_lite.algorithm.rollout import pack, response_logits
+from iqstar_lite.algorithm.scoring import estimator_pass
 
 
 def _gather(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

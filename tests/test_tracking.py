@@ -11,9 +11,9 @@ import pytest
 
 from iqstar_lite import tracking
 from iqstar_lite.config import load_recipe
-from iqstar_lite.curves import plot_run, write_curves
+from iqstar_lite.evaluation.curves import plot_run, write_curves
 from iqstar_lite.errors import UserError
-from iqstar_lite.samples import samples_due
+from iqstar_lite.evaluation.samples import samples_due
 
 
 def test_report_to_picks_installed_trackers_and_names_the_missing_one(monkeypatch):

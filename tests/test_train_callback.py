@@ -7,8 +7,8 @@ import torch
 
 from conftest import make_policy
 from iqstar_lite.config import load_recipe
-from iqstar_lite.data import load_prompts
-from iqstar_lite.train import train
+from iqstar_lite.data.sources import load_prompts
+from iqstar_lite.algorithm.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -35,7 +35,7 @@ def test_update_refuses_non_finite_rewards_before_any_gradient(tiny_path, tokeni
     """A -inf reward (pi* = 0 for a sampled token) would make every LoRA gradient nan: the update stops first."""
     from accelerate import Accelerator
 
-    from iqstar_lite.train import make_optimizer, make_scheduler, update
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, update
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}"])
     model = make_policy(tiny_path, randomize_lora=False)
@@ -57,7 +57,7 @@ def test_kl_in_advantage_has_no_gradient_when_the_policy_already_samples_pi_star
     so loss.kl_in_advantage moves nothing; the default (whitened r + beta k3 in the loss) still does."""
     from accelerate import Accelerator
 
-    from iqstar_lite.train import make_optimizer, make_scheduler, update
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, update
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg", f"loss.kl_in_advantage={str(kl_in_advantage).lower()}"])
     model = make_policy(tiny_path)
@@ -80,8 +80,8 @@ def test_guided_rows_move_nothing_when_the_policy_already_is_pi_star(tiny_path, 
     rounding: p - q); a target that differs from the policy on the guided rows gives a gradient and moves the weights."""
     from accelerate import Accelerator
 
-    from iqstar_lite.rollout import pack, response_logits
-    from iqstar_lite.train import Guided, make_optimizer, make_scheduler, update
+    from iqstar_lite.algorithm.rollout import pack, response_logits
+    from iqstar_lite.algorithm.train import Guided, make_optimizer, make_scheduler, update
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg"])
     model = make_policy(tiny_path)
@@ -117,8 +117,8 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
     and the step's loss is their weighted mean (token-weighted accumulation over micro-batches included)."""
     from accelerate import Accelerator
 
-    import iqstar_lite.train as loop
-    from iqstar_lite.loss import imitation_loss
+    import iqstar_lite.algorithm.train as loop
+    from iqstar_lite.algorithm.loss import imitation_loss
 
     seen, reported = [], []
 

@@ -1,0 +1,1 @@
+"""Inverse-Q*: rollout -> the estimator pi-hat* (2 reference passes) -> the losses; the training loop."""

@@ -1,0 +1,1 @@
+"""Judging a model on prompts: the before / contrastive / after rows, judges, samples while training, curves."""

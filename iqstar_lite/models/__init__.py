@@ -1,0 +1,1 @@
+"""Loading the base (NF4 where asked) + LoRA, the embedded default model, memory estimates, what eval / chat point at."""
