@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV ?= .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test install bench-env clean-venv
+.PHONY: demo test lint install bench-env clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m iqstar_lite.recipe smollm2_cpu
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check iqstar_lite tests bench
+	$(VENV)/bin/ruff format --check iqstar_lite tests bench
 
 # Benchmarks (bench/README.md): the project plus its peers (TRL) in a venv of their own, so $(VENV) stays as pinned.
 $(BENCH_STAMP): pyproject.toml

@@ -23,7 +23,18 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "onnxruntime", "optimum-onnx", "numpy", "matplotlib")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "trl",
+    "onnxruntime",
+    "optimum-onnx",
+    "numpy",
+    "matplotlib",
+)
 GIB = 2**30
 
 
@@ -56,11 +67,16 @@ def _version(name: str) -> str | None:
 def _git() -> dict:
     def run(*args: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "commit": run("rev-parse", "HEAD") or None,
+        "dirty": bool(run("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def machine_facts() -> dict:
@@ -97,7 +113,13 @@ def stats(values: list[float], digits: int = 4) -> dict:
     if not vals:
         return {"n": 0, "min": None, "median": None, "max": None, "values": []}
     r = lambda x: round(x, digits)  # noqa: E731
-    return {"n": len(vals), "min": r(min(vals)), "median": r(statistics.median(vals)), "max": r(max(vals)), "values": [r(v) for v in vals]}
+    return {
+        "n": len(vals),
+        "min": r(min(vals)),
+        "median": r(statistics.median(vals)),
+        "max": r(max(vals)),
+        "values": [r(v) for v in vals],
+    }
 
 
 def repeat(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[list[float], object]:
@@ -204,8 +226,12 @@ def run_child(argv: list[str], timeout: float | None = None, env: dict | None = 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds, tiny model); numbers are meaningless")
-    p.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0 = library default: all cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke-test sizes (seconds, tiny model); numbers are meaningless"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch / onnxruntime threads (0 = library default: all cores)"
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)")
     return p
 
@@ -223,7 +249,10 @@ def warn_if_busy() -> None:
     """Timings on a shared machine are noise: say so before measuring."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
-        print(f"warning: load average {load:.2f} on {cores} cores; timings will be noisy (run on a quiet machine)", file=sys.stderr)
+        print(
+            f"warning: load average {load:.2f} on {cores} cores; timings will be noisy (run on a quiet machine)",
+            file=sys.stderr,
+        )
 
 
 def set_threads(n: int) -> None:
@@ -233,7 +262,9 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def write_result(name: str, settings: dict, results: dict, notes: list[str] | None = None, results_dir: Path = RESULTS) -> Path:
+def write_result(
+    name: str, settings: dict, results: dict, notes: list[str] | None = None, results_dir: Path = RESULTS
+) -> Path:
     """``results_dir/<name>-<timestamp>.json`` (atomic); returns the path."""
     payload = {
         "bench": name,

@@ -32,7 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import base_parser, parse_args, quiet_libraries, ratio, run_child, set_threads, stats, training_prompts, warn_if_busy, write_result
+from common import (
+    base_parser,
+    parse_args,
+    quiet_libraries,
+    ratio,
+    run_child,
+    set_threads,
+    stats,
+    training_prompts,
+    warn_if_busy,
+    write_result,
+)
 
 IQ_PEERS = ("iq-distill", "iq-pg", "iq-imitation")
 TRL_PEERS = ("trl-grpo", "trl-sdft")
@@ -45,10 +56,21 @@ MAX_STEPS = 2000  # the budget stops every run long before this
 def recipe(s: dict, loss: str = "distill"):
     from iqstar_lite.config import load_recipe
 
-    return load_recipe(s.get("recipe", "smollm2_cpu"),
-                       [f"model.path={s['model']}", f"rollout.max_new_tokens={s['tokens']}", f"loss.type={loss}", f"train.steps={MAX_STEPS}",
-                        "train.checkpoint_every=0", "train.checkpoint_minutes=0", "eval.enabled=false", f"train.seed={s.get('seed', 0)}",
-                        f"eval.max_new_tokens={s['eval_tokens']}", f"eval.batch_size={s['eval_batch']}"])
+    return load_recipe(
+        s.get("recipe", "smollm2_cpu"),
+        [
+            f"model.path={s['model']}",
+            f"rollout.max_new_tokens={s['tokens']}",
+            f"loss.type={loss}",
+            f"train.steps={MAX_STEPS}",
+            "train.checkpoint_every=0",
+            "train.checkpoint_minutes=0",
+            "eval.enabled=false",
+            f"train.seed={s.get('seed', 0)}",
+            f"eval.max_new_tokens={s['eval_tokens']}",
+            f"eval.batch_size={s['eval_batch']}",
+        ],
+    )
 
 
 def heldout(cfg, n: int):
@@ -58,8 +80,18 @@ def heldout(cfg, n: int):
     return heldout_for_eval(load_prompts(cfg.data).heldout, n)
 
 
-QUALITY_KEYS = ("judge_rate", "judge_rate_harmful", "judge_rate_benign", "principle_score", "kl_per_token", "kl_to_target", "target_prefix",
-                "repetition", "loop_rate", "mean_tokens")
+QUALITY_KEYS = (
+    "judge_rate",
+    "judge_rate_harmful",
+    "judge_rate_benign",
+    "principle_score",
+    "kl_per_token",
+    "kl_to_target",
+    "target_prefix",
+    "repetition",
+    "loop_rate",
+    "mean_tokens",
+)
 
 
 def quality(model, tok, fmt, examples, cfg, judge, target: list[list[int]] | None, contrastive: bool = False) -> dict:
@@ -86,10 +118,18 @@ class Clock:
         self.seconds, self.step, self.next_eval, self.curve = 0.0, 0, s["eval_every_s"], []
 
     def point(self) -> None:
-        pt = {"train_seconds": round(self.seconds, 3), "step": self.step, "samples_seen": self.step * self.per_step, **self.evaluate()}
+        pt = {
+            "train_seconds": round(self.seconds, 3),
+            "step": self.step,
+            "samples_seen": self.step * self.per_step,
+            **self.evaluate(),
+        }
         self.curve.append(pt)
-        print(f"  {pt['train_seconds']:7.1f} s  step {pt['step']:3d}  judge {pt['judge_rate']:.3f}  rep {pt['repetition']:.2f}  "
-              f"loops {pt['loop_rate']:.2f}  tokens {pt['mean_tokens']:.1f}  KL to pi* {pt['kl_to_target']}", flush=True)
+        print(
+            f"  {pt['train_seconds']:7.1f} s  step {pt['step']:3d}  judge {pt['judge_rate']:.3f}  rep {pt['repetition']:.2f}  "
+            f"loops {pt['loop_rate']:.2f}  tokens {pt['mean_tokens']:.1f}  KL to pi* {pt['kl_to_target']}",
+            flush=True,
+        )
 
     def tick(self, seconds: float) -> bool:
         self.seconds, self.step = self.seconds + seconds, self.step + 1
@@ -102,19 +142,29 @@ class Clock:
 
 
 def child_iq(s: dict, loss: str) -> dict:
+    from iqstar_lite.algorithm.train import train
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.evaluation.judges import pick_judge
     from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
-    from iqstar_lite.algorithm.train import train
 
     cfg = recipe(s, loss)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
-    model, fmt, judge = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed), Formatter(tok, cfg.data), pick_judge("auto", cfg.data.principle)
+    model, fmt, judge = (
+        load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed),
+        Formatter(tok, cfg.data),
+        pick_judge("auto", cfg.data.principle),
+    )
     examples, target = heldout(cfg, s["eval_prompts"]), load_target(s)
-    clock = Clock(s, lambda: quality(model, tok, fmt, examples, cfg, judge, target), cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
+    clock = Clock(
+        s,
+        lambda: quality(model, tok, fmt, examples, cfg, judge, target),
+        cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+    )
     clock.point()
     with tempfile.TemporaryDirectory(prefix=f"bench-{loss}-") as tmp:
-        train(cfg, Path(tmp), model, tok, training_prompts(cfg, tok), device, on_step=lambda m: clock.tick(m["seconds"]))
+        train(
+            cfg, Path(tmp), model, tok, training_prompts(cfg, tok), device, on_step=lambda m: clock.tick(m["seconds"])
+        )
     return {"curve": clock.curve, "samples_per_step": clock.per_step}
 
 
@@ -124,27 +174,54 @@ def _trl_setup(s: dict) -> dict:
     from peft import LoraConfig
     from transformers import TrainerCallback
 
+    from iqstar_lite.algorithm.train import prompt_batch
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.evaluation.judges import pick_judge
     from iqstar_lite.models.load import load_tokenizer, pick_device
-    from iqstar_lite.algorithm.train import prompt_batch
 
     cfg = recipe(s)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
-    fmt, judge, examples = Formatter(tok, cfg.data), pick_judge("auto", cfg.data.principle), heldout(cfg, s["eval_prompts"])
+    fmt, judge, examples = (
+        Formatter(tok, cfg.data),
+        pick_judge("auto", cfg.data.principle),
+        heldout(cfg, s["eval_prompts"]),
+    )
     rc, k = cfg.rollout, s["trl_samples"]
     n = s["trl_prompts"] * k
     mb = min(cfg.train.micro_batch, n)
     prompts = training_prompts(cfg, tok)
-    order = [e for step in range(MAX_STEPS) for e in prompt_batch(prompts, step, s["trl_prompts"], cfg.train.seed)]  # = iq's sequence
+    order = [
+        e for step in range(MAX_STEPS) for e in prompt_batch(prompts, step, s["trl_prompts"], cfg.train.seed)
+    ]  # = iq's sequence
     lora = cfg.lora
-    targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
+    targets = (
+        lora.target_modules
+        if lora.target_modules == "all-linear"
+        else [t.strip() for t in lora.target_modules.split(",")]
+    )
     args = dict(
-        output_dir=s["tmp"], per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, num_generations=k,
-        max_completion_length=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
-        learning_rate=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm, max_steps=MAX_STEPS, lr_scheduler_type="constant",
-        optim=s["trl_optim"], use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
-        shuffle_dataset=False, disable_tqdm=True, seed=cfg.train.seed, dataloader_num_workers=0,
+        output_dir=s["tmp"],
+        per_device_train_batch_size=mb,
+        gradient_accumulation_steps=n // mb,
+        num_generations=k,
+        max_completion_length=rc.max_new_tokens,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        learning_rate=cfg.train.lr,
+        max_grad_norm=cfg.train.max_grad_norm,
+        max_steps=MAX_STEPS,
+        lr_scheduler_type="constant",
+        optim=s["trl_optim"],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        shuffle_dataset=False,
+        disable_tqdm=True,
+        seed=cfg.train.seed,
+        dataloader_num_workers=0,
     )
 
     def timed(clock):
@@ -160,9 +237,21 @@ def _trl_setup(s: dict) -> dict:
 
         return Timed()
 
-    return {"cfg": cfg, "device": device, "tok": tok, "fmt": fmt, "judge": judge, "examples": examples, "n": n, "order": order,
-            "peft": LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"),
-            "args": args, "timed": timed}
+    return {
+        "cfg": cfg,
+        "device": device,
+        "tok": tok,
+        "fmt": fmt,
+        "judge": judge,
+        "examples": examples,
+        "n": n,
+        "order": order,
+        "peft": LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        ),
+        "args": args,
+        "timed": timed,
+    }
 
 
 def _train_timed(trainer, c: dict, s: dict) -> dict:
@@ -170,7 +259,9 @@ def _train_timed(trainer, c: dict, s: dict) -> dict:
 
     trainer.remove_callback(PrinterCallback)
     target = load_target(s)
-    clock = Clock(s, lambda: quality(trainer.model, c["tok"], c["fmt"], c["examples"], c["cfg"], c["judge"], target), c["n"])
+    clock = Clock(
+        s, lambda: quality(trainer.model, c["tok"], c["fmt"], c["examples"], c["cfg"], c["judge"], target), c["n"]
+    )
     trainer.add_callback(c["timed"](clock))
     trainer.train()
     return {"curve": clock.curve, "samples_per_step": c["n"]}
@@ -206,8 +297,14 @@ def child_trl(s: dict) -> dict:
         return [score(cc[-1]["content"] if isinstance(cc, list) else cc) for cc in completions]
 
     args = GRPOConfig(**c["args"], beta=cfg.loss.beta, epsilon=cfg.loss.clip_eps)
-    trainer = GRPOTrainer(model=load_base(cfg.model, c["device"]), reward_funcs=judge_reward, args=args, processing_class=c["tok"],
-                          peft_config=c["peft"], train_dataset=Dataset.from_list([{"prompt": e.messages} for e in c["order"]]))
+    trainer = GRPOTrainer(
+        model=load_base(cfg.model, c["device"]),
+        reward_funcs=judge_reward,
+        args=args,
+        processing_class=c["tok"],
+        peft_config=c["peft"],
+        train_dataset=Dataset.from_list([{"prompt": e.messages} for e in c["order"]]),
+    )
     return _train_timed(trainer, c, s)
 
 
@@ -221,10 +318,20 @@ def child_sdft(s: dict) -> dict:
 
     c = _trl_setup(s)
     cfg = c["cfg"]
-    args = SDFTConfig(**c["args"], max_prompt_length=cfg.data.max_prompt_tokens, teacher_model_kind="base", distillation_mode="full_logits")
+    args = SDFTConfig(
+        **c["args"],
+        max_prompt_length=cfg.data.max_prompt_tokens,
+        teacher_model_kind="base",
+        distillation_mode="full_logits",
+    )
     data = [{"prompt": e.messages, "privileged_context": cfg.data.principle} for e in c["order"]]
-    trainer = SDFTTrainer(model=load_base(cfg.model, c["device"]), args=args, processing_class=c["tok"], peft_config=c["peft"],
-                          train_dataset=Dataset.from_list(data))
+    trainer = SDFTTrainer(
+        model=load_base(cfg.model, c["device"]),
+        args=args,
+        processing_class=c["tok"],
+        peft_config=c["peft"],
+        train_dataset=Dataset.from_list(data),
+    )
     return _train_timed(trainer, c, s)
 
 
@@ -237,9 +344,19 @@ def child_contrastive(s: dict) -> dict:
 
     cfg = recipe(s)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
-    model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)  # fresh adapters; decoding runs in reference_mode
-    ev = quality(model, tok, Formatter(tok, cfg.data), heldout(cfg, s["eval_prompts"]), cfg, pick_judge("auto", cfg.data.principle), None,
-                 contrastive=True)
+    model = load_policy(
+        cfg.model, cfg.lora, device, seed=cfg.train.seed
+    )  # fresh adapters; decoding runs in reference_mode
+    ev = quality(
+        model,
+        tok,
+        Formatter(tok, cfg.data),
+        heldout(cfg, s["eval_prompts"]),
+        cfg,
+        pick_judge("auto", cfg.data.principle),
+        None,
+        contrastive=True,
+    )
     return {**ev, "alpha": cfg.estimator.alpha}
 
 
@@ -273,29 +390,57 @@ def median_never_inf(values: list[float | None]) -> float | None:
 
 
 def reached(hits: list[dict | None], key: str) -> dict:
-    return {**stats([h[key] for h in hits if h]), "reached": sum(map(bool, hits)), "median_never_as_inf": median_never_inf([h and h[key] for h in hits])}
+    return {
+        **stats([h[key] for h in hits if h]),
+        "reached": sum(map(bool, hits)),
+        "median_never_as_inf": median_never_inf([h and h[key] for h in hits]),
+    }
 
 
 def at_quality(cd: dict, s: dict):
     """The target quality of one run: judge >= --quality-judge, repetition <= that run's contrastive decoding's + margin."""
-    return lambda p: p["judge_rate"] >= s["quality_judge"] and p["repetition"] <= cd["repetition"] + s["quality_repetition_margin"]
+    return lambda p: (
+        p["judge_rate"] >= s["quality_judge"] and p["repetition"] <= cd["repetition"] + s["quality_repetition_margin"]
+    )
 
 
 def summarize(runs: list[dict], contrastive: list[dict], s: dict, target: float | None) -> dict:
     curves = [r["curve"] for r in runs]
     out = {"baseline_judge_rate": stats([c[0]["judge_rate"] for c in curves])}
-    out.update({key: stats([c[-1][k] for c in curves]) for key, k in (("final_judge_rate", "judge_rate"), ("final_repetition", "repetition"),
-                                                                     ("clock_s", "train_seconds"), ("steps", "step"), ("samples", "samples_seen"))})
-    out.update({f"final_{k}": stats([c[-1][k] for c in curves if c[-1].get(k) is not None]) for k in QUALITY_KEYS
-                if f"final_{k}" not in out and any(c[-1].get(k) is not None for c in curves)})
-    out["judge_rate_per_s"] = stats([(c[-1]["judge_rate"] - c[0]["judge_rate"]) / max(c[-1]["train_seconds"], 1e-9) for c in curves], 6)
+    out.update(
+        {
+            key: stats([c[-1][k] for c in curves])
+            for key, k in (
+                ("final_judge_rate", "judge_rate"),
+                ("final_repetition", "repetition"),
+                ("clock_s", "train_seconds"),
+                ("steps", "step"),
+                ("samples", "samples_seen"),
+            )
+        }
+    )
+    out.update(
+        {
+            f"final_{k}": stats([c[-1][k] for c in curves if c[-1].get(k) is not None])
+            for k in QUALITY_KEYS
+            if f"final_{k}" not in out and any(c[-1].get(k) is not None for c in curves)
+        }
+    )
+    out["judge_rate_per_s"] = stats(
+        [(c[-1]["judge_rate"] - c[0]["judge_rate"]) / max(c[-1]["train_seconds"], 1e-9) for c in curves], 6
+    )
     hits = [first_reach(c, at_quality(cd, s)) for c, cd in zip(curves, contrastive)]
     out["time_to_quality_s"], out["samples_to_quality"] = reached(hits, "train_seconds"), reached(hits, "samples_seen")
     # runs that never got there: their best point (highest judge rate, then lowest repetition)
-    out["best_points_of_runs_not_reaching"] = [max(c, key=lambda p: (p["judge_rate"], -p["repetition"])) for c, h in zip(curves, hits) if not h]
+    out["best_points_of_runs_not_reaching"] = [
+        max(c, key=lambda p: (p["judge_rate"], -p["repetition"])) for c, h in zip(curves, hits) if not h
+    ]
     if target is not None:
         hits = [first_reach(c, lambda p: p["judge_rate"] >= target) for c in curves]
-        out["time_to_trl_final_s"], out["samples_to_trl_final"] = reached(hits, "train_seconds"), reached(hits, "samples_seen")
+        out["time_to_trl_final_s"], out["samples_to_trl_final"] = (
+            reached(hits, "train_seconds"),
+            reached(hits, "samples_seen"),
+        )
     out["peak_rss_gib"] = stats([r["peak_rss_bytes"] / 2**30 for r in runs], 3)
     return out
 
@@ -304,7 +449,9 @@ def to_peer_final(curves: list[list[dict]], peer: dict) -> dict:
     """Training seconds until a run first matches a peer's final quality (the peer's final median judge rate, with
     repetition at most its final median repetition), over runs (never = infinitely slow in the median)."""
     judge, rep = peer["final_judge_rate"]["median"], peer["final_repetition"]["median"]
-    return reached([first_reach(c, lambda p: p["judge_rate"] >= judge and p["repetition"] <= rep) for c in curves], "train_seconds")
+    return reached(
+        [first_reach(c, lambda p: p["judge_rate"] >= judge and p["repetition"] <= rep) for c in curves], "train_seconds"
+    )
 
 
 def compare(results: dict, peers: list[str], runs: dict[str, list[dict]] | None = None) -> dict:
@@ -315,28 +462,65 @@ def compare(results: dict, peers: list[str], runs: dict[str, list[dict]] | None 
         for t in trl:
             clock = results[t]["clock_s"]["median"]
             out["to_peer_final_quality"][t] = {
-                "peer_final_judge_rate": results[t]["final_judge_rate"]["median"], "peer_final_repetition": results[t]["final_repetition"]["median"],
+                "peer_final_judge_rate": results[t]["final_judge_rate"]["median"],
+                "peer_final_repetition": results[t]["final_repetition"]["median"],
                 "peer_clock_s": clock,
-                **{p: {**(hit := to_peer_final([r["curve"] for r in runs[p]], results[t])),
-                       "over_peer_clock": ratio(hit["median_never_as_inf"], clock), "met_0.5x": hit["median_never_as_inf"] is not None and hit["median_never_as_inf"] <= 0.5 * clock}
-                   for p in iq}}
+                **{
+                    p: {
+                        **(hit := to_peer_final([r["curve"] for r in runs[p]], results[t])),
+                        "over_peer_clock": ratio(hit["median_never_as_inf"], clock),
+                        "met_0.5x": hit["median_never_as_inf"] is not None
+                        and hit["median_never_as_inf"] <= 0.5 * clock,
+                    }
+                    for p in iq
+                },
+            }
         if trl:  # the best peer: highest final median judge rate, then lowest repetition
-            out["best_peer"] = max(trl, key=lambda t: (results[t]["final_judge_rate"]["median"], -results[t]["final_repetition"]["median"]))
+            out["best_peer"] = max(
+                trl, key=lambda t: (results[t]["final_judge_rate"]["median"], -results[t]["final_repetition"]["median"])
+            )
     # the headline: time to target quality, median over runs (never = infinitely slow), Inverse-Q* / each TRL peer
-    out["time_to_quality_iq_over_trl"] = {p: {t: ratio(results[p]["time_to_quality_s"]["median_never_as_inf"],
-                                                   results[t]["time_to_quality_s"]["median_never_as_inf"]) for t in trl} for p in iq}
-    out["samples_to_quality_iq_over_trl"] = {p: {t: ratio(results[p]["samples_to_quality"]["median_never_as_inf"],
-                                                      results[t]["samples_to_quality"]["median_never_as_inf"]) for t in trl} for p in iq}
+    out["time_to_quality_iq_over_trl"] = {
+        p: {
+            t: ratio(
+                results[p]["time_to_quality_s"]["median_never_as_inf"],
+                results[t]["time_to_quality_s"]["median_never_as_inf"],
+            )
+            for t in trl
+        }
+        for p in iq
+    }
+    out["samples_to_quality_iq_over_trl"] = {
+        p: {
+            t: ratio(
+                results[p]["samples_to_quality"]["median_never_as_inf"],
+                results[t]["samples_to_quality"]["median_never_as_inf"],
+            )
+            for t in trl
+        }
+        for p in iq
+    }
     if "trl-grpo" in peers and iq:
         grpo = results["trl-grpo"]
         trl_t, trl_clock = grpo["time_to_trl_final_s"]["median_never_as_inf"], grpo["clock_s"]["median"]
-        out["ratios_iq_over_trl"] = {p: {"time_to_trl_final": ratio(results[p]["time_to_trl_final_s"]["median_never_as_inf"], trl_t),
-                                         "final_judge_rate": ratio(results[p]["final_judge_rate"]["median"], grpo["final_judge_rate"]["median"]),
-                                         "judge_rate_per_s": ratio(results[p]["judge_rate_per_s"]["median"], grpo["judge_rate_per_s"]["median"])}
-                                     for p in iq}
-        out["targets"] = {"trl_final_judge_rate_median": results["trl_final_judge_rate_median"], "trl_clock_s_median": trl_clock,
-                          "trl_improved": grpo["final_judge_rate"]["median"] > grpo["baseline_judge_rate"]["median"],
-                          **{f"{p}_met": (t := results[p]["time_to_trl_final_s"]["median_never_as_inf"]) is not None and t <= trl_clock for p in iq}}
+        out["ratios_iq_over_trl"] = {
+            p: {
+                "time_to_trl_final": ratio(results[p]["time_to_trl_final_s"]["median_never_as_inf"], trl_t),
+                "final_judge_rate": ratio(results[p]["final_judge_rate"]["median"], grpo["final_judge_rate"]["median"]),
+                "judge_rate_per_s": ratio(results[p]["judge_rate_per_s"]["median"], grpo["judge_rate_per_s"]["median"]),
+            }
+            for p in iq
+        }
+        out["targets"] = {
+            "trl_final_judge_rate_median": results["trl_final_judge_rate_median"],
+            "trl_clock_s_median": trl_clock,
+            "trl_improved": grpo["final_judge_rate"]["median"] > grpo["baseline_judge_rate"]["median"],
+            **{
+                f"{p}_met": (t := results[p]["time_to_trl_final_s"]["median_never_as_inf"]) is not None
+                and t <= trl_clock
+                for p in iq
+            },
+        }
     return out
 
 
@@ -360,12 +544,18 @@ def notes(args) -> list[str]:
         "for the best peer).",
         "Run r (0, 1, 2, ...) of every peer trains with train.seed = r: LoRA init, sampling and prompt order differ between runs, "
         "and every peer sees the same prompt sequence within a run.",
-        *([f"Runs of the peers not run now (and the contrastive runs) are reused from {args.add_to.name}."] if args.add_to else []),
+        *(
+            [f"Runs of the peers not run now (and the contrastive runs) are reused from {args.add_to.name}."]
+            if args.add_to
+            else []
+        ),
     ]
 
 
 def main() -> None:
-    p = base_parser("Held-out quality vs training seconds: Inverse-Q* (3 losses) vs TRL GRPO (dense judge reward) and TRL SDFT.")
+    p = base_parser(
+        "Held-out quality vs training seconds: Inverse-Q* (3 losses) vs TRL GRPO (dense judge reward) and TRL SDFT."
+    )
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     p.add_argument("--recipe", default="smollm2_cpu", help="smollm2_cpu (French) or smollm2_short (one short sentence)")
     p.add_argument("--peers", default=",".join([*IQ_PEERS, *TRL_PEERS]))
@@ -374,25 +564,70 @@ def main() -> None:
     p.add_argument("--eval-every-s", type=float, default=100, help="evaluate every this many training-clock seconds")
     p.add_argument("--tokens", type=int, default=32, help="max new tokens per training response (every peer)")
     p.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts (the demo's eval.max_prompts)")
-    p.add_argument("--eval-tokens", type=int, default=48, help="new tokens per held-out answer (the demo's eval.max_new_tokens)")
+    p.add_argument(
+        "--eval-tokens", type=int, default=48, help="new tokens per held-out answer (the demo's eval.max_new_tokens)"
+    )
     p.add_argument("--eval-batch", type=int, default=20)
     p.add_argument("--quality-judge", type=float, default=0.8, help="target quality: judge rate at least this")
-    p.add_argument("--quality-repetition-margin", type=float, default=0.05, help="target quality: repetition <= contrastive decoding's + this")
+    p.add_argument(
+        "--quality-repetition-margin",
+        type=float,
+        default=0.05,
+        help="target quality: repetition <= contrastive decoding's + this",
+    )
     p.add_argument("--trl-prompts", type=int, default=4)
     p.add_argument("--trl-samples", type=int, default=4, help="GRPO num_generations")
     p.add_argument("--trl-optim", default="adamw_bnb_8bit", help="TRL optim= (iqstar_lite uses bitsandbytes AdamW8bit)")
-    p.add_argument("--trl-reward", choices=("judge", "dense"), default="dense",
-                   help="judge: the 0/1 judge itself; dense: a dense form of it (dense_score: log P(target language); sentences / words)")
-    p.add_argument("--add-to", type=Path, default=None,
-                   help="an earlier convergence result: reuse its runs of the peers not in --peers and its contrastive runs (same settings)")
-    args = parse_args(p, {"model": "embedded:tiny-random", "runs": 1, "budget_s": 4, "eval_every_s": 2, "tokens": 8, "eval_prompts": 8,
-                          "eval_tokens": 8, "eval_batch": 8})
+    p.add_argument(
+        "--trl-reward",
+        choices=("judge", "dense"),
+        default="dense",
+        help="judge: the 0/1 judge itself; dense: a dense form of it (dense_score: log P(target language); sentences / words)",
+    )
+    p.add_argument(
+        "--add-to",
+        type=Path,
+        default=None,
+        help="an earlier convergence result: reuse its runs of the peers not in --peers and its contrastive runs (same settings)",
+    )
+    args = parse_args(
+        p,
+        {
+            "model": "embedded:tiny-random",
+            "runs": 1,
+            "budget_s": 4,
+            "eval_every_s": 2,
+            "tokens": 8,
+            "eval_prompts": 8,
+            "eval_tokens": 8,
+            "eval_batch": 8,
+        },
+    )
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     if unknown := [x for x in peers if x not in (*IQ_PEERS, *TRL_PEERS)]:
         p.error(f"unknown peers {unknown}; choose from {', '.join([*IQ_PEERS, *TRL_PEERS])}")
-    settings = {k: getattr(args, k) for k in ("model", "recipe", "runs", "budget_s", "eval_every_s", "tokens", "eval_prompts", "eval_tokens",
-                                              "eval_batch", "quality_judge", "quality_repetition_margin", "trl_prompts", "trl_samples",
-                                              "trl_optim", "trl_reward", "threads", "quick")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "recipe",
+            "runs",
+            "budget_s",
+            "eval_every_s",
+            "tokens",
+            "eval_prompts",
+            "eval_tokens",
+            "eval_batch",
+            "quality_judge",
+            "quality_repetition_margin",
+            "trl_prompts",
+            "trl_samples",
+            "trl_optim",
+            "trl_reward",
+            "threads",
+            "quick",
+        )
+    }
     settings["peers"] = peers
     prev = json.loads(args.add_to.read_text()) if args.add_to else None
     if prev:
@@ -400,7 +635,9 @@ def main() -> None:
         if diff := [k for k in same if prev["settings"].get(k) != settings[k]]:
             p.error(f"--add-to {args.add_to} was run with other settings: {', '.join(diff)}")
         settings["added_to"] = args.add_to.name
-        if "trl-grpo" not in peers:  # TRL's runs are reused: report the reward they were trained with, not this command's default
+        if (
+            "trl-grpo" not in peers
+        ):  # TRL's runs are reused: report the reward they were trained with, not this command's default
             args.trl_reward = settings["trl_reward"] = prev["settings"].get("trl_reward", "judge")
     warn_if_busy()
     runs: dict[str, list[dict]] = {peer: [] for peer in peers}
@@ -409,39 +646,67 @@ def main() -> None:
         for r in range(args.runs):
             if r >= len(contrastive):
                 print(f"run {r + 1}/{args.runs}: contrastive decoding ...", flush=True)
-                contrastive.append(run_child([sys.executable, __file__, "--child", "contrastive", json.dumps({**settings, "seed": r})]))
-            target = Path(tmp) / f"target-{r}.json"  # pi-hat*'s greedy answers: every peer's KL(pi-hat* || pi_theta) of run r
+                contrastive.append(
+                    run_child([sys.executable, __file__, "--child", "contrastive", json.dumps({**settings, "seed": r})])
+                )
+            target = (
+                Path(tmp) / f"target-{r}.json"
+            )  # pi-hat*'s greedy answers: every peer's KL(pi-hat* || pi_theta) of run r
             target.write_text(json.dumps(contrastive[r]["target"]))
             # run r trains with train.seed = r (LoRA init, sampling, prompt order; TRL: its seed and the same prompt order)
-            for peer in (peers if r % 2 == 0 else peers[::-1]):
+            for peer in peers if r % 2 == 0 else peers[::-1]:
                 print(f"run {r + 1}/{args.runs}: {peer} ...", flush=True)
-                runs[peer].append(run_child([sys.executable, __file__, "--child", peer, json.dumps({**settings, "seed": r, "target_file": str(target)})],
-                                            env={"TQDM_DISABLE": "1"}))
+                runs[peer].append(
+                    run_child(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--child",
+                            peer,
+                            json.dumps({**settings, "seed": r, "target_file": str(target)}),
+                        ],
+                        env={"TQDM_DISABLE": "1"},
+                    )
+                )
     if prev:
         runs = {**{k: v for k, v in prev["results"]["raw"].items() if k not in runs}, **runs}
         peers = list(runs)
     contrastive = contrastive[: args.runs]
-    results: dict = {"contrastive_judge_rate": stats([c["judge_rate"] for c in contrastive]),
-                     **{f"contrastive_{k}": stats([c[k] for c in contrastive if c.get(k) is not None]) for k in QUALITY_KEYS[1:]
-                        if any(c.get(k) is not None for c in contrastive)},
-                     "contrastive": contrastive}
+    results: dict = {
+        "contrastive_judge_rate": stats([c["judge_rate"] for c in contrastive]),
+        **{
+            f"contrastive_{k}": stats([c[k] for c in contrastive if c.get(k) is not None])
+            for k in QUALITY_KEYS[1:]
+            if any(c.get(k) is not None for c in contrastive)
+        },
+        "contrastive": contrastive,
+    }
     target_rate = None
     if "trl-grpo" in runs:
-        target_rate = results["trl_final_judge_rate_median"] = statistics.median(rs["curve"][-1]["judge_rate"] for rs in runs["trl-grpo"])
+        target_rate = results["trl_final_judge_rate_median"] = statistics.median(
+            rs["curve"][-1]["judge_rate"] for rs in runs["trl-grpo"]
+        )
     results.update({peer: summarize(rs, contrastive, settings, target_rate) for peer, rs in runs.items()})
     results.update(compare(results, peers, runs))
     results["raw"] = runs
     for peer in peers:
         rr = results[peer]
         q = rr["time_to_quality_s"]
-        print(f"{peer:>12}: judge {rr['baseline_judge_rate']['median']:.3f} -> {rr['final_judge_rate']['median']:.3f}, repetition "
-              f"{rr['final_repetition']['median']:.2f}, loops {rr['final_loop_rate']['median']:.2f} in {rr['clock_s']['median']:.1f} s "
-              f"({rr['steps']['median']:.0f} steps); to target quality: {q.get('median_never_as_inf')} s ({q.get('reached')}/{args.runs} runs)")
-    print(f"contrastive decoding: judge {results['contrastive_judge_rate']['median']}, repetition "
-          f"{results['contrastive_repetition']['median']}; time to quality iq / trl: {results['time_to_quality_iq_over_trl']}")
+        print(
+            f"{peer:>12}: judge {rr['baseline_judge_rate']['median']:.3f} -> {rr['final_judge_rate']['median']:.3f}, repetition "
+            f"{rr['final_repetition']['median']:.2f}, loops {rr['final_loop_rate']['median']:.2f} in {rr['clock_s']['median']:.1f} s "
+            f"({rr['steps']['median']:.0f} steps); to target quality: {q.get('median_never_as_inf')} s ({q.get('reached')}/{args.runs} runs)"
+        )
+    print(
+        f"contrastive decoding: judge {results['contrastive_judge_rate']['median']}, repetition "
+        f"{results['contrastive_repetition']['median']}; time to quality iq / trl: {results['time_to_quality_iq_over_trl']}"
+    )
     for t, v in results.get("to_peer_final_quality", {}).items():
-        print(f"to {t}'s final quality (judge >= {v['peer_final_judge_rate']}, repetition <= {v['peer_final_repetition']}; its clock "
-              f"{v['peer_clock_s']} s): " + ", ".join(f"{p} {v[p]['median_never_as_inf']} s = {v[p]['over_peer_clock']}x" for p in v if p in IQ_PEERS))
+        print(
+            f"to {t}'s final quality (judge >= {v['peer_final_judge_rate']}, repetition <= {v['peer_final_repetition']}; its clock "
+            f"{v['peer_clock_s']} s): "
+            + ", ".join(f"{p} {v[p]['median_never_as_inf']} s = {v[p]['over_peer_clock']}x" for p in v if p in IQ_PEERS)
+        )
     write_result("convergence", settings, results, notes(args), args.results)
 
 

@@ -20,11 +20,31 @@ import gc
 import json
 from pathlib import Path
 
-from common import base_parser, parse_args, quiet_libraries, ratio, repeat, set_threads, stats, warn_if_busy, write_result
+from common import (
+    base_parser,
+    parse_args,
+    quiet_libraries,
+    ratio,
+    repeat,
+    set_threads,
+    stats,
+    warn_if_busy,
+    write_result,
+)
 from decoders import ort_generator, ort_greedy, torch_greedy
 
 EVAL_FILES = {"before": "eval_before.json", "contrastive": "eval_contrastive.json", "trained": "eval_after.json"}
-SUMMARY_KEYS = ("n", "principle_score", "judge", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_per_token", "mean_tokens", "seconds")
+SUMMARY_KEYS = (
+    "n",
+    "principle_score",
+    "judge",
+    "judge_rate",
+    "judge_rate_harmful",
+    "judge_rate_benign",
+    "kl_per_token",
+    "mean_tokens",
+    "seconds",
+)
 
 
 def quality(run_dir: Path) -> dict:
@@ -48,16 +68,18 @@ def measure(name: str, fn, batch: int, repeats: int) -> dict:
 
 def side_fns(side: str, run_dir: Path, cfg, tok, new_tokens: int, threads: int = 0):
     """fn(plain_texts, cond_texts) -> tokens [B, steps] for one decoding side (the closure holds the model)."""
+    from iqstar_lite.algorithm.rollout import model_eos_ids, sample
     from iqstar_lite.evaluation.evaluate import contrastive_generate
     from iqstar_lite.models.load import load_policy, pick_device
-    from iqstar_lite.algorithm.rollout import model_eos_ids, sample
 
     if side == "contrastive":
-        model = load_policy(cfg.model, cfg.lora, pick_device(cfg.model))  # fresh adapters; decoding runs in reference_mode
+        model = load_policy(
+            cfg.model, cfg.lora, pick_device(cfg.model)
+        )  # fresh adapters; decoding runs in reference_mode
         return lambda plain, cond: contrastive_generate(model, tok, cond, plain, cfg.estimator.alpha, new_tokens)
     if side == "trained-nf4":
-        from iqstar_lite.models.load import adapter_dir
         from iqstar_lite.export.merge import load_trained
+        from iqstar_lite.models.load import adapter_dir
 
         model = load_trained(cfg.model, adapter_dir(run_dir), pick_device(cfg.model))
         return lambda plain, cond: sample(model, tok, plain, max_new_tokens=new_tokens, greedy=True).response_ids
@@ -67,7 +89,9 @@ def side_fns(side: str, run_dir: Path, cfg, tok, new_tokens: int, threads: int =
 
         model = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
         eos = model_eos_ids(model, tok)
-        return lambda plain, cond: torch_greedy(model, ids_of(tok, plain), new_tokens, tok.pad_token_id, eos, fixed_length=False)
+        return lambda plain, cond: torch_greedy(
+            model, ids_of(tok, plain), new_tokens, tok.pad_token_id, eos, fixed_length=False
+        )
     gen = ort_generator(run_dir / "onnx", threads)
     return lambda plain, cond: ort_greedy(gen, ids_of(tok, plain), new_tokens, tok.pad_token_id, stop_at_eos=True)
 
@@ -89,8 +113,8 @@ def main() -> None:
     from iqstar_lite.config import load_run_config
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.data.sources import load_prompts
-    from iqstar_lite.models.load import load_tokenizer
     from iqstar_lite.evaluation.report import heldout_for_eval
+    from iqstar_lite.models.load import load_tokenizer
 
     cfg = load_run_config(args.run_dir)
     new_tokens = args.new_tokens or cfg.eval.max_new_tokens
@@ -99,7 +123,9 @@ def main() -> None:
     fmt = Formatter(tok, cfg.data, cfg.estimator.kind)
     examples = heldout_for_eval(load_prompts(cfg.data).heldout, max(batches))
     plain, cond = [fmt.plain(e) for e in examples], [fmt.conditioned(e) for e in examples]
-    sides = ["contrastive", "trained-nf4"] + [s for s, d in (("merged-fp32", "merged"), ("onnx", "onnx")) if (args.run_dir / d).is_dir()]
+    sides = ["contrastive", "trained-nf4"] + [
+        s for s, d in (("merged-fp32", "merged"), ("onnx", "onnx")) if (args.run_dir / d).is_dir()
+    ]
     speed: dict = {}
     for side in sides:  # one model in memory at a time
         fn = side_fns(side, args.run_dir, cfg, tok, new_tokens, args.threads)
@@ -108,18 +134,34 @@ def main() -> None:
         fn = None  # free this side's model before loading the next
         gc.collect()
     med = lambda s, b: speed.get(s, {}).get(f"batch_{b}", {}).get("tokens_per_s", {}).get("median")  # noqa: E731
-    ratios = {f"batch_{b}": {f"{s}_over_contrastive": ratio(med(s, b), med("contrastive", b)) for s in sides if s != "contrastive"} for b in batches}
+    ratios = {
+        f"batch_{b}": {
+            f"{s}_over_contrastive": ratio(med(s, b), med("contrastive", b)) for s in sides if s != "contrastive"
+        }
+        for b in batches
+    }
     q = quality(args.run_dir)
     results = {"tokens_per_s": speed, "ratios": ratios, "quality": q}
     for b in batches:
         print(f"batch {b}: " + ", ".join(f"{k} {v}" for k, v in ratios[f"batch_{b}"].items()))
     for name, s in q.items():
         print(f"{name:>12}: principle score {s['principle_score']}, judge rate {s['judge_rate']} ({s['judge']})")
-    settings = {"run_dir": str(args.run_dir), "batches": batches, "new_tokens": new_tokens, "repeats": args.repeats, "threads": args.threads,
-                "quick": args.quick, "alpha": cfg.estimator.alpha, "principle": cfg.data.principle, "model": cfg.model.path}
-    notes = ["Natural length: every side stops when all rows reached EOS, so steps differ by side; tokens/s counts rows x steps.",
-             "contrastive and trained-nf4 share kernels (NF4 base, bitsandbytes, repack off); merged-fp32 / onnx are the deployment paths.",
-             "quality comes from the run's evaluation files (held-out prompts, principle absent for before/trained)."]
+    settings = {
+        "run_dir": str(args.run_dir),
+        "batches": batches,
+        "new_tokens": new_tokens,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "quick": args.quick,
+        "alpha": cfg.estimator.alpha,
+        "principle": cfg.data.principle,
+        "model": cfg.model.path,
+    }
+    notes = [
+        "Natural length: every side stops when all rows reached EOS, so steps differ by side; tokens/s counts rows x steps.",
+        "contrastive and trained-nf4 share kernels (NF4 base, bitsandbytes, repack off); merged-fp32 / onnx are the deployment paths.",
+        "quality comes from the run's evaluation files (held-out prompts, principle absent for before/trained).",
+    ]
     write_result("decode_vs_trained", settings, results, notes, args.results)
 
 

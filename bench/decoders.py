@@ -27,15 +27,26 @@ def ort_greedy(gen, batch_ids: list[list[int]], new_tokens: int, pad_id: int, st
     return np.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=np.int64)
 
 
-def torch_greedy(model, batch_ids: list[list[int]], new_tokens: int, pad_id: int, eos_ids: list[int], fixed_length: bool = True):
+def torch_greedy(
+    model, batch_ids: list[list[int]], new_tokens: int, pad_id: int, eos_ids: list[int], fixed_length: bool = True
+):
     """Greedy tokens [B, steps] from the package's one decoding loop (``rollout.sample``: left-padded, KV cache);
     ``fixed_length`` blocks EOS so every row decodes ``new_tokens`` steps (speed runs)."""
     from types import SimpleNamespace
 
     from iqstar_lite.algorithm.rollout import sample
 
-    ids_only = SimpleNamespace(pad_token_id=pad_id, eos_token_id=eos_ids[0] if eos_ids else None)  # contexts are ids: no encoding
-    return sample(model, ids_only, batch_ids, max_new_tokens=new_tokens, greedy=True, min_new_tokens=new_tokens if fixed_length else 0).response_ids
+    ids_only = SimpleNamespace(
+        pad_token_id=pad_id, eos_token_id=eos_ids[0] if eos_ids else None
+    )  # contexts are ids: no encoding
+    return sample(
+        model,
+        ids_only,
+        batch_ids,
+        max_new_tokens=new_tokens,
+        greedy=True,
+        min_new_tokens=new_tokens if fixed_length else 0,
+    ).response_ids
 
 
 def until_eos(tokens, eos_ids: list[int]) -> list[int]:

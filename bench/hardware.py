@@ -26,8 +26,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from common import base_parser, parse_args, quiet_libraries, repeat, set_threads, stats, training_prompts, warn_if_busy, write_result
+from common import (
+    base_parser,
+    parse_args,
+    quiet_libraries,
+    repeat,
+    set_threads,
+    stats,
+    training_prompts,
+    warn_if_busy,
+    write_result,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -51,46 +60,70 @@ def bandwidth_gbs(mib: int, repeats: int) -> dict:
     nbytes = src.numel() * 4
     copy_t, _ = repeat(lambda: dst.copy_(src), repeats)
     read_t, _ = repeat(lambda: src.sum(), repeats)
-    return {"copy": stats([2 * nbytes / t / 1e9 for t in copy_t], 2),  # read + write
-            "read": stats([nbytes / t / 1e9 for t in read_t], 2), "mib": mib}
+    return {
+        "copy": stats([2 * nbytes / t / 1e9 for t in copy_t], 2),  # read + write
+        "read": stats([nbytes / t / 1e9 for t in read_t], 2),
+        "mib": mib,
+    }
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 def train_run(recipe: str, steps: int, out_dir: Path) -> Path:
-    cmd = [sys.executable, "-m", "iqstar_lite.recipe", recipe, "stages=train", "eval.enabled=false", f"train.steps={steps}",
-           "train.checkpoint_every=0", f"out_dir={out_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "iqstar_lite.recipe",
+        recipe,
+        "stages=train",
+        "eval.enabled=false",
+        f"train.steps={steps}",
+        "train.checkpoint_every=0",
+        f"out_dir={out_dir}",
+    ]
     print("training:", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
     return out_dir / "metrics.jsonl"
 
 
 def model_sizes(cfg) -> dict:
-    from iqstar_lite.models.memory import count_params
     from iqstar_lite.models.load import load_model_config
+    from iqstar_lite.models.memory import count_params
 
     mc = load_model_config(cfg.model.path)
     total, linear, lora = count_params(mc, cfg.lora.r, cfg.lora.target_modules)
     per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.model.double_quant else 4 / 64)
-    return {"total": total, "linear": linear, "lora": lora, "lm_head": mc.vocab_size * mc.hidden_size, "nf4_bytes_per_param": per_param}
+    return {
+        "total": total,
+        "linear": linear,
+        "lora": lora,
+        "lm_head": mc.vocab_size * mc.hidden_size,
+        "nf4_bytes_per_param": per_param,
+    }
 
 
 def step_tokens(cfg, step: int) -> dict:
     """Padded positions the update and estimator forward for metrics step ``step`` (1-based)."""
+    from iqstar_lite.algorithm.train import prompt_batch
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.models.load import load_tokenizer
-    from iqstar_lite.algorithm.train import prompt_batch
 
     tok = load_tokenizer(cfg.model.path)
     fmt = Formatter(tok, cfg.data, cfg.estimator.kind)
     rc, mb, T = cfg.rollout, cfg.train.micro_batch, cfg.rollout.max_new_tokens
-    batch = [e for e in prompt_batch(training_prompts(cfg, tok), step - 1, rc.prompts_per_step, cfg.train.seed) for _ in range(rc.samples_per_prompt)]
+    batch = [
+        e
+        for e in prompt_batch(training_prompts(cfg, tok), step - 1, rc.prompts_per_step, cfg.train.seed)
+        for _ in range(rc.samples_per_prompt)
+    ]
     plain = [len(fmt.ids(fmt.plain(e))) for e in batch]
     cond = [len(fmt.ids(fmt.conditioned(e))) for e in batch]
     chunks = [slice(s, s + mb) for s in range(0, len(batch), mb)]
     update = sum(len(plain[c]) * (max(plain[c]) + T) for c in chunks)
-    estimator = sum(2 * len(plain[c]) * (max(plain[c] + cond[c]) + T) for c in chunks)  # both contexts stacked, one width
+    estimator = sum(
+        2 * len(plain[c]) * (max(plain[c] + cond[c]) + T) for c in chunks
+    )  # both contexts stacked, one width
     return {"rows": len(batch), "response_width": T, "update": update, "estimator": estimator}
 
 
@@ -108,10 +141,18 @@ def utilisation(cfg, rows: list[dict], hw: dict) -> dict:
         decode_steps_per_s = gen_tokens / tk["rows"] / r["t_rollout"]
         packed = sizes["linear"] * sizes["nf4_bytes_per_param"] + sizes["lm_head"] * 4 + sizes["lora"] * 4
         dequant = packed + sizes["linear"] * 2 * 2
-        per_step.append({"update_gflops_6N": upd6 / r["t_update"] / 1e9, "update_gflops_4N": upd6 * 4 / 6 / r["t_update"] / 1e9,
-                         "estimator_gflops": est2 / r["t_estimator"] / 1e9, "gen_tokens_per_s": gen_tokens / r["t_rollout"],
-                         "rollout_gbs_packed": packed * decode_steps_per_s / 1e9, "rollout_gbs_dequant": dequant * decode_steps_per_s / 1e9,
-                         "update_tokens": tk["update"], "estimator_tokens": tk["estimator"]})
+        per_step.append(
+            {
+                "update_gflops_6N": upd6 / r["t_update"] / 1e9,
+                "update_gflops_4N": upd6 * 4 / 6 / r["t_update"] / 1e9,
+                "estimator_gflops": est2 / r["t_estimator"] / 1e9,
+                "gen_tokens_per_s": gen_tokens / r["t_rollout"],
+                "rollout_gbs_packed": packed * decode_steps_per_s / 1e9,
+                "rollout_gbs_dequant": dequant * decode_steps_per_s / 1e9,
+                "update_tokens": tk["update"],
+                "estimator_tokens": tk["estimator"],
+            }
+        )
     agg = {k: stats([p[k] for p in per_step], 3) for k in per_step[0]}
     bw = hw["bandwidth_gbs"]["copy"]["max"]
     dtype = "bf16" if torch.bfloat16 == _compute_dtype(cfg) else "fp32"
@@ -134,8 +175,8 @@ def _compute_dtype(cfg):
 
 def profile_step(cfg, top: int = 15) -> dict:
     """torch.profiler over one ``train`` step, after one warm-up step (own model load, temp dir)."""
-    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
     from iqstar_lite.algorithm.train import train
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
 
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.resume = 1, 0, False
     device = pick_device(cfg.model)
@@ -146,10 +187,19 @@ def profile_step(cfg, top: int = 15) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             train(cfg, Path(tmp), model, tok, prompts, device)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"note": "one train() call (steps=1): rollout + estimator + update + optimizer creation + adapter save",
-            "top_self_cpu": [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-                              "cpu_total_ms": round(e.cpu_time_total / 1e3, 2)} for e in events],
-            "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)}
+    return {
+        "note": "one train() call (steps=1): rollout + estimator + update + optimizer creation + adapter save",
+        "top_self_cpu": [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                "cpu_total_ms": round(e.cpu_time_total / 1e3, 2),
+            }
+            for e in events
+        ],
+        "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top),
+    }
 
 
 def main() -> None:
@@ -159,7 +209,9 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=1024, help="tensor size for the bandwidth copy")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--recipe", default="smollm2_cpu", help="recipe for the short run")
-    p.add_argument("--train-steps", type=int, default=4, help="steps of the short run (the first is excluded as warm-up)")
+    p.add_argument(
+        "--train-steps", type=int, default=4, help="steps of the short run (the first is excluded as warm-up)"
+    )
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step")
     args = parse_args(p, {"sizes": "256,512", "mib": 64, "repeats": 3, "recipe": "tiny_cpu", "train_steps": 2})
     quiet_libraries()
@@ -168,29 +220,45 @@ def main() -> None:
     from iqstar_lite.checkpoint import jsonl_rows
     from iqstar_lite.config import load_run_config
 
-    hw = {"matmul_gflops": matmul_gflops([int(x) for x in args.sizes.split(",")], args.repeats), "bandwidth_gbs": bandwidth_gbs(args.mib, args.repeats)}
+    hw = {
+        "matmul_gflops": matmul_gflops([int(x) for x in args.sizes.split(",")], args.repeats),
+        "bandwidth_gbs": bandwidth_gbs(args.mib, args.repeats),
+    }
     for k, v in hw["matmul_gflops"].items():
         print(f"matmul {k}: {v['median']:.1f} GFLOP/s (max {v['max']:.1f})")
-    print(f"copy {hw['bandwidth_gbs']['copy']['median']:.1f} GB/s, read {hw['bandwidth_gbs']['read']['median']:.1f} GB/s")
+    print(
+        f"copy {hw['bandwidth_gbs']['copy']['median']:.1f} GB/s, read {hw['bandwidth_gbs']['read']['median']:.1f} GB/s"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-hw-") as tmp:
         metrics = args.metrics or train_run(args.recipe, args.train_steps, Path(tmp) / "run")
         cfg = load_run_config(metrics.parent)
         rows = jsonl_rows(metrics)  # the package's one metrics reader
     rows = rows[1:] if len(rows) > 1 else rows
-    results = {**hw, "run": {"metrics": str(args.metrics) if args.metrics else f"short run: {args.recipe}, {args.train_steps} steps",
-                             "steps_used": [r["step"] for r in rows]}, "utilisation": utilisation(cfg, rows, hw)}
+    results = {
+        **hw,
+        "run": {
+            "metrics": str(args.metrics) if args.metrics else f"short run: {args.recipe}, {args.train_steps} steps",
+            "steps_used": [r["step"] for r in rows],
+        },
+        "utilisation": utilisation(cfg, rows, hw),
+    }
     u = results["utilisation"]
-    print(f"update: {u['update_gflops_6N']['median']:.2f} GFLOP/s (6N) = MFU {u['mfu_update_6N_vs_measured_peak']:.1%} of measured "
-          f"{u['peak_used']['compute_dtype']} peak; estimator MFU {u['mfu_estimator_vs_measured_peak']:.1%}; rollout "
-          f"{u['gen_tokens_per_s']['median']:.1f} tok/s = {u['rollout_bw_util_packed']:.1%} (packed) / {u['rollout_bw_util_dequant']:.1%} (dequant) of copy bandwidth")
+    print(
+        f"update: {u['update_gflops_6N']['median']:.2f} GFLOP/s (6N) = MFU {u['mfu_update_6N_vs_measured_peak']:.1%} of measured "
+        f"{u['peak_used']['compute_dtype']} peak; estimator MFU {u['mfu_estimator_vs_measured_peak']:.1%}; rollout "
+        f"{u['gen_tokens_per_s']['median']:.1f} tok/s = {u['rollout_bw_util_packed']:.1%} (packed) / "
+        f"{u['rollout_bw_util_dequant']:.1%} (dequant) of copy bandwidth"
+    )
     if args.profile:
         results["profile"] = profile_step(cfg)
         print(results["profile"]["table"])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    notes = ["Utilisation is relative to the peak measured here with torch (best repeat), not the CPU's datasheet peak.",
-             "6N = 2N forward + 4N backward (standard estimate); 4N shown too since frozen weights need no weight gradient.",
-             "rollout_bw_util_packed counts NF4 weight bytes; _dequant adds bitsandbytes' bf16 dequantize round trip.",
-             "Response width is taken as rollout.max_new_tokens (an upper bound when every row of a step stopped early)."]
+    notes = [
+        "Utilisation is relative to the peak measured here with torch (best repeat), not the CPU's datasheet peak.",
+        "6N = 2N forward + 4N backward (standard estimate); 4N shown too since frozen weights need no weight gradient.",
+        "rollout_bw_util_packed counts NF4 weight bytes; _dequant adds bitsandbytes' bf16 dequantize round trip.",
+        "Response width is taken as rollout.max_new_tokens (an upper bound when every row of a step stopped early).",
+    ]
     write_result("hardware", settings, results, notes, args.results)
 
 

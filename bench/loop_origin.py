@@ -18,23 +18,27 @@ from pathlib import Path
 
 
 def main(run: Path, contrastive: Path) -> dict:
+    from iqstar_lite.algorithm.rollout import model_eos_ids, response_mask
     from iqstar_lite.config import load_run_config
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.data.sources import load_prompts
     from iqstar_lite.evaluation.evaluate import common_prefix, contrastive_generate, loops, repetition
-    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
     from iqstar_lite.evaluation.report import heldout_for_eval
-    from iqstar_lite.algorithm.rollout import model_eos_ids, response_mask
+    from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
 
     cfg = load_run_config(run)
     tok = load_tokenizer(cfg.model.path)
-    model = load_policy(cfg.model, cfg.lora, pick_device(cfg.model), seed=0)  # fresh adapters: pi-hat* comes from the reference
+    model = load_policy(
+        cfg.model, cfg.lora, pick_device(cfg.model), seed=0
+    )  # fresh adapters: pi-hat* comes from the reference
     fmt = Formatter(tok, cfg.data)
     examples = heldout_for_eval(load_prompts(cfg.data).heldout, cfg.eval.max_prompts)
     trained = json.loads((run / "eval_after.json").read_text())["records"]
     target = json.loads(contrastive.read_text())["records"]
     if not (len(trained) == len(target) == len(examples)):
-        raise SystemExit(f"{run}/eval_after.json, {contrastive} and the recipe's held-out prompts differ in length; use the same recipe")
+        raise SystemExit(
+            f"{run}/eval_after.json, {contrastive} and the recipe's held-out prompts differ in length; use the same recipe"
+        )
     n_new, eos = cfg.eval.max_new_tokens, model_eos_ids(model, tok)
     prefixes = []
     for t, c in zip(trained, target):
@@ -49,12 +53,19 @@ def main(run: Path, contrastive: Path) -> dict:
         mask = response_mask(resp, eos)
         for i in range(resp.shape[0]):
             pre = prefixes[s + i]
-            answers.append(tok.decode(pre) + tok.decode(resp[i][mask[i].bool()][: max(0, n_new - len(pre))], skip_special_tokens=True))
-    summary = {"n": len(answers), "trained_loops": sum(bool(r["loops"]) for r in trained), "contrastive_loops": sum(bool(r["loops"]) for r in target),
-               "contrastive_from_divergence_loops": sum(loops(a) for a in answers),
-               "divergence_token_median": sorted(len(p) - 1 for p in prefixes)[len(prefixes) // 2],
-               "repetition_trained": round(sum(r["repetition"] for r in trained) / len(trained), 4),
-               "repetition_contrastive_from_divergence": round(sum(repetition(a) for a in answers) / len(answers), 4)}
+            answers.append(
+                tok.decode(pre)
+                + tok.decode(resp[i][mask[i].bool()][: max(0, n_new - len(pre))], skip_special_tokens=True)
+            )
+    summary = {
+        "n": len(answers),
+        "trained_loops": sum(bool(r["loops"]) for r in trained),
+        "contrastive_loops": sum(bool(r["loops"]) for r in target),
+        "contrastive_from_divergence_loops": sum(loops(a) for a in answers),
+        "divergence_token_median": sorted(len(p) - 1 for p in prefixes)[len(prefixes) // 2],
+        "repetition_trained": round(sum(r["repetition"] for r in trained) / len(trained), 4),
+        "repetition_contrastive_from_divergence": round(sum(repetition(a) for a in answers) / len(answers), 4),
+    }
     (run / "loop_origin.json").write_text(json.dumps({"summary": summary, "answers": answers}, indent=1))
     return summary
 

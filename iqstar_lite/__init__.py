@@ -29,7 +29,15 @@ __all__ = [
 ]
 
 # not chat / check / evaluate / export / train: those are submodules, which the import system binds over such names
-_API = {"IQStarConfig", "IQStarTrainer", "chat_answers", "check_model", "evaluate_prompts", "export_model", "train_recipe"}
+_API = {
+    "IQStarConfig",
+    "IQStarTrainer",
+    "chat_answers",
+    "check_model",
+    "evaluate_prompts",
+    "export_model",
+    "train_recipe",
+}
 _CONFIG = {"LoraSettings", "RecipeConfig", "list_recipes", "load_recipe"}
 
 
@@ -52,4 +60,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-

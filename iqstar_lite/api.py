@@ -41,12 +41,21 @@ def _lora(peft_config: Any) -> LoraSettings:
     if isinstance(peft_config, LoraSettings):
         return peft_config
     if not hasattr(peft_config, "lora_alpha"):
-        raise UserError(f"peft_config must be a peft LoraConfig or iqstar_lite.LoraSettings, not {type(peft_config).__name__}")
+        raise UserError(
+            f"peft_config must be a peft LoraConfig or iqstar_lite.LoraSettings, not {type(peft_config).__name__}"
+        )
     targets = peft_config.target_modules
     if targets is None:
-        raise UserError("peft_config.target_modules is empty; name the modules (e.g. ['q_proj', 'v_proj']) or 'all-linear'")
+        raise UserError(
+            "peft_config.target_modules is empty; name the modules (e.g. ['q_proj', 'v_proj']) or 'all-linear'"
+        )
     targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
-    return LoraSettings(r=int(peft_config.r), alpha=int(peft_config.lora_alpha), dropout=float(peft_config.lora_dropout), target_modules=targets)
+    return LoraSettings(
+        r=int(peft_config.r),
+        alpha=int(peft_config.lora_alpha),
+        dropout=float(peft_config.lora_dropout),
+        target_modules=targets,
+    )
 
 
 def _rows(dataset: Any, split: str, what: str) -> list[dict]:
@@ -60,7 +69,9 @@ def _rows(dataset: Any, split: str, what: str) -> list[dict]:
         elif not isinstance(row, dict):
             row = dict(row) if hasattr(row, "keys") else None
         if row is None:
-            raise UserError(f"{what} row {i + 1} is neither a string nor a mapping with a 'prompt' or 'messages' column")
+            raise UserError(
+                f"{what} row {i + 1} is neither a string nor a mapping with a 'prompt' or 'messages' column"
+            )
         rows.append({**row, "split": split})
     if not rows:
         raise UserError(f"{what} is empty; give at least a few prompts")
@@ -80,8 +91,17 @@ class IQStarTrainer:
     runs/<name>-<time>). Training runs the ``train`` stage; ``export()`` and ``check()`` the others.
     """
 
-    def __init__(self, model: Any = None, args: RecipeConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
-                 principle: str | None = None, peft_config: Any = None, processing_class: Any = None, output_dir: str | Path | None = None):
+    def __init__(
+        self,
+        model: Any = None,
+        args: RecipeConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        principle: str | None = None,
+        peft_config: Any = None,
+        processing_class: Any = None,
+        output_dir: str | Path | None = None,
+    ):
         cfg = copy.deepcopy(args) if args is not None else RecipeConfig()
         if isinstance(model, (str, Path)):
             cfg.model.path = str(model)
@@ -99,7 +119,9 @@ class IQStarTrainer:
         if eval_dataset is not None and train_dataset is None:
             raise UserError("eval_dataset needs a train_dataset (or leave both out and set args.data.prompts)")
         if train_dataset is not None:
-            self._rows = _rows(train_dataset, "train", "train_dataset") + (_rows(eval_dataset, "heldout", "eval_dataset") if eval_dataset is not None else [])
+            self._rows = _rows(train_dataset, "train", "train_dataset") + (
+                _rows(eval_dataset, "heldout", "eval_dataset") if eval_dataset is not None else []
+            )
             if eval_dataset is None:
                 self._rows = [{k: v for k, v in r.items() if k != "split"} for r in self._rows]
         self.args = _validated(cfg) if self._model is None else cfg  # a model object: validated once saved (model.path)
@@ -111,8 +133,8 @@ class IQStarTrainer:
 
     def train(self) -> Path:
         """Train (with the before / after evaluation unless ``args.eval.enabled`` is false); the run directory."""
-        from iqstar_lite.recipe import prepare_run_dir, run
         from iqstar_lite.console import setup_logging
+        from iqstar_lite.recipe import prepare_run_dir, run
 
         setup_logging()
         prepare_run_dir(self.run_dir, not self.args.train.resume)  # refuses a finished run before anything is written
@@ -132,10 +154,19 @@ class IQStarTrainer:
         run(self.args, self.run_dir)
         return self.run_dir
 
-    def evaluate(self, prompts: Any = None, split: str = "", principle: str | None = None, max_prompts: int = 0,
-                 rows: tuple[str, ...] = ("contrastive", "before", "after"), out: str | Path | None = None) -> dict:
+    def evaluate(
+        self,
+        prompts: Any = None,
+        split: str = "",
+        principle: str | None = None,
+        max_prompts: int = 0,
+        rows: tuple[str, ...] = ("contrastive", "before", "after"),
+        out: str | Path | None = None,
+    ) -> dict:
         """The trained run judged on ``prompts`` (``evaluate_prompts`` below); default: its held-out prompts, as training chose them."""
-        return evaluate_prompts(self.run_dir, prompts, split=split, principle=principle, max_prompts=max_prompts, rows=rows, out=out)
+        return evaluate_prompts(
+            self.run_dir, prompts, split=split, principle=principle, max_prompts=max_prompts, rows=rows, out=out
+        )
 
     def export(self, overrides: list[str] | None = None) -> dict:
         return export_model(self.run_dir, overrides)
@@ -146,8 +177,8 @@ class IQStarTrainer:
 
 def train_recipe(recipe: str | RecipeConfig, overrides: list[str] | None = None) -> Path:
     """``iqstar-lite train RECIPE key=value ...`` from code, all the recipe's stages: the run directory."""
-    from iqstar_lite.recipe import prepare_run_dir, run
     from iqstar_lite.console import setup_logging
+    from iqstar_lite.recipe import prepare_run_dir, run
 
     cfg = load_recipe(recipe, overrides) if isinstance(recipe, str) else _validated(recipe)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -159,9 +190,16 @@ def train_recipe(recipe: str | RecipeConfig, overrides: list[str] | None = None)
     return Path(cfg.out_dir)
 
 
-def evaluate_prompts(target: str | Path, prompts: Any = None, split: str = "", principle: str | None = None, max_prompts: int = 0,
-             rows: tuple[str, ...] = ("contrastive", "before", "after"), overrides: list[str] | None = None,
-             out: str | Path | None = None) -> dict:
+def evaluate_prompts(
+    target: str | Path,
+    prompts: Any = None,
+    split: str = "",
+    principle: str | None = None,
+    max_prompts: int = 0,
+    rows: tuple[str, ...] = ("contrastive", "before", "after"),
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+) -> dict:
     """``iqstar-lite eval TARGET --prompts ...`` from code: a run, adapter, recipe or model judged on ``prompts`` (a file,
     dataset, ``builtin:NAME``, or a list of strings / rows; None: a run's held-out prompts, the first ``eval.max_prompts``
     as training's evaluation took them). Returns the report; written as JSON to ``out`` if given."""
@@ -169,12 +207,13 @@ def evaluate_prompts(target: str | Path, prompts: Any = None, split: str = "", p
 
     from iqstar_lite.data.sources import load_examples, load_prompts
     from iqstar_lite.evaluation.eval_prompts import evaluate_target, write_report
-    from iqstar_lite.evaluation.report import pick_examples
-    from iqstar_lite.evaluation.report import heldout_for_eval
+    from iqstar_lite.evaluation.report import heldout_for_eval, pick_examples
     from iqstar_lite.models.targets import resolve_target
 
     if prompts is None:
-        t = resolve_target(str(target), overrides, {"data": {"principle": principle}} if principle is not None else None)
+        t = resolve_target(
+            str(target), overrides, {"data": {"principle": principle}} if principle is not None else None
+        )
         examples = heldout_for_eval(load_prompts(t.cfg.data).heldout, max_prompts or t.cfg.eval.max_prompts)
         report = evaluate_target(t, examples, rows)
         if out is not None:
@@ -183,7 +222,10 @@ def evaluate_prompts(target: str | Path, prompts: Any = None, split: str = "", p
     with tempfile.TemporaryDirectory() as tmp:
         if not isinstance(prompts, (str, Path)):
             path = Path(tmp) / "prompts.jsonl"
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(prompts, "", "prompts")), encoding="utf-8")
+            path.write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(prompts, "", "prompts")),
+                encoding="utf-8",
+            )
             prompts = str(path)
         data: dict[str, Any] = {"prompts": str(prompts), "heldout_split": ""}
         if principle is not None:
@@ -210,7 +252,14 @@ def check_model(run_dir: str | Path) -> dict:
     return check_run(Path(run_dir), load_run_config(Path(run_dir)))
 
 
-def chat_answers(target: str | Path, prompts: list[str], mode: str = "", principle: str | None = None, max_new_tokens: int = 128, **kw) -> list[str]:
+def chat_answers(
+    target: str | Path,
+    prompts: list[str],
+    mode: str = "",
+    principle: str | None = None,
+    max_new_tokens: int = 128,
+    **kw,
+) -> list[str]:
     """Answers from ``iqstar-lite chat``'s clients: a run / adapter / recipe / model (``mode`` trained, base or
     contrastive; default the trained model, else the base) or an export (ONNX, genai, GGUF)."""
     from iqstar_lite.chat import open_client

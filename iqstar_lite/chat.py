@@ -42,7 +42,9 @@ def is_export(path: Path) -> bool:
     path = Path(path)
     if path.suffix in (".gguf", ".onnx"):
         return True
-    return path.is_dir() and (any(path.glob("*.onnx")) or (path / "genai_config.json").is_file() or any(path.glob("model-*.gguf")))
+    return path.is_dir() and (
+        any(path.glob("*.onnx")) or (path / "genai_config.json").is_file() or any(path.glob("model-*.gguf"))
+    )
 
 
 def pick_runtime(path: Path, runtime: str = "auto") -> str:
@@ -50,26 +52,34 @@ def pick_runtime(path: Path, runtime: str = "auto") -> str:
     path = Path(path)
     if runtime == "torch" or (runtime == "auto" and not is_export(path)):
         if is_export(path):
-            raise UserError(f"{str(path)!r} is an exported model; --runtime torch serves a run, an adapter, a recipe or a model "
-                            "(pass RUN_DIR), or drop --runtime")
+            raise UserError(
+                f"{str(path)!r} is an exported model; --runtime torch serves a run, an adapter, a recipe or a model "
+                "(pass RUN_DIR), or drop --runtime"
+            )
         return "torch"
     from iqstar_lite.runtimes.genai import is_genai_folder
 
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise UserError(f"{str(path)!r} does not exist; pass RUN_DIR/gguf/model-q8_0.gguf (or -f16) written by 'iqstar-lite export RUN_DIR'")
+            raise UserError(
+                f"{str(path)!r} does not exist; pass RUN_DIR/gguf/model-q8_0.gguf (or -f16) written by 'iqstar-lite export RUN_DIR'"
+            )
         if runtime not in ("auto", "transformers", "llama.cpp"):
             raise UserError(f"a GGUF file runs with --runtime llama.cpp or transformers (or auto), not {runtime}")
         from iqstar_lite.runtimes.llamacpp import available
 
         return ("llama.cpp" if available() else "transformers") if runtime == "auto" else runtime
     if path.is_dir() and sorted(path.glob("model-*.gguf")) and not (path / "model.onnx").exists():
-        raise UserError(f"{str(path)!r} holds GGUF files; pass one of them, e.g. {sorted(path.glob('model-*.gguf'))[-1]}")
+        raise UserError(
+            f"{str(path)!r} holds GGUF files; pass one of them, e.g. {sorted(path.glob('model-*.gguf'))[-1]}"
+        )
     if runtime in ("transformers", "llama.cpp"):
         raise UserError(f"--runtime {runtime} serves .gguf files; {str(path)!r} is not one")
     if runtime == "genai" or (runtime == "auto" and is_genai_folder(path)):
         if not is_genai_folder(path):
-            raise UserError(f"{str(path)!r} is not an onnxruntime-genai folder (no genai_config.json); export with export.onnx_graph=genai or use --runtime onnxruntime")
+            raise UserError(
+                f"{str(path)!r} is not an onnxruntime-genai folder (no genai_config.json); export with export.onnx_graph=genai or use --runtime onnxruntime"
+            )
         return "genai"
     return "onnxruntime"
 
@@ -86,14 +96,14 @@ class TextStream:
         text = self.decode(self.ids).lstrip()
         if text.endswith("\ufffd") or not text.startswith(self.shown):
             return
-        self.out.write(text[len(self.shown):])
+        self.out.write(text[len(self.shown) :])
         self.out.flush()
         self.shown = text
 
     def finish(self) -> str:
         text = self.decode(self.ids).strip()
         if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):])
+            self.out.write(text[len(self.shown) :])
         self.out.write("\n")
         self.out.flush()
         return text
@@ -107,8 +117,8 @@ class TorchChat:
     def __init__(self, target, principle: str | None = None):
         import torch
 
-        from iqstar_lite.data.formatting import Formatter
         from iqstar_lite.algorithm.rollout import model_eos_ids
+        from iqstar_lite.data.formatting import Formatter
         from iqstar_lite.models.targets import load_adapter_weights, load_target
 
         self.target, self.cfg = target, target.cfg
@@ -129,25 +139,53 @@ class TorchChat:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def reply(self, prompt: str, max_new_tokens: int, mode: str = "trained", system: str | None = None, sample: bool = False,
-              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, on_token: Callable[[int], None] | None = None) -> str:
+    def reply(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        mode: str = "trained",
+        system: str | None = None,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> str:
         import torch
 
-        from iqstar_lite.data.sources import Example
         from iqstar_lite.algorithm.reference import reference_mode
         from iqstar_lite.algorithm.rollout import sample as decode
+        from iqstar_lite.data.sources import Example
 
         if mode not in self.modes():
-            raise UserError(f"mode {mode!r} needs a trained adapter; {self.target.label} has none (modes: {', '.join(self.modes())})")
+            raise UserError(
+                f"mode {mode!r} needs a trained adapter; {self.target.label} has none (modes: {', '.join(self.modes())})"
+            )
         if seed is not None:
             torch.manual_seed(seed)
-        ex = Example(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}])
-        kw = {"max_new_tokens": max_new_tokens, "greedy": not sample, "temperature": temperature, "top_p": top_p,
-              "on_token": None if on_token is None else (lambda tokens: on_token(int(tokens[0])))}
+        ex = Example(
+            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        )
+        kw = {
+            "max_new_tokens": max_new_tokens,
+            "greedy": not sample,
+            "temperature": temperature,
+            "top_p": top_p,
+            "on_token": None if on_token is None else (lambda tokens: on_token(int(tokens[0]))),
+        }
         plain = [self.fmt.plain(ex)]
-        if mode == "contrastive":  # the reference's pi-hat* (adapters off for the guided rows), whatever adapter is loaded
-            roll = decode(self.model, self.tokenizer, plain, contrast=[self.fmt.conditioned(ex)], alpha=self.cfg.estimator.alpha,
-                          guided_reference=True, **kw)
+        if (
+            mode == "contrastive"
+        ):  # the reference's pi-hat* (adapters off for the guided rows), whatever adapter is loaded
+            roll = decode(
+                self.model,
+                self.tokenizer,
+                plain,
+                contrast=[self.fmt.conditioned(ex)],
+                alpha=self.cfg.estimator.alpha,
+                guided_reference=True,
+                **kw,
+            )
         elif mode == "base":
             with reference_mode(self.model):
                 roll = decode(self.model, self.tokenizer, plain, **kw)
@@ -188,14 +226,33 @@ class ExportChat:
     def modes(self) -> tuple[str, ...]:
         return ("trained",)
 
-    def reply(self, prompt: str, max_new_tokens: int, mode: str = "trained", system: str | None = None, sample: bool = False,
-              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, on_token: Callable[[int], None] | None = None) -> str:
-        kw = {"system": system, "sample": sample, "temperature": temperature, "top_p": top_p, "seed": seed, "on_token": on_token}
+    def reply(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        mode: str = "trained",
+        system: str | None = None,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> str:
+        kw = {
+            "system": system,
+            "sample": sample,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "on_token": on_token,
+        }
         if self.runtime == "llama.cpp":
             ids = self.gen.chat_ids(prompt, system)
             if len(ids) + max_new_tokens > self.gen.llm.n_ctx():
-                raise UserError(f"prompt of {len(ids)} tokens + {max_new_tokens} new ones exceed llama.cpp's context ({self.gen.llm.n_ctx()}); "
-                                "shorten it or lower --max-new-tokens")
+                raise UserError(
+                    f"prompt of {len(ids)} tokens + {max_new_tokens} new ones exceed llama.cpp's context ({self.gen.llm.n_ctx()}); "
+                    "shorten it or lower --max-new-tokens"
+                )
         return self.gen.chat(prompt, max_new_tokens, **kw)
 
     def close(self) -> None:
@@ -208,7 +265,9 @@ def open_client(model: str, runtime: str = "auto", overrides: list[str] | None =
     runtime = pick_runtime(Path(model), runtime)
     if runtime != "torch":
         if principle is not None or overrides:
-            raise UserError(f"--principle, --compare and --set need the PyTorch client (pass RUN_DIR, a recipe or a model), not an export ({model})")
+            raise UserError(
+                f"--principle, --compare and --set need the PyTorch client (pass RUN_DIR, a recipe or a model), not an export ({model})"
+            )
         return ExportChat(Path(model), runtime)
     from iqstar_lite.models.targets import resolve_target
 
@@ -245,7 +304,9 @@ def read_prompts(stdin, stderr) -> Iterable[str]:
             yield line.strip()
 
 
-def converse(client, prompts: Iterable[str], modes: list[str], max_new_tokens: int, numbered: bool = False, out=None, **kw) -> list[dict]:
+def converse(
+    client, prompts: Iterable[str], modes: list[str], max_new_tokens: int, numbered: bool = False, out=None, **kw
+) -> list[dict]:
     """Answer each prompt in each mode, streamed to ``out``: one mode alone -> the answer (``[i] `` before it when
     ``numbered``); several -> one ``mode: answer`` line each (side by side, base / contrastive / trained)."""
     out = out or sys.stdout
@@ -267,23 +328,52 @@ def converse(client, prompts: Iterable[str], modes: list[str], max_new_tokens: i
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.chat") -> int:
-    ap = argparse.ArgumentParser(prog=prog, description="Chat with a run (PyTorch), its exports (ONNX, genai, GGUF) or an untrained base: "
-                                 "answers stream as they are decoded (greedy by default). Without prompts: a REPL reading stdin.")
-    ap.add_argument("model", help="RUN_DIR, RUN_DIR/adapter, a recipe or model (PyTorch); RUN_DIR/onnx, RUN_DIR/onnx-int8 or RUN_DIR/gguf/model-q8_0.gguf")
-    ap.add_argument("prompts", nargs="*", metavar="prompt", help="one prompt, or several (answered in order); none: read stdin, one per line")
-    ap.add_argument("--runtime", choices=RUNTIMES, default="auto", help="client (auto: from the format, see the module doc)")
-    ap.add_argument("--principle", nargs="?", const="", default=None, metavar="TEXT",
-                    help="principle-contrastive decoding of the untrained base with TEXT (alone: the run's principle); PyTorch only")
-    ap.add_argument("--compare", action="store_true", help="each answer from the base, contrastive decoding (the run's principle, "
-                    "or --principle TEXT) and the trained model, one after the other; PyTorch only")
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Chat with a run (PyTorch), its exports (ONNX, genai, GGUF) or an untrained base: "
+        "answers stream as they are decoded (greedy by default). Without prompts: a REPL reading stdin.",
+    )
+    ap.add_argument(
+        "model",
+        help="RUN_DIR, RUN_DIR/adapter, a recipe or model (PyTorch); RUN_DIR/onnx, RUN_DIR/onnx-int8 or RUN_DIR/gguf/model-q8_0.gguf",
+    )
+    ap.add_argument(
+        "prompts",
+        nargs="*",
+        metavar="prompt",
+        help="one prompt, or several (answered in order); none: read stdin, one per line",
+    )
+    ap.add_argument(
+        "--runtime", choices=RUNTIMES, default="auto", help="client (auto: from the format, see the module doc)"
+    )
+    ap.add_argument(
+        "--principle",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="TEXT",
+        help="principle-contrastive decoding of the untrained base with TEXT (alone: the run's principle); PyTorch only",
+    )
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="each answer from the base, contrastive decoding (the run's principle, "
+        "or --principle TEXT) and the trained model, one after the other; PyTorch only",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--system", default=None, help="optional system message")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for the PyTorch client, e.g. --set estimator.alpha=2 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the PyTorch client, e.g. --set estimator.alpha=2 (repeatable)",
+    )
     args = ap.parse_intermixed_args(argv)
     from iqstar_lite.console import setup_logging
 
@@ -293,10 +383,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.chat"
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temperature > 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     if args.principle is not None and not args.principle.strip() and args.principle != "":
-        raise UserError("--principle is blank; state the preference as one sentence, or give --principle alone for the run's")
+        raise UserError(
+            "--principle is blank; state the preference as one sentence, or give --principle alone for the run's"
+        )
     prompts = args.prompts
     if args.compare and is_export(Path(args.model)):
-        raise UserError(f"--compare needs the PyTorch client (pass RUN_DIR, a recipe or a model), not an export ({args.model})")
+        raise UserError(
+            f"--compare needs the PyTorch client (pass RUN_DIR, a recipe or a model), not an export ({args.model})"
+        )
     client = open_client(args.model, args.runtime, args.overrides, args.principle)
     if args.compare:
         modes = list(client.modes())
@@ -304,7 +398,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.chat"
         modes = ["contrastive"]
     else:
         modes = ["trained" if "trained" in client.modes() else "base"]
-    kw = {"system": args.system, "sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    kw = {
+        "system": args.system,
+        "sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     try:
         source = prompts or read_prompts(sys.stdin, sys.stderr)
         converse(client, source, modes, args.max_new_tokens, numbered=len(prompts) > 1, **kw)

@@ -57,8 +57,11 @@ def set_rng_state(state: dict) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            log.warning("checkpoint has CUDA RNG states for %d devices, this machine %d: CUDA RNG not restored",
-                        len(cuda), torch.cuda.device_count())
+            log.warning(
+                "checkpoint has CUDA RNG states for %d devices, this machine %d: CUDA RNG not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accelerator=None) -> Path:
@@ -76,8 +79,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accel
     if accelerator is None or accelerator.is_main_process:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp / "adapter")
-            save_state(tmp, {"step": step, "world_size": world, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": rngs[0], "rng_ranks": rngs})
+            save_state(
+                tmp,
+                {
+                    "step": step,
+                    "world_size": world,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs[0],
+                    "rng_ranks": rngs,
+                },
+            )
         for old in checkpoints(run_dir)[KEEP_LAST:]:
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
@@ -123,11 +135,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, worl
     except (KeyError, TypeError, ValueError) as e:
         raise StateFormatError(f"incomplete trainer state ({e})") from None
     if saved_world != world:
-        raise UserError(f"checkpoint {path} was written by {saved_world} processes and this run has {world}; resume with "
-                        f"the same number of processes (torchrun --nproc_per_node {saved_world} ...)")
+        raise UserError(
+            f"checkpoint {path} was written by {saved_world} processes and this run has {world}; resume with "
+            f"the same number of processes (torchrun --nproc_per_node {saved_world} ...)"
+        )
     try:
         rng = state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"]
-        if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and len(rng.get("python", ())) == 3):
+        if not (
+            isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and len(rng.get("python", ())) == 3
+        ):
             raise ValueError("malformed RNG state")
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise StateFormatError(f"incomplete trainer state ({e})") from None
@@ -163,8 +179,10 @@ def resume_latest(run_dir: Path, model, optimizer, scheduler, rank: int = 0, wor
             log.warning("checkpoint %s skipped: %s", path, e)
             reasons.append(f"{path.name}: {e}")
     if found:
-        raise UserError(f"train.resume=true but no checkpoint in {Path(run_dir) / 'checkpoints'} loads ({'; '.join(reasons)}); "
-                        f"to start over, move that folder away or choose another out_dir")
+        raise UserError(
+            f"train.resume=true but no checkpoint in {Path(run_dir) / 'checkpoints'} loads ({'; '.join(reasons)}); "
+            f"to start over, move that folder away or choose another out_dir"
+        )
     return None, 0
 
 

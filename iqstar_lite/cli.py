@@ -29,8 +29,8 @@ def _train(argv: list[str], prog: str) -> int:
 
 
 def _eval(argv: list[str], prog: str) -> int:
-    from iqstar_lite.evaluation.eval_prompts import main
     from iqstar_lite.console import setup_logging
+    from iqstar_lite.evaluation.eval_prompts import main
 
     setup_logging()
     return main(argv, prog)
@@ -76,7 +76,9 @@ def recipe_summary(name: str) -> str:
 def _ls(argv: list[str], prog: str) -> int:
     import argparse
 
-    argparse.ArgumentParser(prog=prog, description="List the shipped recipes (train, cp) and prompt sets (eval --prompts builtin:NAME).").parse_args(argv)
+    argparse.ArgumentParser(
+        prog=prog, description="List the shipped recipes (train, cp) and prompt sets (eval --prompts builtin:NAME)."
+    ).parse_args(argv)
     from iqstar_lite.config import list_recipes
     from iqstar_lite.data.sources import builtin_sets
 
@@ -95,16 +97,22 @@ def _ls(argv: list[str], prog: str) -> int:
     for name in builtin_sets():
         splits = Counter(ex.meta.get("split") or "-" for ex in load_examples(DataConfig(prompts=f"builtin:{name}"))[0])
         alias = "  (data.prompts=builtin)" if name == "builtin" else ""
-        print(f"  {'builtin:' + name:<{set_width}}  {sum(splits.values())} prompts: "
-              + ", ".join(f"{n} {s}" for s, n in sorted(splits.items())) + alias)
+        print(
+            f"  {'builtin:' + name:<{set_width}}  {sum(splits.values())} prompts: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(splits.items()))
+            + alias
+        )
     return 0
 
 
 def _cp(argv: list[str], prog: str) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog=prog, description="Copy a shipped recipe to a file of your own, to edit and train with "
-                                 "'iqstar-lite train FILE.yaml'.")
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Copy a shipped recipe to a file of your own, to edit and train with "
+        "'iqstar-lite train FILE.yaml'.",
+    )
     ap.add_argument("recipe", help="a shipped recipe (iqstar-lite ls)")
     ap.add_argument("dest", help="a .yaml file, or a folder (the recipe keeps its name there)")
     ap.add_argument("--force", action="store_true", help="replace an existing file")
@@ -132,7 +140,10 @@ def _cp(argv: list[str], prog: str) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
-    "train": (_train, "train from a recipe (name or .yaml) with key=value overrides; also exports and checks per its stages"),
+    "train": (
+        _train,
+        "train from a recipe (name or .yaml) with key=value overrides; also exports and checks per its stages",
+    ),
     "eval": (_eval, "judge a run, an adapter or an untrained base on prompts of your own (JSON report)"),
     "export": (_export, "merge a run's adapter and export it (ONNX, int8, genai, GGUF)"),
     "check": (_check, "parity gate: exported models against the merged PyTorch model"),
@@ -146,8 +157,13 @@ COMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
 def usage() -> str:
     from iqstar_lite import __version__
 
-    lines = [f"usage: {PROG} COMMAND [ARGS ...]     ({PROG} COMMAND --help for each)", "",
-             f"Inverse-Q* alignment on a laptop (iqstar_lite {__version__}): a principle in, an aligned model out.", "", "commands:"]
+    lines = [
+        f"usage: {PROG} COMMAND [ARGS ...]     ({PROG} COMMAND --help for each)",
+        "",
+        f"Inverse-Q* alignment on a laptop (iqstar_lite {__version__}): a principle in, an aligned model out.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<8} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", f"The old form '{PROG} RECIPE [key=value ...]' is '{PROG} train RECIPE ...'."]
     return "\n".join(lines)
@@ -175,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     from iqstar_lite.config import list_recipes
 
-    raise UserError(f"unknown command {command!r}{hint}; choose one of: {', '.join(COMMANDS)} "
-                    f"(or a recipe to train: {', '.join(list_recipes())})")
+    raise UserError(
+        f"unknown command {command!r}{hint}; choose one of: {', '.join(COMMANDS)} "
+        f"(or a recipe to train: {', '.join(list_recipes())})"
+    )
 
 
 def _is_recipe(name: str) -> bool:

@@ -291,13 +291,17 @@ def recipe_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise UserError(f"recipe file {name_or_path!r} not found; give an existing .yaml path or one of: {', '.join(list_recipes())}")
+            raise UserError(
+                f"recipe file {name_or_path!r} not found; give an existing .yaml path or one of: {', '.join(list_recipes())}"
+            )
         return p
     candidate = RECIPES_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
         close = difflib.get_close_matches(name_or_path, list_recipes(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"unknown recipe {name_or_path!r}{hint}; choose one of: {', '.join(list_recipes())} (or pass a .yaml path)")
+        raise UserError(
+            f"unknown recipe {name_or_path!r}{hint}; choose one of: {', '.join(list_recipes())} (or pass a .yaml path)"
+        )
     return candidate
 
 
@@ -351,7 +355,9 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
                 return False, value
         return False, value
     if typing.get_origin(hint) is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()), value
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+        ), value
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, str(value)
@@ -400,55 +406,100 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
             problems.append(msg)
 
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-    need(bool(stages) and all(s in STAGES for s in stages), f"'stages' must be a comma list of {', '.join(STAGES)}, got {cfg.stages!r}")
+    need(
+        bool(stages) and all(s in STAGES for s in stages),
+        f"'stages' must be a comma list of {', '.join(STAGES)}, got {cfg.stages!r}",
+    )
     need(cfg.lora.r > 0, f"'lora.r' must be > 0, got {cfg.lora.r}")
     need(0.0 <= cfg.lora.dropout < 1.0, f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
-    need(bool(cfg.data.principle.strip()) or cfg.estimator.kind == "hindsight", "'data.principle' is empty; state the preference as a sentence, e.g. data.principle='Always answer in French.'")
-    need(0.0 < cfg.data.heldout_fraction < 1.0, f"'data.heldout_fraction' must be in (0, 1), got {cfg.data.heldout_fraction}")
+    need(
+        bool(cfg.data.principle.strip()) or cfg.estimator.kind == "hindsight",
+        "'data.principle' is empty; state the preference as a sentence, e.g. data.principle='Always answer in French.'",
+    )
+    need(
+        0.0 < cfg.data.heldout_fraction < 1.0,
+        f"'data.heldout_fraction' must be in (0, 1), got {cfg.data.heldout_fraction}",
+    )
     for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
         need(getattr(cfg.rollout, key) > 0, f"'rollout.{key}' must be > 0, got {getattr(cfg.rollout, key)}")
-    need(0 <= cfg.rollout.guided_samples < cfg.rollout.samples_per_prompt,
-         f"'rollout.guided_samples' must be >= 0 and below rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} (on-policy samples "
-         f"stay the method), got {cfg.rollout.guided_samples}")
-    need(0.0 < cfg.rollout.guided_top_p <= 1.0, f"'rollout.guided_top_p' must be in (0, 1], got {cfg.rollout.guided_top_p}")
+    need(
+        0 <= cfg.rollout.guided_samples < cfg.rollout.samples_per_prompt,
+        f"'rollout.guided_samples' must be >= 0 and below rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} (on-policy samples "
+        f"stay the method), got {cfg.rollout.guided_samples}",
+    )
+    need(
+        0.0 < cfg.rollout.guided_top_p <= 1.0,
+        f"'rollout.guided_top_p' must be in (0, 1], got {cfg.rollout.guided_top_p}",
+    )
     need(cfg.rollout.temperature > 0, f"'rollout.temperature' must be > 0, got {cfg.rollout.temperature}")
     need(0.0 < cfg.rollout.top_p <= 1.0, f"'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
     need(cfg.estimator.alpha >= 0, f"'estimator.alpha' must be >= 0, got {cfg.estimator.alpha}")
     need(0.0 < cfg.estimator.top_p <= 1.0, f"'estimator.top_p' must be in (0, 1], got {cfg.estimator.top_p}")
-    need(cfg.estimator.top_p == 1.0 or cfg.loss.type == "distill",
-         f"'estimator.top_p' < 1 gives pi* = 0 (reward -inf) to every sampled token outside the nucleus, which only loss.type=distill "
-         f"handles; with loss.type={cfg.loss.type} set estimator.top_p=1.0, or use loss.type=distill")
+    need(
+        cfg.estimator.top_p == 1.0 or cfg.loss.type == "distill",
+        f"'estimator.top_p' < 1 gives pi* = 0 (reward -inf) to every sampled token outside the nucleus, which only loss.type=distill "
+        f"handles; with loss.type={cfg.loss.type} set estimator.top_p=1.0, or use loss.type=distill",
+    )
     need(cfg.loss.beta > 0, f"'loss.beta' must be > 0, got {cfg.loss.beta}")
     need(cfg.loss.clip_eps > 0, f"'loss.clip_eps' must be > 0, got {cfg.loss.clip_eps}")
     need(cfg.loss.epochs >= 1, f"'loss.epochs' must be >= 1, got {cfg.loss.epochs}")
-    need(cfg.loss.position_halflife >= 0, f"'loss.position_halflife' must be >= 0 (0 = off), got {cfg.loss.position_halflife}")
+    need(
+        cfg.loss.position_halflife >= 0,
+        f"'loss.position_halflife' must be >= 0 (0 = off), got {cfg.loss.position_halflife}",
+    )
     need(cfg.train.steps >= 0, f"'train.steps' must be >= 0, got {cfg.train.steps}")
     need(cfg.train.lr > 0, f"'train.lr' must be > 0, got {cfg.train.lr}")
     need(cfg.train.micro_batch > 0, f"'train.micro_batch' must be > 0, got {cfg.train.micro_batch}")
     need(cfg.train.logprob_chunk > 0, f"'train.logprob_chunk' must be > 0, got {cfg.train.logprob_chunk}")
     need(cfg.train.max_grad_norm > 0, f"'train.max_grad_norm' must be > 0, got {cfg.train.max_grad_norm}")
-    for section, key, low in (("lora", "alpha", 1), ("data", "max_prompt_tokens", 1), ("train", "warmup_steps", 0), ("train", "checkpoint_every", 0),
-                              ("train", "checkpoint_minutes", 0), ("train", "max_nonfinite_steps", 1), ("train", "threads", 0),
-                              ("train", "weight_decay", 0), ("eval", "max_prompts", 1), ("eval", "max_new_tokens", 1), ("eval", "batch_size", 1),
-                              ("eval", "show_examples", 0), ("export", "check_new_tokens", 1)):
+    for section, key, low in (
+        ("lora", "alpha", 1),
+        ("data", "max_prompt_tokens", 1),
+        ("train", "warmup_steps", 0),
+        ("train", "checkpoint_every", 0),
+        ("train", "checkpoint_minutes", 0),
+        ("train", "max_nonfinite_steps", 1),
+        ("train", "threads", 0),
+        ("train", "weight_decay", 0),
+        ("eval", "max_prompts", 1),
+        ("eval", "max_new_tokens", 1),
+        ("eval", "batch_size", 1),
+        ("eval", "show_examples", 0),
+        ("export", "check_new_tokens", 1),
+    ):
         value = getattr(getattr(cfg, section), key)
         need(value >= low, f"'{section}.{key}' must be {'> 0' if low else '>= 0'}, got {value}")
     bad_cols = sorted(set(cfg.data.columns) - set(DATA_COLUMNS))
-    need(not bad_cols, f"'data.columns' maps unknown field(s) {', '.join(bad_cols)}; map ours ({', '.join(DATA_COLUMNS)}) to your column names, "
-                       f"e.g. data.columns.prompt=question")
+    need(
+        not bad_cols,
+        f"'data.columns' maps unknown field(s) {', '.join(bad_cols)}; map ours ({', '.join(DATA_COLUMNS)}) to your column names, "
+        f"e.g. data.columns.prompt=question",
+    )
     trackers = [t.strip() for t in cfg.train.report_to.split(",") if t.strip()]
-    need(bool(trackers) and all(t in REPORT_TO for t in trackers) and (len(trackers) == 1 or not {"auto", "none"} & set(trackers)),
-         f"'train.report_to' must be one of {', '.join(REPORT_TO)} or a comma list of trackers (e.g. tensorboard,wandb), got {cfg.train.report_to!r}")
+    need(
+        bool(trackers)
+        and all(t in REPORT_TO for t in trackers)
+        and (len(trackers) == 1 or not {"auto", "none"} & set(trackers)),
+        f"'train.report_to' must be one of {', '.join(REPORT_TO)} or a comma list of trackers (e.g. tensorboard,wandb), got {cfg.train.report_to!r}",
+    )
     need(cfg.eval.every >= 0, f"'eval.every' must be >= 0, got {cfg.eval.every}")
     need(cfg.eval.samples >= 0, f"'eval.samples' must be >= 0, got {cfg.eval.samples}")
     need(cfg.export.max_logit_diff > 0, f"'export.max_logit_diff' must be > 0, got {cfg.export.max_logit_diff}")
     need(cfg.export.check_prompts > 0, f"'export.check_prompts' must be > 0, got {cfg.export.check_prompts}")
     b = cfg.export.int8_block
-    need(b == 0 or (b >= 16 and b & (b - 1) == 0), f"'export.int8_block' must be 0 (per channel) or a power of two >= 16, got {b}")
+    need(
+        b == 0 or (b >= 16 and b & (b - 1) == 0),
+        f"'export.int8_block' must be 0 (per channel) or a power of two >= 16, got {b}",
+    )
     gguf_types = [t.strip() for t in str(cfg.export.gguf).split(",") if t.strip()]
-    need(gguf_types == ["none"] or not gguf_types or set(gguf_types) <= {"f32", "f16", "q8_0"},
-         f"'export.gguf' must be a comma list of f32, f16, q8_0 (or none), got {cfg.export.gguf!r}")
-    need(0.0 <= cfg.export.min_int8_agreement <= 1.0, f"'export.min_int8_agreement' must be in [0, 1], got {cfg.export.min_int8_agreement}")
+    need(
+        gguf_types == ["none"] or not gguf_types or set(gguf_types) <= {"f32", "f16", "q8_0"},
+        f"'export.gguf' must be a comma list of f32, f16, q8_0 (or none), got {cfg.export.gguf!r}",
+    )
+    need(
+        0.0 <= cfg.export.min_int8_agreement <= 1.0,
+        f"'export.min_int8_agreement' must be in [0, 1], got {cfg.export.min_int8_agreement}",
+    )
 
 
 def config_from_dict(data: dict, name: str = "custom") -> RecipeConfig:

@@ -19,7 +19,15 @@ from iqstar_lite.atomic import recover_dirs
 from iqstar_lite.config import RECIPES_DIR, RecipeConfig, list_recipes, load_recipe, load_run_config, save_config
 from iqstar_lite.console import setup_logging
 from iqstar_lite.errors import UserError, run_cli
-from iqstar_lite.evaluation.report import eval_rows, heldout_for_eval, heldout_texts, ood_examples, print_eval_table, print_examples, print_side_by_side
+from iqstar_lite.evaluation.report import (
+    eval_rows,
+    heldout_for_eval,
+    heldout_texts,
+    ood_examples,
+    print_eval_table,
+    print_examples,
+    print_side_by_side,
+)
 
 log = logging.getLogger("iqstar_lite")
 
@@ -29,13 +37,17 @@ def _parser(prog: str = "python -m iqstar_lite.recipe") -> argparse.ArgumentPars
     p.add_argument("name", nargs="?", help="recipe name (see --list) or path to a .yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20 loss.type=pg")
     p.add_argument("--list", action="store_true", help="list the shipped recipes")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter count and memory estimate; load nothing heavy")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameter count and memory estimate; load nothing heavy",
+    )
     return p
 
 
 def dry_run(cfg: RecipeConfig) -> None:
-    from iqstar_lite.models.memory import estimate_memory, format_estimate
     from iqstar_lite.models.load import hub_kwargs, load_model_config, lora_in_use
+    from iqstar_lite.models.memory import estimate_memory, format_estimate
 
     cfg.lora = lora_in_use(cfg.model, cfg.lora)  # model.adapter's own r / targets, printed and estimated
     estimate = format_estimate(estimate_memory(cfg, load_model_config(cfg.model.path, **hub_kwargs(cfg.model))))
@@ -54,8 +66,10 @@ def processes(device):
 
     for flag, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if parse_flag_from_env(flag):  # set by `accelerate launch` from a config file or --use_fsdp / --use_deepspeed
-            raise UserError(f"{engine} is not supported yet (rollout and estimator run the whole model in every process): launch with "
-                            f"DDP instead: accelerate launch --config_file {RECIPES_DIR / 'accelerate' / 'ddp_gpus.yaml'} -m iqstar_lite.recipe ...")
+            raise UserError(
+                f"{engine} is not supported yet (rollout and estimator run the whole model in every process): launch with "
+                f"DDP instead: accelerate launch --config_file {RECIPES_DIR / 'accelerate' / 'ddp_gpus.yaml'} -m iqstar_lite.recipe ..."
+            )
     # the other processes wait while the main one evaluates (minutes on a 7B): far beyond the default 30-minute timeout
     return PartialState(cpu=device.type == "cpu", timeout=timedelta(hours=12))
 
@@ -64,16 +78,16 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     """Evaluate, train, evaluate (the main process; the others train). Returns whether this is the main process."""
     import torch
 
-    from iqstar_lite.evaluation.curves import write_curves
+    from iqstar_lite.algorithm.train import train
     from iqstar_lite.data.formatting import Formatter, drop_too_long
     from iqstar_lite.data.sources import load_prompts
-    from iqstar_lite.models.embedded import resolve_model_path
+    from iqstar_lite.evaluation.curves import write_curves
     from iqstar_lite.evaluation.evaluate import evaluate, target_ids, untrained_rows
     from iqstar_lite.evaluation.judges import pick_judge
-    from iqstar_lite.models.load import hub_kwargs, load_policy, load_tokenizer, lora_in_use, pick_device
     from iqstar_lite.evaluation.samples import SampleWriter
+    from iqstar_lite.models.embedded import resolve_model_path
+    from iqstar_lite.models.load import hub_kwargs, load_policy, load_tokenizer, lora_in_use, pick_device
     from iqstar_lite.tracking import log_eval, make_accelerator, start_trackers
-    from iqstar_lite.algorithm.train import train
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -81,26 +95,47 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     device = pick_device(cfg.model)
     state = processes(device)
     main = state.is_main_process
-    with state.main_process_first():  # the embedded model is converted into the cache once, not by every process at once
+    with (
+        state.main_process_first()
+    ):  # the embedded model is converted into the cache once, not by every process at once
         resolve_model_path(cfg.model.path)
     cfg.train.world_size = state.num_processes
     if cfg.rollout.prompts_per_step % state.num_processes:
-        raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over {state.num_processes} processes; "
-                        f"make it a multiple of {state.num_processes}")
-    accelerator = make_accelerator(cfg, run_dir, device)  # trackers (train.report_to) checked before anything heavy loads
-    cfg.lora = lora_in_use(cfg.model, cfg.lora)  # model.adapter's own r / alpha / targets: what config.yaml and the model card say
+        raise UserError(
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over {state.num_processes} processes; "
+            f"make it a multiple of {state.num_processes}"
+        )
+    accelerator = make_accelerator(
+        cfg, run_dir, device
+    )  # trackers (train.report_to) checked before anything heavy loads
+    cfg.lora = lora_in_use(
+        cfg.model, cfg.lora
+    )  # model.adapter's own r / alpha / targets: what config.yaml and the model card say
     if main:
         save_config(cfg, run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.path, **hub_kwargs(cfg.model))
     model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     train_set = drop_too_long(prompts.train, fmt, cfg.data.max_prompt_tokens)
-    log.info("%d training prompts, %d held out; device %s; model %s (%s)", len(train_set), len(prompts.heldout), device, cfg.model.path, cfg.model.quantize)
+    log.info(
+        "%d training prompts, %d held out; device %s; model %s (%s)",
+        len(train_set),
+        len(prompts.heldout),
+        device,
+        cfg.model.path,
+        cfg.model.quantize,
+    )
     judge = pick_judge(cfg.eval.judge, cfg.data.principle)
     heldout = heldout_for_eval(prompts.heldout, cfg.eval.max_prompts)
     sets = [("", heldout, "held-out")]  # (file suffix, prompts, title): in distribution, then out of distribution
     if cfg.eval.enabled and cfg.eval.ood_prompts:
-        sets.append(("_ood", ood_examples(cfg, train_set), f"out-of-distribution ({cfg.eval.ood_prompts} {cfg.eval.ood_split})".replace(" )", ")")))
+        sets.append(
+            (
+                "_ood",
+                ood_examples(cfg, train_set),
+                f"out-of-distribution ({cfg.eval.ood_prompts} {cfg.eval.ood_split})".replace(" )", ")"),
+            )
+        )
     targets: dict[str, list | None] = {}
     if not main:  # evaluation and every file of the run: the main process; the others train their slice of each step
         state.wait_for_everyone()
@@ -136,7 +171,12 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
             print_eval_table({label: e["summary"] for label, e in evals.items()}, title=f"{title} evaluation")
             print_examples(evals, cfg.eval.show_examples, title=f"{title} answers")
         if cfg.eval.enabled and len(sets) > 1:
-            print_side_by_side({title: {label: e["summary"] for label, e in eval_rows(run_dir, suffix).items()} for suffix, _, title in sets})
+            print_side_by_side(
+                {
+                    title: {label: e["summary"] for label, e in eval_rows(run_dir, suffix).items()}
+                    for suffix, _, title in sets
+                }
+            )
     finally:
         accelerator.end_training()
     curves = write_curves(run_dir)
@@ -152,7 +192,9 @@ def run(cfg: RecipeConfig, run_dir: Path) -> int:
         if not stage_train(cfg, run_dir):
             return 0  # a data-parallel run's other processes: the main one evaluates, exports and checks
     elif not (run_dir / "adapter").is_dir():
-        raise UserError(f"{str(run_dir)!r} has no adapter/; run the train stage first (stages=train,...) or point out_dir at a trained run")
+        raise UserError(
+            f"{str(run_dir)!r} has no adapter/; run the train stage first (stages=train,...) or point out_dir at a trained run"
+        )
     code = 0
     if "export" in stages:
         from iqstar_lite.export.stage import export_run
@@ -172,11 +214,15 @@ def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
     holds a trained run, which a new run would overwrite."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out_dir {str(run_dir)!r} is a file, not a folder; choose another out_dir")
-    if int(os.environ.get("RANK", "0")) == 0:  # killed while re-saving adapter/: the complete version back, the temporary gone
+    if (
+        int(os.environ.get("RANK", "0")) == 0
+    ):  # killed while re-saving adapter/: the complete version back, the temporary gone
         recover_dirs(run_dir, "adapter")
     if fresh and ((run_dir / "adapter").is_dir() or any((run_dir / "checkpoints").glob("step-*"))):
-        raise UserError(f"out_dir {str(run_dir)!r} already holds a run (adapter/ or checkpoints/); continue it with train.resume=true, "
-                        f"or choose another out_dir")
+        raise UserError(
+            f"out_dir {str(run_dir)!r} already holds a run (adapter/ or checkpoints/); continue it with train.resume=true, "
+            f"or choose another out_dir"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -197,7 +243,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.recip
         return 0
     setup_logging()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.out_dir:
-        raise UserError("a multi-process run needs out_dir=RUN_DIR (every process must write to the same run directory)")
+        raise UserError(
+            "a multi-process run needs out_dir=RUN_DIR (every process must write to the same run directory)"
+        )
     run_dir = Path(cfg.out_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if "train" not in cfg.stages.split(",") and not cfg.out_dir:
         raise UserError("export/check alone need an existing run: pass out_dir=RUN_DIR")

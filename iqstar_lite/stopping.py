@@ -22,17 +22,24 @@ class StopRequest:
 
     def handle(self, signum, frame) -> None:
         if self.requested is not None:
-            if signum == self.requested and time.time() - self.at < 5:  # the same signal twice at once (a launcher forwarding it)
+            if (
+                signum == self.requested and time.time() - self.at < 5
+            ):  # the same signal twice at once (a launcher forwarding it)
                 return
             raise KeyboardInterrupt
         self.requested, self.at = signum, time.time()
-        log.warning("%s: finishing this step, then saving a checkpoint (send it again to stop at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s: finishing this step, then saving a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
 
 @contextmanager
 def stop_requests() -> Iterator[StopRequest]:
     req = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set from the main thread
+    if (
+        threading.current_thread() is not threading.main_thread()
+    ):  # signal handlers can only be set from the main thread
         yield req
         return
     previous = {sig: signal.signal(sig, req.handle) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -18,7 +18,11 @@ log = logging.getLogger("iqstar_lite")
 
 PROJECT = "iqstar_lite"
 TENSORBOARD_DIR = "tensorboard"
-INSTALL = {"tensorboard": "pip install tensorboard==2.21.0", "wandb": "pip install wandb", "mlflow": "pip install mlflow"}
+INSTALL = {
+    "tensorboard": "pip install tensorboard==2.21.0",
+    "wandb": "pip install wandb",
+    "mlflow": "pip install mlflow",
+}
 
 
 def _available(name: str) -> bool:
@@ -36,12 +40,17 @@ def tracker_names(report_to: str) -> list[str]:
     if names == ["auto"]:
         if _available("tensorboard"):
             return ["tensorboard"]
-        log.info("tensorboard is not installed: no tracker (metrics.jsonl only); %s, or set train.report_to", INSTALL["tensorboard"])
+        log.info(
+            "tensorboard is not installed: no tracker (metrics.jsonl only); %s, or set train.report_to",
+            INSTALL["tensorboard"],
+        )
         return []
     missing = [n for n in names if not _available(n)]
     if missing:
-        raise UserError(f"train.report_to={report_to} but {', '.join(missing)} is not installed; "
-                        f"{'; '.join(INSTALL[n] for n in missing)} (or set train.report_to=none)")
+        raise UserError(
+            f"train.report_to={report_to} but {', '.join(missing)} is not installed; "
+            f"{'; '.join(INSTALL[n] for n in missing)} (or set train.report_to=none)"
+        )
     return names
 
 
@@ -75,11 +84,17 @@ def start_trackers(accelerator, cfg: RecipeConfig, run_dir: Path) -> None:
     if not accelerator.log_with:
         return
     name = Path(run_dir).resolve().name
-    accelerator.init_trackers(PROJECT, config=flat_config(cfg), init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name}})
+    accelerator.init_trackers(
+        PROJECT, config=flat_config(cfg), init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name}}
+    )
 
 
 def numbers(row: dict, prefix: str) -> dict:
-    return {f"{prefix}{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    return {
+        f"{prefix}{k}": v
+        for k, v in row.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+    }
 
 
 def log_step(accelerator, row: dict) -> None:
@@ -104,5 +119,7 @@ def log_samples(accelerator, rows: list[dict], step: int) -> None:
         return " ".join(str(text).split()).replace("|", "\\|")
 
     table = "| prompt | answer | judge |\n| --- | --- | --- |\n" + "".join(
-        f"| {cell(r['prompt'])} | {cell(r['answer'])} | {'' if r.get('judge') is None else r['judge']} |\n" for r in rows)
+        f"| {cell(r['prompt'])} | {cell(r['answer'])} | {'' if r.get('judge') is None else r['judge']} |\n"
+        for r in rows
+    )
     accelerator.log({"samples": table}, step=step)

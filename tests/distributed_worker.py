@@ -19,12 +19,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 def update_on_fixed_batch(out: str, loss: str) -> None:
     import torch
     from accelerate import Accelerator
+    from conftest import make_policy
     from safetensors.torch import save_file
 
-    from conftest import make_policy
+    from iqstar_lite.algorithm.train import Guided, make_scheduler, update
     from iqstar_lite.config import load_recipe
     from iqstar_lite.models.embedded import resolve_model_path
-    from iqstar_lite.algorithm.train import Guided, make_scheduler, update
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -39,17 +39,39 @@ def update_on_fixed_batch(out: str, loss: str) -> None:
     resp = torch.randint(5, 300, (4, 5), generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.float32)
     vocab = model.get_output_embeddings().weight.shape[0]
-    est = {"rewards": torch.randn(4, 5, generator=g), "logp_ref": -torch.rand(4, 5, generator=g) * 3,
-           "logp_star_full": torch.log_softmax(torch.randn(4, 5, vocab, generator=g), -1)}
+    est = {
+        "rewards": torch.randn(4, 5, generator=g),
+        "logp_ref": -torch.rand(4, 5, generator=g) * 3,
+        "logp_star_full": torch.log_softmax(torch.randn(4, 5, vocab, generator=g), -1),
+    }
     logp_sampled = -torch.rand(4, 5, generator=g) * 3
     rows = slice(rank, None, world)
     part = {k: v[rows] for k, v in est.items()}
     guided = None
     if loss == "distill":  # the guided group too: two groups of rows, token-weighted together
-        guided = Guided([plain[i] for i in range(4)][rows], resp.flip(0)[rows], mask.flip(0)[rows], {k: v.flip(0)[rows] for k, v in est.items()})
+        guided = Guided(
+            [plain[i] for i in range(4)][rows],
+            resp.flip(0)[rows],
+            mask.flip(0)[rows],
+            {k: v.flip(0)[rows] for k, v in est.items()},
+        )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    sums = update(model, cfg, plain[rows], resp[rows], mask[rows], part, 0, params, optimizer, scheduler, accelerator, guided=guided,
-                  logp_sampled=logp_sampled[rows], forward_model=forward_model)
+    sums = update(
+        model,
+        cfg,
+        plain[rows],
+        resp[rows],
+        mask[rows],
+        part,
+        0,
+        params,
+        optimizer,
+        scheduler,
+        accelerator,
+        guided=guided,
+        logp_sampled=logp_sampled[rows],
+        forward_model=forward_model,
+    )
     if accelerator.is_main_process:
         delta = {n: (before[n] - p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(delta, out, metadata={"grad_norm": str(sums["grad_norm"])})

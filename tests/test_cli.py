@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args: str, module: str = "iqstar_lite.recipe", **env_extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
 
 
 def cli_here(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
@@ -53,7 +55,10 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["tiny_cpu", "train.lr=-1", "rollout.top_p=2"], ["2 problems", "train.lr", "rollout.top_p"]),
         (["tiny_cpu", "steps"], ["not key=value"]),
         (["tiny_cpu", "model.path=/no/such/model", "--dry-run"], ["does not exist", "model.path"]),
-        (["tiny_cpu", "eval.batch_size=0", "eval.max_new_tokens=0"], ["2 problems", "'eval.batch_size' must be > 0", "eval.max_new_tokens"]),
+        (
+            ["tiny_cpu", "eval.batch_size=0", "eval.max_new_tokens=0"],
+            ["2 problems", "'eval.batch_size' must be > 0", "eval.max_new_tokens"],
+        ),
         (["tiny_cpu", "export.check_new_tokens=0"], ["'export.check_new_tokens' must be > 0"]),
         (["tiny_cpu", "train.report_to=tensorbord"], ["'train.report_to' must be one of", "tensorboard"]),
     ],
@@ -69,19 +74,37 @@ def test_bad_input_gives_one_line_from_a_new_process():
 
 @pytest.mark.parametrize(
     "content, needles",
-    [("", ["is empty"]), ('{"prompt": "ok"}\n{not json\n', ["line 2", "not valid JSON"]), ('{"text": "x"}\n', ["'prompt'", "columns found: text"])],
+    [
+        ("", ["is empty"]),
+        ('{"prompt": "ok"}\n{not json\n', ["line 2", "not valid JSON"]),
+        ('{"text": "x"}\n', ["'prompt'", "columns found: text"]),
+    ],
 )
 def test_bad_prompt_file(tmp_path, tiny_path, content, needles, monkeypatch, capsys):
     f = tmp_path / "prompts.jsonl"
     f.write_text(content)
     out = tmp_path / "run"
-    res = cli_here(monkeypatch, capsys, "tiny_cpu", f"data.prompts={f}", f"out_dir={out}", f"model.path={tiny_path}", "stages=train")
+    res = cli_here(
+        monkeypatch,
+        capsys,
+        "tiny_cpu",
+        f"data.prompts={f}",
+        f"out_dir={out}",
+        f"model.path={tiny_path}",
+        "stages=train",
+    )
     assert_one_line_error(res, *needles)
 
 
 def test_unreachable_hub_model_gives_one_line(tmp_path):
     """A hub id that is not in the local cache while offline (HF_HUB_OFFLINE=1 fails at once, as no network does after retries)."""
-    res = cli("tiny_cpu", "model.path=SomeOrg/not-cached-model", f"out_dir={tmp_path / 'r'}", "stages=train", HF_HUB_OFFLINE="1")
+    res = cli(
+        "tiny_cpu",
+        "model.path=SomeOrg/not-cached-model",
+        f"out_dir={tmp_path / 'r'}",
+        "stages=train",
+        HF_HUB_OFFLINE="1",
+    )
     assert_one_line_error(res, "SomeOrg/not-cached-model", "model.path")
 
 
@@ -101,7 +124,11 @@ def test_out_dir_that_is_a_file_or_a_finished_run(tmp_path, tiny_path):
 
 
 def test_missing_prompt_file(tmp_path):
-    assert_one_line_error(cli("tiny_cpu", f"data.prompts={tmp_path / 'nope.jsonl'}", f"out_dir={tmp_path / 'r'}"), "not found", "data.prompts")
+    assert_one_line_error(
+        cli("tiny_cpu", f"data.prompts={tmp_path / 'nope.jsonl'}", f"out_dir={tmp_path / 'r'}"),
+        "not found",
+        "data.prompts",
+    )
 
 
 def test_list_and_dry_run(tiny_path):
@@ -123,7 +150,14 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     out = tmp_path / "run"
     res = cli("tiny_cpu", f"out_dir={out}", "stages=train")
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("config.yaml", "metrics.jsonl", "eval_before.json", "eval_after.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "eval_before.json",
+        "eval_after.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (out / name).exists(), name
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps] == [1, 2]
@@ -136,8 +170,12 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
         assert after[key] is not None, key
     cd = json.loads((out / "eval_contrastive.json").read_text())
     assert cd["summary"]["kl_to_target"] == 0.0 and all("response_ids" in r for r in cd["records"])
-    assert cd["summary"]["target_prefix"] == cd["summary"]["mean_tokens"]  # pi-hat*'s answers follow themselves to the end
-    assert 0 <= after["target_prefix"] <= min(after["mean_tokens"], cd["summary"]["mean_tokens"])  # per answer: <= both lengths
+    assert (
+        cd["summary"]["target_prefix"] == cd["summary"]["mean_tokens"]
+    )  # pi-hat*'s answers follow themselves to the end
+    assert (
+        0 <= after["target_prefix"] <= min(after["mean_tokens"], cd["summary"]["mean_tokens"])
+    )  # per answer: <= both lengths
     assert "held-out answers" in res.stdout and "contrastive decoding:" in res.stdout
     # out of distribution (eval.ood_prompts=builtin:ood, its dev split), next to the held-out rows
     ood = {row: json.loads((out / f"eval_{row}_ood.json").read_text()) for row in ("before", "contrastive", "after")}
@@ -154,11 +192,14 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     # every step (eval.every=1 in tiny_cpu) in samples.jsonl and the text tab; a picture of the run.
     events = tensorboard_events(out)
     assert [s.step for s in events.Scalars("train/loss")] == [1, 2]
-    assert [round(s.value, 5) for s in events.Scalars("train/reward_mean")] == [round(m["reward_mean"], 5) for m in steps]
+    assert [round(s.value, 5) for s in events.Scalars("train/reward_mean")] == [
+        round(m["reward_mean"], 5) for m in steps
+    ]
     assert {f"train/{k}" for k in steps[0] if k != "step"} <= set(events.Tags()["scalars"])
     assert [(s.step, s.value) for s in events.Scalars("eval/principle_score")] == [
         (0, pytest.approx(json.loads((out / "eval_before.json").read_text())["summary"]["principle_score"])),
-        (2, pytest.approx(after["principle_score"]))]
+        (2, pytest.approx(after["principle_score"])),
+    ]
     assert [s.step for s in events.Scalars("eval_contrastive/kl_to_target")] == [0]
     text = events.Tensors("samples/text_summary")
     assert [t.step for t in text] == [1, 2] and b"| prompt | answer | judge |" in text[0].tensor_proto.string_val[0]
@@ -166,7 +207,9 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2] and {"prompt", "answer", "judge"} <= set(samples[0])
     assert samples[0]["prompt"] == cd["records"][0]["prompt"]
     # the last step's samples are the final evaluation's first answers (not decoded twice)
-    assert [r["answer"] for r in samples[3:]] == [r["response"] for r in json.loads((out / "eval_after.json").read_text())["records"][:3]]
+    assert [r["answer"] for r in samples[3:]] == [
+        r["response"] for r in json.loads((out / "eval_after.json").read_text())["records"][:3]
+    ]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     hparams = [yaml.safe_load(p.read_text()) for p in (out / "tensorboard").glob("*/hparams.yml")]  # the config, flat
     assert len(hparams) == 1 and hparams[0]["train.steps"] == 2 and hparams[0]["model.path"] == "embedded:tiny-random"
@@ -188,7 +231,9 @@ def test_tiny_cpu_trains_writes_run_dir_and_resumes(tmp_path, tiny_path):
     assert steps == [1, 2, 3, 4]
     assert [s.step for s in tensorboard_events(out).Scalars("train/loss")] == [1, 2, 3, 4]
     samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4] and "stale" not in {r["prompt"] for r in samples}
+    assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4] and "stale" not in {
+        r["prompt"] for r in samples
+    }
 
 
 def tensorboard_events(run_dir: Path):
@@ -202,7 +247,14 @@ def tensorboard_events(run_dir: Path):
 def test_guided_samples_train_from_pi_star_in_the_same_rollout(tmp_path, tiny_path):
     """rollout.guided_samples=1 of 2: the step logs the guided rows' KL(pi* || pi_theta) and both groups' EOS rate."""
     out = tmp_path / "guided"
-    res = cli("tiny_cpu", f"out_dir={out}", "stages=train", "eval.enabled=false", "rollout.samples_per_prompt=2", "rollout.guided_samples=1")
+    res = cli(
+        "tiny_cpu",
+        f"out_dir={out}",
+        "stages=train",
+        "eval.enabled=false",
+        "rollout.samples_per_prompt=2",
+        "rollout.guided_samples=1",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("kl_star_guided", "response_len_guided", "eos_rate", "eos_rate_guided"):

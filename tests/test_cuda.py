@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_policy
 
 pytestmark = [
@@ -42,7 +41,10 @@ def test_cuda_grads_after_rollout_equal_grads_without(tiny_path, tokenizer):
     model = make_policy(tiny_path, device="cuda")
     ids = torch.tensor([[1, 17, 300, 42, 7, 99]], device="cuda")
     clean = _grads(model, ids)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in ("Hi?", "More.")]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("Hi?", "More.")
+    ]
     roll = sample(model, tokenizer, texts, samples_per_prompt=2, max_new_tokens=6)
     assert roll.response_ids.shape[0] == 4
     with torch.no_grad():
@@ -74,7 +76,9 @@ def test_cuda_recipe_trains_and_merge_is_exact(tmp_path, tiny_path):
     from iqstar_lite.recipe import run
 
     out = tmp_path / "run"
-    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "model.device=cuda", f"out_dir={out}", "stages=train", "train.steps=3"])
+    cfg = load_recipe(
+        "tiny_cpu", [f"model.path={tiny_path}", "model.device=cuda", f"out_dir={out}", "stages=train", "train.steps=3"]
+    )
     assert run(cfg, out) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]

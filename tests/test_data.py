@@ -3,7 +3,7 @@ import json
 import pytest
 
 from iqstar_lite.config import DataConfig
-from iqstar_lite.data.formatting import default_system_prompt, Formatter, with_instruction
+from iqstar_lite.data.formatting import Formatter, default_system_prompt, with_instruction
 from iqstar_lite.data.sources import Example, load_prompts
 from iqstar_lite.errors import UserError
 
@@ -111,7 +111,9 @@ def test_shipped_ood_set_and_training_pool_are_disjoint_and_split():
     ood, pool = sets["ood"], sets["train_pool"]
     assert len(ood) >= 160 and len(pool) >= 1000
     halves = Counter((e.kind, e.meta["split"]) for e in ood)
-    assert {k for k, _ in halves} == {"request", "question", "harmful"} and all(halves[(k, s)] > 0 for k, _ in halves for s in ("dev", "test"))
+    assert {k for k, _ in halves} == {"request", "question", "harmful"} and all(
+        halves[(k, s)] > 0 for k, _ in halves for s in ("dev", "test")
+    )
     assert {e.meta["split"] for e in pool} == {"train"}
     texts = {name: {e.text.lower() for e in ex} for name, ex in sets.items()}
     assert not texts["ood"] & texts["train_pool"] and not texts["ood"] & texts["builtin"]

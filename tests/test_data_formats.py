@@ -30,12 +30,27 @@ def test_trl_conversational_jsonl(tmp_path, tokenizer):
     rows = [
         {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q1?"}]},
         {"prompt": [{"role": "user", "content": "Q2?"}], "completion": [{"role": "assistant", "content": "A2."}]},
-        {"prompt": [{"role": "user", "content": "Q3?"}], "chosen": [{"role": "assistant", "content": "Good 3."}],
-         "rejected": [{"role": "assistant", "content": "Bad 3."}]},
-        {"chosen": [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "Good 4."}],
-         "rejected": [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "Bad 4."}]},
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Q5?"}]},
-        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Q6 "}, {"type": "text", "text": "in parts?"}]}]},
+        {
+            "prompt": [{"role": "user", "content": "Q3?"}],
+            "chosen": [{"role": "assistant", "content": "Good 3."}],
+            "rejected": [{"role": "assistant", "content": "Bad 3."}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "Good 4."}],
+            "rejected": [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "Bad 4."}],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Q5?"},
+            ]
+        },
+        {
+            "prompt": [
+                {"role": "user", "content": [{"type": "text", "text": "Q6 "}, {"type": "text", "text": "in parts?"}]}
+            ]
+        },
     ]
     ex = _by_text(load_prompts(DataConfig(prompts=_jsonl(tmp_path / "trl.jsonl", rows), heldout_fraction=0.01)))
     assert ex["Q1?"].messages == rows[0]["prompt"] and ex["Q1?"].reference == ""
@@ -52,7 +67,11 @@ def test_trl_conversational_jsonl(tmp_path, tokenizer):
 def test_multi_turn_chosen_is_rendered_as_text_without_turn_markers(tokenizer):
     from iqstar_lite.data.sources import _to_example
 
-    turns = [{"role": "assistant", "content": "Let me check."}, {"role": "user", "content": "Please."}, {"role": "assistant", "content": "Done."}]
+    turns = [
+        {"role": "assistant", "content": "Let me check."},
+        {"role": "user", "content": "Please."},
+        {"role": "assistant", "content": "Done."},
+    ]
     ex = _to_example({"prompt": "Fix it?", "chosen": turns}, "row 1")
     assert ex.reference == turns
     fmt = Formatter(tokenizer, DataConfig(), kind="hindsight")
@@ -60,7 +79,9 @@ def test_multi_turn_chosen_is_rendered_as_text_without_turn_markers(tokenizer):
     # inside the hindsight context the reference adds no turn boundary: one system and one user turn, as without it
     context = fmt.conditioned(ex)
     with_text = fmt.conditioned(_to_example({"prompt": "Fix it?", "chosen": "Done."}, "row 2"))
-    assert context.count("<|im_start|>") == with_text.count("<|im_start|>") and context.count("<|im_end|>") == with_text.count("<|im_end|>")
+    assert context.count("<|im_start|>") == with_text.count("<|im_start|>") and context.count(
+        "<|im_end|>"
+    ) == with_text.count("<|im_end|>")
     assert "Let me check." in context and "{'role'" not in context
 
 
@@ -70,18 +91,25 @@ def test_saved_datasets_preference_dataset_with_a_test_split(tmp_path, tokenizer
     import datasets
 
     def split(n, start):
-        return datasets.Dataset.from_list([{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(start, start + n)])
+        return datasets.Dataset.from_list(
+            [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(start, start + n)]
+        )
 
     datasets.DatasetDict({"train": split(6, 0), "test": split(2, 100)}).save_to_disk(str(tmp_path / "prefs"))
     ps = load_prompts(DataConfig(prompts=str(tmp_path / "prefs"), heldout_split="test"))
-    assert [e.text for e in ps.train] == [f"Question {i}?" for i in range(6)] and [e.text for e in ps.heldout] == ["Question 100?", "Question 101?"]
+    assert [e.text for e in ps.train] == [f"Question {i}?" for i in range(6)] and [e.text for e in ps.heldout] == [
+        "Question 100?",
+        "Question 101?",
+    ]
     assert ps.train[2].reference == "Answer 2."
     assert "Answer 2." in Formatter(tokenizer, DataConfig(), kind="hindsight").conditioned(ps.train[2])
     with pytest.raises(UserError, match="has splits train, test; choose one with data.split"):
         load_prompts(DataConfig(prompts=str(tmp_path / "prefs"), split="validation"))
     split(4, 0).save_to_disk(str(tmp_path / "one"))
     assert len(load_prompts(DataConfig(prompts=str(tmp_path / "one"))).train) >= 2
-    with pytest.raises(UserError, match="one saved Dataset without splits, so data.split / data.heldout_split='test' cannot apply"):
+    with pytest.raises(
+        UserError, match="one saved Dataset without splits, so data.split / data.heldout_split='test' cannot apply"
+    ):
         load_prompts(DataConfig(prompts=str(tmp_path / "one"), heldout_split="test"))
 
 
@@ -104,7 +132,13 @@ def cached_hub_dataset(tmp_path, monkeypatch):
     rows = [{"question": f"Cached question {i}?", "answer": f"Answer {i}.", "category": "benign"} for i in range(8)]
     src = _jsonl(tmp_path / "src.jsonl", rows)
     cache = tmp_path / "datasets-cache"
-    builder = Json(cache_dir=str(cache), data_files={"train": src, "test": src}, dataset_name="tiny-prefs", config_name="default", hash="0123abcd")
+    builder = Json(
+        cache_dir=str(cache),
+        data_files={"train": src, "test": src},
+        dataset_name="tiny-prefs",
+        config_name="default",
+        hash="0123abcd",
+    )
     builder.download_and_prepare()
     (cache / "tiny-prefs").rename(cache / "someorg___tiny-prefs")
     (cache / "someorg___tiny-prefs" / builder.config_id).rename(cache / "someorg___tiny-prefs" / "default")
@@ -115,7 +149,11 @@ def cached_hub_dataset(tmp_path, monkeypatch):
 def test_datasets_name_config_split_offline_from_the_cache(cached_hub_dataset):
     """data.prompts=NAME data.config=CONFIG data.split=SPLIT, as `datasets.load_dataset` takes them, with column mapping."""
     columns = {"prompt": "question", "reference": "answer", "kind": "category"}
-    ps = load_prompts(DataConfig(prompts=cached_hub_dataset, config="default", split="train[:6]", heldout_split="test[-2:]", columns=columns))
+    ps = load_prompts(
+        DataConfig(
+            prompts=cached_hub_dataset, config="default", split="train[:6]", heldout_split="test[-2:]", columns=columns
+        )
+    )
     assert [e.text for e in ps.train] == [f"Cached question {i}?" for i in range(6)]
     assert [e.text for e in ps.heldout] == ["Cached question 6?", "Cached question 7?"]
     assert ps.train[0].reference == "Answer 0." and ps.train[0].kind == "benign"
@@ -125,9 +163,15 @@ def test_datasets_name_config_split_offline_from_the_cache(cached_hub_dataset):
         load_prompts(DataConfig(prompts=cached_hub_dataset, config="nocfg"))
     with pytest.raises(UserError, match="data.prompts='someorg/not-cached' is neither a file nor a dataset"):
         load_prompts(DataConfig(prompts="someorg/not-cached"))
-    with pytest.raises(UserError, match=r"data.columns maps prompt=query, but that column is missing; columns found: question, answer, category"):
+    with pytest.raises(
+        UserError,
+        match=r"data.columns maps prompt=query, but that column is missing; columns found: question, answer, category",
+    ):
         load_prompts(DataConfig(prompts=cached_hub_dataset, columns={"prompt": "query"}))
-    with pytest.raises(UserError, match=r"needs a non-empty 'prompt'.*columns found: question, answer, category \(map other names with data.columns"):
+    with pytest.raises(
+        UserError,
+        match=r"needs a non-empty 'prompt'.*columns found: question, answer, category \(map other names with data.columns",
+    ):
         load_prompts(DataConfig(prompts=cached_hub_dataset))
 
 
@@ -148,7 +192,9 @@ def test_too_long_prompts_are_reported_with_the_longest(tokenizer, caplog):
     n_longer = len(fmt.ids(fmt.conditioned(longer)))
     with caplog.at_level(logging.INFO, logger="iqstar_lite"):
         assert drop_too_long([short, long_, longer], fmt, 100) == [short]
-    assert f"dropped 2 of 3 training prompts longer than data.max_prompt_tokens=100" in caplog.text
+    assert "dropped 2 of 3 training prompts longer than data.max_prompt_tokens=100" in caplog.text
     assert f"the longest: {n_longer} tokens ('word word" in caplog.text
-    with pytest.raises(UserError, match=r"every training prompt is longer than data.max_prompt_tokens=5 \(the shortest: \d+ tokens"):
+    with pytest.raises(
+        UserError, match=r"every training prompt is longer than data.max_prompt_tokens=5 \(the shortest: \d+ tokens"
+    ):
         drop_too_long([short], fmt, 5)

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), WORKER, *args] if nproc > 1 \
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), WORKER, *args]
+        if nproc > 1
         else [sys.executable, WORKER, *args]
+    )
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
@@ -59,18 +62,20 @@ def test_two_process_run_writes_one_consistent_run_directory_and_resumes(tmp_pat
     assert [json.loads(ln)["step"] for ln in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 1, 2, 2, 2]
     # each step's global batch (rollout.prompts_per_step = 4) split into disjoint halves
     ranks = [[json.loads(ln) for ln in (out / f"prompts-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    from iqstar_lite.algorithm.train import prompt_batch
     from iqstar_lite.config import load_recipe
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.data.sources import load_prompts
     from iqstar_lite.models.load import load_tokenizer
-    from iqstar_lite.algorithm.train import prompt_batch
 
     cfg = load_recipe("tiny_cpu", [])
     fmt = Formatter(load_tokenizer(cfg.model.path), cfg.data, cfg.estimator.kind)
     for step in range(2):
         mine = ranks[0][step] + ranks[1][step]
         assert len(ranks[0][step]) == len(ranks[1][step]) == 2 and not set(ranks[0][step]) & set(ranks[1][step])
-        assert sorted(mine) == sorted(fmt.plain(e) for e in prompt_batch(load_prompts(cfg.data).train, step, 4, cfg.train.seed))
+        assert sorted(mine) == sorted(
+            fmt.plain(e) for e in prompt_batch(load_prompts(cfg.data).train, step, 4, cfg.train.seed)
+        )
     PeftModel.from_pretrained(load_base(ModelConfig(path=cfg.model.path, device="cpu")), out / "adapter")
 
     res = launch(2, "recipe", *common, "train.steps=4", "train.resume=true", "eval.enabled=false")

@@ -30,7 +30,9 @@ def test_contrastive_logits_hand():
 
 def test_contrastive_logits_bf16_in_fp32_out():
     """bf16 inputs (exactly representable) -> fp32 result: 2 * [1, 2] - [0.5, 0.25] = [1.5, 3.75]."""
-    out = contrastive_logits(torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([0.5, 0.25], dtype=torch.bfloat16), 1.0)
+    out = contrastive_logits(
+        torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([0.5, 0.25], dtype=torch.bfloat16), 1.0
+    )
     assert out.dtype == torch.float32
     assert_close(out, torch.tensor([1.5, 3.75]))
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import make_policy
-from iqstar_lite.evaluation.evaluate import contrastive_generate, repetition
-from iqstar_lite.evaluation.judges import pick_judge, refusal_judge
+
 from iqstar_lite.algorithm.reference import reference_mode
 from iqstar_lite.algorithm.rollout import sample
+from iqstar_lite.evaluation.evaluate import contrastive_generate, repetition
+from iqstar_lite.evaluation.judges import pick_judge, refusal_judge
 
 
 def test_repetition():
@@ -29,7 +29,10 @@ def test_contrastive_alpha0_is_principle_conditioned_greedy(tiny_path, tokenizer
     """alpha = 0: z* = z+, so contrastive decoding = greedy decoding of the reference with the principle in context."""
     model = make_policy(tiny_path, quantize="none")
     chat = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731
-    cond = [chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]) for q in ("Hi?", "What is rain made of?")]
+    cond = [
+        chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}])
+        for q in ("Hi?", "What is rain made of?")
+    ]
     plain = [chat([{"role": "user", "content": q}]) for q in ("Hi?", "What is rain made of?")]
     got = contrastive_generate(model, tokenizer, cond, plain, alpha=0.0, max_new_tokens=6)
     with reference_mode(model):
@@ -107,12 +110,12 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
     recomputed by a pass (adapters at identity); the trained row's KL(pi_theta || pi_ref) sharing the estimator's
     reference logits = the policy and the reference scored apart."""
     import iqstar_lite.evaluation.evaluate as ev
-    from iqstar_lite.config import load_recipe
-    from iqstar_lite.data.formatting import Formatter
-    from iqstar_lite.data.sources import load_prompts
     from iqstar_lite.algorithm.logprobs import kl_between_logits
     from iqstar_lite.algorithm.rollout import pack, response_logits
     from iqstar_lite.algorithm.scoring import estimator_pass
+    from iqstar_lite.config import load_recipe
+    from iqstar_lite.data.formatting import Formatter
+    from iqstar_lite.data.sources import load_prompts
 
     cfg = load_recipe("tiny_cpu", ["eval.max_new_tokens=6", "eval.batch_size=3", "train.micro_batch=2"])
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
@@ -130,11 +133,26 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
     assert all(r["kl_star_ref"] > 0 for r in cd["records"])
 
     recomputed = ev.evaluate(fresh, tokenizer, fmt, examples, cfg, None, target=target)
-    monkeypatch.setattr(ev, "kl_to_target", lambda *a, **k: pytest.fail("kl_to_target recomputed what contrastive decoding measured"))
-    fast = ev.evaluate(fresh, tokenizer, fmt, examples, cfg, None, target=target, target_kl_ref=[r["kl_star_ref"] for r in cd["records"]])
+    monkeypatch.setattr(
+        ev, "kl_to_target", lambda *a, **k: pytest.fail("kl_to_target recomputed what contrastive decoding measured")
+    )
+    fast = ev.evaluate(
+        fresh,
+        tokenizer,
+        fmt,
+        examples,
+        cfg,
+        None,
+        target=target,
+        target_kl_ref=[r["kl_star_ref"] for r in cd["records"]],
+    )
     monkeypatch.undo()
-    torch.testing.assert_close(torch.tensor([r["kl_to_target"] for r in fast["records"]]),
-                               torch.tensor([r["kl_to_target"] for r in recomputed["records"]]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor([r["kl_to_target"] for r in fast["records"]]),
+        torch.tensor([r["kl_to_target"] for r in recomputed["records"]]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
     trained = make_policy(tiny_path, quantize="none")
     after = ev.evaluate(trained, tokenizer, fmt, examples, cfg, None, target=target)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import randomize_lora_b
 import torch
+from conftest import randomize_lora_b
 
 from iqstar_lite.config import ExportConfig, LoraSettings, ModelConfig, RecipeConfig, load_recipe, save_config
 from iqstar_lite.errors import UserError
@@ -50,8 +50,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     bpe = ByteLevelBPETokenizer()
     corpus = ["The capital of Japan is Tokyo.", "Rain falls softly on the roof.", "Write a short answer, please."] * 20
-    bpe.train_from_iterator(corpus, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        corpus, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = CHATML
     tok.save_pretrained(out)
     torch.manual_seed(0)
@@ -157,7 +165,9 @@ def test_dequantized_merge_is_exact_when_training_held_unquantized_parts_in_bf16
     from iqstar_lite.export.merge import merge_run
 
     run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*"))
+    shutil.copytree(
+        run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*")
+    )
     cfg = load_run_config(run)
     cfg.model = dataclasses.replace(cfg.model, unquantized_dtype="bf16")
     report = merge_run(run, cfg, PROMPTS)
@@ -171,7 +181,9 @@ def test_export_cli_original_base_bf16_without_onnx(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json"))
     (run / "onnx").mkdir(exist_ok=True)  # a stale export from an earlier merge must not survive
-    proc = _run("iqstar_lite.export.stage", str(run), "export.merge_base=original", "export.dtype=bf16", "export.onnx=false")
+    proc = _run(
+        "iqstar_lite.export.stage", str(run), "export.merge_base=original", "export.dtype=bf16", "export.onnx=false"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "merged (original, bf16)" in proc.stdout and "includes the NF4 quantization error" in proc.stdout
     assert not (run / "onnx").exists() and not (run / "onnx-int8").exists()
@@ -189,8 +201,8 @@ def test_export_cli_original_base_bf16_without_onnx(run_dir, tmp_path):
 
 
 def test_export_passes_parity_check(exported):
-    from iqstar_lite.export.check import check_run, format_table
     from iqstar_lite.config import load_run_config
+    from iqstar_lite.export.check import check_run, format_table
 
     run, report = exported
     assert (run / "onnx" / "model.onnx").is_file() and (run / "onnx-int8" / "model.onnx").is_file()
@@ -209,7 +221,10 @@ def test_export_passes_parity_check(exported):
     assert sorted(result["gguf"]) == ["f16", "q8_0"]
     for qtype, g in result["gguf"].items():
         assert g["prompt_ids_equal"] and g["tokens_per_s"] > 0 and f"GGUF {qtype} via" in format_table(result)
-    assert result["gguf"]["f16"]["greedy_equal"] and result["gguf"]["f16"]["max_logit_diff"] < result["gguf"]["q8_0"]["max_logit_diff"]
+    assert (
+        result["gguf"]["f16"]["greedy_equal"]
+        and result["gguf"]["f16"]["max_logit_diff"] < result["gguf"]["q8_0"]["max_logit_diff"]
+    )
     assert result["gguf"]["q8_0"]["agreement"] >= 0.5
 
 
@@ -220,21 +235,29 @@ def genai_exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
     from iqstar_lite.export.stage import apply_export_overrides, export_run
 
     run = tmp_path_factory.mktemp("genai") / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*", "gguf"))
+    shutil.copytree(
+        run_dir,
+        run,
+        ignore=shutil.ignore_patterns("merged", "merge.json", "export.json", "check.json", "onnx*", "gguf"),
+    )
     cfg = apply_export_overrides(load_run_config(run), ["export.onnx_graph=genai", "export.gguf=none"])
     return run, export_run(run, cfg, PROMPTS)
 
 
 def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_exported, tmp_path):
     """export.onnx_graph=genai (onnxruntime-genai's builder): same parity gate, int8 twin, right-padded batches."""
-    from iqstar_lite.export.check import check_run
     from iqstar_lite.config import load_run_config
+    from iqstar_lite.export.check import check_run
     from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, report = genai_exported
     cfg = load_run_config(run)
     cfg.export.onnx_graph, cfg.export.gguf = "genai", "none"
-    assert report["onnx"]["graph"] == "genai" and (run / "onnx" / "genai_config.json").is_file() and (run / "onnx-int8" / "genai_config.json").is_file()
+    assert (
+        report["onnx"]["graph"] == "genai"
+        and (run / "onnx" / "genai_config.json").is_file()
+        and (run / "onnx-int8" / "genai_config.json").is_file()
+    )
     gen = OrtGenerator(run / "onnx")
     assert "position_ids" not in gen.input_names
     assert report["onnx_int8"]["weights_quantized"] > 0
@@ -242,7 +265,9 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_export
     assert result["passed"], result["failures"]
     assert result["greedy_equal"] and result["max_logit_diff"] < 1e-3
     # onnxruntime-genai's own runtime (its tokenizer, chat template and generator) gives the merged model's tokens.
-    assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai"]["tokens_per_s"] > 0
+    assert (
+        result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai"]["tokens_per_s"] > 0
+    )
     assert result["genai"]["prompts"][0]["tokens"] == result["prompts"][0]["torch_tokens"]
     assert result["genai-int8"]["prompt_ids_equal"] and result["genai-int8"]["agreement"] >= 0.5
     import onnxruntime_genai as og  # the README's snippet: genai's documented API alone gives the gate's tokens
@@ -259,11 +284,15 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_export
         g.generate_next_token()
     assert [int(t) for t in g.get_sequence(0)[n:]] == result["prompts"][0]["torch_tokens"]
     del g, model
-    chat = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", block_torch=True)  # genai's runtime
+    chat = _run(
+        "iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "8", block_torch=True
+    )  # genai's runtime
     assert chat.returncode == 0, chat.stderr
     from iqstar_lite.chat import answers
 
-    same = answers(run / "onnx", [PROMPTS[0]], "onnxruntime", 8)[0]  # --runtime onnxruntime: OrtGenerator on the same folder
+    same = answers(run / "onnx", [PROMPTS[0]], "onnxruntime", 8)[
+        0
+    ]  # --runtime onnxruntime: OrtGenerator on the same folder
     # Same text; a random model emits invalid UTF-8, whose bytes the two tokenizers replace by one or several U+FFFD.
     assert re.sub("\ufffd+", "?", same) == re.sub("\ufffd+", "?", chat.stdout.strip())
 
@@ -274,7 +303,10 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_export
     bad = _copy_run(run, tmp_path / "bad", "merged", "onnx")
     tok_json = json.loads((bad / "onnx" / "tokenizer.json").read_text())
     replace = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
-    tok_json["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, replace, tok_json["decoder"]]}
+    tok_json["decoder"] = {
+        "type": "Sequence",
+        "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, replace, tok_json["decoder"]],
+    }
     (bad / "onnx" / "tokenizer.json").write_text(json.dumps(tok_json))
     failed = check_onnx(bad / "onnx", bad / "merged", cfg.export, PROMPTS[:1])
     assert not failed["passed"] and not failed["genai"]["prompt_ids_equal"]
@@ -286,7 +318,14 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(genai_export
     assert [g.tokens for g in fixed] == [gen.generate(i, 6, stop_at_eos=False).tokens for i in ids]
 
 
-TRICKY = ["Hello world\n\nA. B.", "x\n\n\ny", "a\r\n\r\nb", "  lead  trail  ", "Ünïcödé 日本語 🙂 1234567", "don't I'LL x's\tz"]
+TRICKY = [
+    "Hello world\n\nA. B.",
+    "x\n\n\ny",
+    "a\r\n\r\nb",
+    "  lead  trail  ",
+    "Ünïcödé 日本語 🙂 1234567",
+    "don't I'LL x's\tz",
+]
 
 
 def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_exported, tiny_path, tmp_path):
@@ -302,13 +341,19 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_export
 
     original = json.loads((Path(tiny_path) / "tokenizer.json").read_text())
     new, changes = rewrite(original)
-    assert len(changes) == 2 and new["decoder"]["type"] == "ByteLevel" and new["pre_tokenizer"]["pretokenizers"][0]["type"] == "Split"
+    assert (
+        len(changes) == 2
+        and new["decoder"]["type"] == "ByteLevel"
+        and new["pre_tokenizer"]["pretokenizers"][0]["type"] == "Split"
+    )
     a, b = Tokenizer.from_str(json.dumps(original)), Tokenizer.from_str(json.dumps(new))
     for text in TRICKY:
         ids = a.encode(text, add_special_tokens=False).ids
         assert b.encode(text, add_special_tokens=False).ids == ids and b.decode(ids) == a.decode(ids)
-    for other in ({"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}},
-                  {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}}):
+    for other in (
+        {"model": {"type": "Unigram"}, "pre_tokenizer": {"type": "Metaspace"}},
+        {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}},
+    ):
         assert rewrite(other) == (other, [])  # left alone: the gate says whether genai reads it
 
     ref = AutoTokenizer.from_pretrained(tiny_path)
@@ -322,7 +367,9 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(genai_export
     for text in texts:
         ids = ref(text, add_special_tokens=False)["input_ids"]
         assert [int(t) for t in gt.encode(text)] == ids, text
-        assert gt.decode(np.asarray(ids, dtype=np.int32)) == ref.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert gt.decode(np.asarray(ids, dtype=np.int32)) == ref.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
     shutil.copy2(Path(tiny_path) / "tokenizer.json", folder / "tokenizer.json")  # as transformers wrote it
     gt = og.Tokenizer(og.Model(str(folder)))
     assert -1 in [int(t) for t in gt.encode(chat)]
@@ -348,11 +395,24 @@ def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
     assert sorted(report["gguf"]["files"]) == ["f16", "q8_0"]
     r = gguf.GGUFReader(str(run / "gguf" / "model-q8_0.gguf"))
     types = {t.name: t.tensor_type.name for t in r.tensors}
-    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied head
-    assert r.fields["tokenizer.chat_template"].contents() == CHATML and r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
-    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False  # the template starts with <|im_start|>, the BOS
+    assert (
+        types["blk.0.attn_q.weight"] == "Q8_0"
+        and types["blk.0.attn_norm.weight"] == "F32"
+        and "output.weight" not in types
+    )  # tied head
+    assert (
+        r.fields["tokenizer.chat_template"].contents() == CHATML
+        and r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    )
+    assert (
+        r.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    )  # the template starts with <|im_start|>, the BOS
     mf = (run / "gguf" / "Modelfile").read_text()
-    assert mf.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in mf and "<|im_start|>assistant\n\"\"\"" in mf
+    assert (
+        mf.startswith("FROM ./model-q8_0.gguf\n")
+        and 'PARAMETER stop "<|im_end|>"' in mf
+        and '<|im_start|>assistant\n"""' in mf
+    )
     # the system message once: .System before the turns, system entries of .Messages skipped
     assert mf.count("{{ .System }}") == 1 and '{{- range .Messages }}{{- if ne .Role "system" }}' in mf
     odd = tmp_path / "gpt2"
@@ -367,15 +427,19 @@ def test_gguf_files_modelfile_and_refusals(exported, tmp_path):
 def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_path):
     import gguf
 
-    from iqstar_lite.runtimes.gguf_transformers import GgufTransformers
     from iqstar_lite.export.check import check_onnx
+    from iqstar_lite.runtimes.gguf_transformers import GgufTransformers
 
     run, _ = exported
     bad = _copy_run(run, tmp_path / "run", "merged", "onnx", "gguf")
     (bad / "gguf" / "model-q8_0.gguf").unlink()
     from iqstar_lite.export.check import check_run  # a file export.gguf asks for and the gate never saw: not passed
 
-    report = check_run(bad, load_recipe("tiny_cpu", ["export.check_prompts=1", "export.check_new_tokens=4", "export.int8=false"]), PROMPTS[:1])
+    report = check_run(
+        bad,
+        load_recipe("tiny_cpu", ["export.check_prompts=1", "export.check_new_tokens=4", "export.int8=false"]),
+        PROMPTS[:1],
+    )
     assert not report["passed"] and any("model-q8_0.gguf missing" in f for f in report["failures"]), report["failures"]
     r = gguf.GGUFReader(str(bad / "gguf" / "model-f16.gguf"), "r+")
     t = next(t for t in r.tensors if t.name == "token_embd.weight")
@@ -384,7 +448,9 @@ def test_corrupted_gguf_fails_the_gate_and_a_torn_one_is_refused(exported, tmp_p
     export = ExportConfig(check_prompts=1, check_new_tokens=4)
     report = check_onnx(bad / "onnx", bad / "merged", export, PROMPTS[:1], gguf_dir=bad / "gguf")
     assert not report["passed"] and not report["gguf"]["f16"]["greedy_equal"]
-    assert any(f.startswith("gguf model-f16.gguf prompt 0") and "!= merged" in f for f in report["failures"]), report["failures"]
+    assert any(f.startswith("gguf model-f16.gguf prompt 0") and "!= merged" in f for f in report["failures"]), report[
+        "failures"
+    ]
     data = (bad / "gguf" / "model-f16.gguf").read_bytes()
     (bad / "gguf" / "model-f16.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cannot be loaded by transformers' GGUF reader"):
@@ -407,9 +473,19 @@ def test_llama_cpp_runs_the_gguf_like_the_merged_model(exported):
     gen = LlamaCppGenerator(run / "gguf" / "model-f16.gguf", n_ctx=128)
     for text in PROMPTS:
         assert gen.chat_ids(text) == _prompt_ids(tok, text)
-    report = check_onnx(run / "onnx", run / "merged", ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5), PROMPTS, gguf_dir=run / "gguf")
+    report = check_onnx(
+        run / "onnx",
+        run / "merged",
+        ExportConfig(check_prompts=2, check_new_tokens=8, min_int8_agreement=0.5),
+        PROMPTS,
+        gguf_dir=run / "gguf",
+    )
     assert report["passed"], report["failures"]
-    assert report["llama.cpp"]["f16"]["greedy_equal"] and report["llama.cpp"]["f16"]["prompt_ids_equal"] and report["llama.cpp"]["q8_0"]["agreement"] >= 0.5
+    assert (
+        report["llama.cpp"]["f16"]["greedy_equal"]
+        and report["llama.cpp"]["f16"]["prompt_ids_equal"]
+        and report["llama.cpp"]["q8_0"]["agreement"] >= 0.5
+    )
     from iqstar_lite.chat import answers, pick_runtime
 
     path = run / "gguf" / "model-q8_0.gguf"
@@ -421,23 +497,46 @@ def test_chat_serves_each_format(exported, capsys):
     from iqstar_lite.chat import main, pick_runtime
 
     run, _ = exported
-    assert main([str(run / "gguf" / "model-f16.gguf"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "6", "--runtime", "transformers"]) == 0
+    assert (
+        main(
+            [
+                str(run / "gguf" / "model-f16.gguf"),
+                PROMPTS[0],
+                PROMPTS[1],
+                "--max-new-tokens",
+                "6",
+                "--runtime",
+                "transformers",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("[1] ") and "\n[2] " in out
     from iqstar_lite.runtimes.llamacpp import available
 
-    assert pick_runtime(run / "onnx") == "onnxruntime" and pick_runtime(run / "gguf" / "model-q8_0.gguf") == ("llama.cpp" if available() else "transformers")
-    for path, runtime, needle in ((run / "gguf", "auto", "holds GGUF files"), (run / "onnx", "genai", "not an onnxruntime-genai folder"),
-                                  (run / "gguf" / "model-q8_0.gguf", "genai", "runs with --runtime llama.cpp or transformers")):
+    assert pick_runtime(run / "onnx") == "onnxruntime" and pick_runtime(run / "gguf" / "model-q8_0.gguf") == (
+        "llama.cpp" if available() else "transformers"
+    )
+    for path, runtime, needle in (
+        (run / "gguf", "auto", "holds GGUF files"),
+        (run / "onnx", "genai", "not an onnxruntime-genai folder"),
+        (run / "gguf" / "model-q8_0.gguf", "genai", "runs with --runtime llama.cpp or transformers"),
+    ):
         with pytest.raises(UserError, match=needle):
             pick_runtime(path, runtime)
 
 
 def _session(*args: str, stdin: str, block_torch: bool) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = ("import sys; " + ("sys.modules['torch'] = None; " if block_torch else "")
-            + "sys.argv = ['iqstar-lite', 'chat', *sys.argv[1:]]; from iqstar_lite.cli import cli; cli()")
-    return subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    code = (
+        "import sys; "
+        + ("sys.modules['torch'] = None; " if block_torch else "")
+        + "sys.argv = ['iqstar-lite', 'chat', *sys.argv[1:]]; from iqstar_lite.cli import cli; cli()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 @pytest.mark.parametrize("client", ["onnxruntime", "genai", "transformers", "llama.cpp"])
@@ -450,10 +549,21 @@ def test_chat_repl_scripted_session_per_client(client, exported, genai_exported)
     if client == "llama.cpp" and not available():
         pytest.skip("llama-cpp-python not installed (the llamacpp extra)")
     run = genai_exported[0] if client == "genai" else exported[0]
-    path = {"onnxruntime": run / "onnx", "genai": run / "onnx", "transformers": run / "gguf" / "model-f16.gguf",
-            "llama.cpp": run / "gguf" / "model-q8_0.gguf"}[client]
-    proc = _session(str(path), "--runtime", client, "--max-new-tokens", "6", stdin=f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n/quit\nnot read\n",
-                    block_torch=client in ("onnxruntime", "genai"))
+    path = {
+        "onnxruntime": run / "onnx",
+        "genai": run / "onnx",
+        "transformers": run / "gguf" / "model-f16.gguf",
+        "llama.cpp": run / "gguf" / "model-q8_0.gguf",
+    }[client]
+    proc = _session(
+        str(path),
+        "--runtime",
+        client,
+        "--max-new-tokens",
+        "6",
+        stdin=f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n/quit\nnot read\n",
+        block_torch=client in ("onnxruntime", "genai"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     want = answers(path, PROMPTS, client, 6)
     norm = lambda t: re.sub("\ufffd+", "?", t)  # noqa: E731 - invalid UTF-8 of a random model: one or several U+FFFD
@@ -467,7 +577,13 @@ def test_ort_model_for_causal_lm_generates_like_transformers(exported):
     run, _ = exported
     tok = AutoTokenizer.from_pretrained(run / "onnx")
     x = torch.tensor([_prompt_ids(tok, PROMPTS[0])])
-    kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    kwargs = dict(
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        max_new_tokens=10,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
     ort_out = ORTModelForCausalLM.from_pretrained(run / "onnx", use_cache=True).generate(x, **kwargs)
     pt_out = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).generate(x, **kwargs)
     assert ort_out.shape[1] == x.shape[1] + 10
@@ -508,16 +624,26 @@ def test_int8_methods_and_external_data(exported, tmp_path, method):
     from iqstar_lite.runtimes.ort import OrtGenerator
 
     run, report = exported
-    assert report["onnx_int8"]["method"] == "weights" and report["onnx_int8"]["weights_quantized"] == 15  # 2 layers x 7 + the tied head
+    assert (
+        report["onnx_int8"]["method"] == "weights" and report["onnx_int8"]["weights_quantized"] == 15
+    )  # 2 layers x 7 + the tied head
     # An fp32 export with external data, as the exporter writes models over 2 GB.
     src = tmp_path / "onnx-ext"
     src.mkdir()
-    onnx.save_model(onnx.load(str(run / "onnx" / "model.onnx")), str(src / "model.onnx"), save_as_external_data=True, location="model.onnx_data", size_threshold=1024)
+    onnx.save_model(
+        onnx.load(str(run / "onnx" / "model.onnx")),
+        str(src / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx_data",
+        size_threshold=1024,
+    )
     copy_sidecars(run / "onnx", src)
     assert uses_external_data(src / "model.onnx") and not uses_external_data(run / "onnx" / "model.onnx")
     out = quantize_int8(src, tmp_path / "int8", method=method)  # external data follows the input
     assert out["external_data"] and uses_external_data(tmp_path / "int8" / "model.onnx")
-    assert [f.name for f in (tmp_path / "int8").glob("model.onnx?data")] and (tmp_path / "int8" / "tokenizer.json").is_file()
+    assert [f.name for f in (tmp_path / "int8").glob("model.onnx?data")] and (
+        tmp_path / "int8" / "tokenizer.json"
+    ).is_file()
     ids = [1, 5, 9, 12, 40, 7]
     fp32 = OrtGenerator(run / "onnx", load_tokenizer=False).logits(ids)
     int8 = OrtGenerator(tmp_path / "int8", load_tokenizer=False).logits(ids)
@@ -538,7 +664,10 @@ def test_blocked_int8_export_is_closer_to_fp32_than_per_channel(exported, tmp_pa
     assert quantize_int8(run / "onnx", tmp_path / "int8-ch", block_size=0)["block_size"] == "per channel"
     ids = [1, 5, 9, 12, 40, 7, 3, 88]
     fp32 = OrtGenerator(run / "onnx", load_tokenizer=False).logits(ids)
-    err = {name: np.abs(OrtGenerator(tmp_path / f"int8-{name}", load_tokenizer=False).logits(ids) - fp32).max() for name in ("ch", "b16")}
+    err = {
+        name: np.abs(OrtGenerator(tmp_path / f"int8-{name}", load_tokenizer=False).logits(ids) - fp32).max()
+        for name in ("ch", "b16")
+    }
     assert 0 < err["b16"] < err["ch"], err
 
 
@@ -569,7 +698,9 @@ def test_weight_quantization_arithmetic():
     np.testing.assert_allclose(inits["w_scale"], [1 / 127, 4 / 127], rtol=1e-6)
     import onnxruntime as ort
 
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.array([[1.0, 1.0]], np.float32)})[0]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.array([[1.0, 1.0]], np.float32)}
+    )[0]
     np.testing.assert_allclose(y, [[1 + 64 / 127, 4 - 64 * 4 / 127]], rtol=1e-5)  # x = [1, 1]: column sums of q * s
 
 
@@ -598,7 +729,9 @@ def test_blocked_int8_is_matmulnbits_with_hand_computed_values():
     np.testing.assert_allclose(inits["w_q8_scale"], [1 / 127, 0.5 / 127, 2 / 127, 2 / 127], rtol=1e-6)
     import onnxruntime as ort
 
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 32), np.float32)})[0]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.ones((1, 32), np.float32)}
+    )[0]
     np.testing.assert_allclose(y, [[16 + 15 * 64 * 0.5 / 127 - 0.5, 64.0]], rtol=1e-5)  # x = 1 is exact in int8 too
 
 
@@ -625,7 +758,9 @@ def test_tied_head_transpose_is_quantized_and_embedding_kept():
     np.testing.assert_array_equal(inits["E_t_int8"], [[127, -64], [127, 127]])
     import onnxruntime as ort
 
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": np.array([0])})[0]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": np.array([0])}
+    )[0]
     # h = E[0] = [1, 1] (exact in int8 too, so onnxruntime's int8-activation kernel gives the same): column sums of q * s
     np.testing.assert_allclose(y, [[2.0, 4 - 64 * 4 / 127]], rtol=1e-5)
 
@@ -680,9 +815,21 @@ def test_chat_cli_runs_without_torch(exported):
     run, _ = exported
     greedy = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], "--max-new-tokens", "5", block_torch=True)
     assert greedy.returncode == 0, greedy.stderr
-    sampled = _run("iqstar_lite.chat", str(run / "onnx-int8"), PROMPTS[0], "--sample", "--top-p", "0.9", "--seed", "3", block_torch=True)
+    sampled = _run(
+        "iqstar_lite.chat",
+        str(run / "onnx-int8"),
+        PROMPTS[0],
+        "--sample",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        block_torch=True,
+    )
     assert sampled.returncode == 0, sampled.stderr
-    batch = _run("iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "5", block_torch=True)
+    batch = _run(
+        "iqstar_lite.chat", str(run / "onnx"), PROMPTS[0], PROMPTS[1], "--max-new-tokens", "5", block_torch=True
+    )
     assert batch.returncode == 0, batch.stderr
     lines = batch.stdout.strip().splitlines()
     assert lines[0].startswith("[1] ") and lines[-1].startswith("[2] ")
@@ -725,12 +872,14 @@ def test_smollm2_export_and_check(tmp_path):
     Measured (2-core CPU): merge vs fp32-compute 1e-4, vs bf16-compute trained 1.2; ONNX max |dlogit| 1.1e-4,
     greedy identical; int8 agreement 0.96; export ~30 s, check ~11 s.
     """
-    from iqstar_lite.export.check import check_run
     from iqstar_lite.config import EMBEDDED_MODEL
+    from iqstar_lite.export.check import check_run
     from iqstar_lite.export.stage import export_run
     from iqstar_lite.models.load import load_policy
 
-    cfg = RecipeConfig(name="smollm2", model=ModelConfig(path=EMBEDDED_MODEL, device="cpu"), lora=LoraSettings(r=16, alpha=32))
+    cfg = RecipeConfig(
+        name="smollm2", model=ModelConfig(path=EMBEDDED_MODEL, device="cpu"), lora=LoraSettings(r=16, alpha=32)
+    )
     policy = randomize_lora_b(load_policy(cfg.model, cfg.lora), std=0.01, seed=0)
     policy.save_pretrained(tmp_path / "adapter")
     del policy
@@ -742,9 +891,15 @@ def test_smollm2_export_and_check(tmp_path):
     assert result["passed"], result["failures"]
     assert result["greedy_equal"] and result["int8_agreement"] >= 0.9
     # The default export: genai graph, run by onnxruntime-genai itself; GGUF f16 / q8_0 loaded back by transformers.
-    assert result["genai"]["prompt_ids_equal"] and result["genai"]["greedy_equal"] and result["genai-int8"]["agreement"] >= 0.9
+    assert (
+        result["genai"]["prompt_ids_equal"]
+        and result["genai"]["greedy_equal"]
+        and result["genai-int8"]["agreement"] >= 0.9
+    )
     assert result["gguf"]["f16"]["greedy_equal"] and result["gguf"]["q8_0"]["agreement"] >= 0.9
-    if "llama.cpp" in result:  # llama-cpp-python installed (the llamacpp extra): llama.cpp's tokenizer and template agree
+    if (
+        "llama.cpp" in result
+    ):  # llama-cpp-python installed (the llamacpp extra): llama.cpp's tokenizer and template agree
         assert all(c["prompt_ids_equal"] and c["agreement"] >= 0.9 for c in result["llama.cpp"].values())
 
 

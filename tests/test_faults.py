@@ -17,20 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_cli import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-KILLS = int(os.environ.get("IQSTAR_FAULT_KILLS", "2"))  # IQSTAR_FAULT_KILLS=10 pytest tests/test_faults.py: a longer trial
+KILLS = int(
+    os.environ.get("IQSTAR_FAULT_KILLS", "2")
+)  # IQSTAR_FAULT_KILLS=10 pytest tests/test_faults.py: a longer trial
 STEPS = max(6, 3 * KILLS)
 ARGS = ["tiny_cpu", "stages=train", "eval.enabled=false", f"train.steps={STEPS}", "train.checkpoint_every=1"]
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "iqstar_lite.recipe", *ARGS, f"out_dir={out}", *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "iqstar_lite.recipe", *ARGS, f"out_dir={out}", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def metrics_steps(out: Path) -> list[int]:
@@ -63,9 +70,10 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def assert_every_checkpoint_loads(out: Path, tiny_path: str) -> None:
     from conftest import make_policy
+
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
     from iqstar_lite.checkpoint import checkpoints, load_checkpoint
     from iqstar_lite.config import load_recipe
-    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}"])
     found = checkpoints(out)

@@ -6,10 +6,10 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
-import iqstar_lite.heap as heap
-import iqstar_lite.algorithm.train as tr
 from conftest import make_policy
+
+import iqstar_lite.algorithm.train as tr
+import iqstar_lite.heap as heap
 from iqstar_lite.config import load_recipe
 from iqstar_lite.data.sources import load_prompts
 
@@ -55,9 +55,13 @@ def test_the_real_libc_accepts_the_settings():
     assert heap._libc().mallopt(heap.M_MMAP_THRESHOLD, heap.GLIBC_MMAP_THRESHOLD_MAX) == 1
 
 
-@pytest.mark.parametrize("setting, checkpointing, used", [("auto", False, False), ("auto", True, True), ("always", False, True),
-                                                          ("never", True, False)])
-def test_train_scopes_it_to_the_update_per_the_rule(tiny_path, tokenizer, tmp_path, monkeypatch, setting, checkpointing, used):
+@pytest.mark.parametrize(
+    "setting, checkpointing, used",
+    [("auto", False, False), ("auto", True, True), ("always", False, True), ("never", True, False)],
+)
+def test_train_scopes_it_to_the_update_per_the_rule(
+    tiny_path, tokenizer, tmp_path, monkeypatch, setting, checkpointing, used
+):
     entered = []
 
     @contextmanager
@@ -66,9 +70,18 @@ def test_train_scopes_it_to_the_update_per_the_rule(tiny_path, tokenizer, tmp_pa
         yield
 
     monkeypatch.setattr(tr, "freed_blocks_returned", recorder)
-    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "train.steps=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
-                                   "train.checkpoint_every=0", f"train.return_freed_memory={setting}",
-                                   f"model.gradient_checkpointing={str(checkpointing).lower()}"])
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            f"model.path={tiny_path}",
+            "train.steps=2",
+            "rollout.prompts_per_step=2",
+            "rollout.max_new_tokens=4",
+            "train.checkpoint_every=0",
+            f"train.return_freed_memory={setting}",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        ],
+    )
     model = make_policy(tiny_path, randomize_lora=False)
     tr.train(cfg, tmp_path, model, tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"))
     assert entered == ([True, True] if used else [])

@@ -16,7 +16,16 @@ from torch.testing import assert_close
 
 from iqstar_lite.algorithm.estimator import token_rewards
 from iqstar_lite.algorithm.logprobs import kl_to_logits
-from iqstar_lite.algorithm.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, position_weights, whiten
+from iqstar_lite.algorithm.loss import (
+    distill_loss,
+    imitation_loss,
+    k3_kl,
+    kl_shaped_advantages,
+    masked_mean,
+    pg_loss,
+    position_weights,
+    whiten,
+)
 
 D = torch.float64
 LN2 = math.log(2.0)
@@ -117,7 +126,11 @@ def test_kl_shaped_advantages_give_the_reverse_kl_gradient_to_pi_star():
     is zero at pi = pi*. (Whitened r plus a separate beta k3 term has no such fixed point.)"""
     g = torch.Generator().manual_seed(3)
     z = torch.randn(4, dtype=D, generator=g, requires_grad=True)
-    lp_ref, lp_star, beta = torch.randn(4, dtype=D, generator=g).log_softmax(-1), torch.randn(4, dtype=D, generator=g).log_softmax(-1), 0.3
+    lp_ref, lp_star, beta = (
+        torch.randn(4, dtype=D, generator=g).log_softmax(-1),
+        torch.randn(4, dtype=D, generator=g).log_softmax(-1),
+        0.3,
+    )
 
     def policy_gradient(z):
         lp = z.log_softmax(-1)
@@ -168,7 +181,9 @@ def test_pg_loss_hand_no_kl_no_whiten():
     clip_frac = #(|rho - 1| > 0.2) / 3 = #{1.5, 0.5} / 3 = 2/3.
     dL/dlogp = -(1/3) d surr/d logp = [-(1/3) * rho1 * A1, 0, 0] = [-2.2/3, 0, 0]."""
     logp, logp_old, rewards = _pg_inputs()
-    loss, met = pg_loss(logp, logp_old, logp.detach().clone(), rewards, t(1, 1, 1), beta=0.0, clip_eps=0.2, whiten_advantages=False)
+    loss, met = pg_loss(
+        logp, logp_old, logp.detach().clone(), rewards, t(1, 1, 1), beta=0.0, clip_eps=0.2, whiten_advantages=False
+    )
     assert_close(loss, torch.tensor(-2.6 / 3, dtype=D))
     assert met["clip_frac"] == pytest.approx(2.0 / 3.0)
     assert met["kl"] == pytest.approx(0.0)
@@ -213,7 +228,9 @@ def test_pg_loss_hand_whitened():
     logp_old = t(-1.0, -2.0, -0.5)
     logp = (logp_old + torch.log(t(1.1, 1.5, 0.9))).requires_grad_()
     a = 1.0 / math.sqrt(2.0 / 3.0)
-    loss, met = pg_loss(logp, logp_old, logp.detach(), t(1.0, 2.0, 3.0), t(1, 1, 1), beta=0.0, clip_eps=0.2, whiten_advantages=True)
+    loss, met = pg_loss(
+        logp, logp_old, logp.detach(), t(1.0, 2.0, 3.0), t(1, 1, 1), beta=0.0, clip_eps=0.2, whiten_advantages=True
+    )
     assert_close(loss, torch.tensor(0.2 * a / 3, dtype=D))
     assert met["clip_frac"] == pytest.approx(1.0 / 3.0)
     loss.backward()

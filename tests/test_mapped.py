@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from iqstar_lite.config import LoraSettings, ModelConfig
-from iqstar_lite.models.mapped import is_mapped, mapping_residency, safetensors_entry
 from iqstar_lite.models.load import load_base, load_policy
+from iqstar_lite.models.mapped import is_mapped, mapping_residency, safetensors_entry
 
 VOCAB, HIDDEN = 131072, 256  # a 64 MiB bf16 table: big enough to tell "a few rows resident" from "all of it"
 FOLIO = 2 * 2**20  # the kernel may map a whole page-cache folio (up to 2 MiB on x86-64) per row read
@@ -19,8 +19,18 @@ FOLIO = 2 * 2**20  # the kernel may map a whole page-cache folio (up to 2 MiB on
 def _build(path: Path, tied: bool, shard: str | None = None) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
@@ -56,9 +66,13 @@ def test_mapped_embeddings_are_exact_and_only_touched_rows_are_resident(untied):
         rss, size = mapping_residency(mapped.get_input_embeddings().weight)
     assert VOCAB * HIDDEN * 2 <= size < VOCAB * HIDDEN * 2 + 2**16  # the table's bytes only
     rows_read = 4 + 10  # the lookups + the 10 rows map_input_embeddings compares with the loaded table
-    assert rss <= rows_read * FOLIO < size, f"{rss} bytes of a {size}-byte mapping resident after reading {rows_read} rows"
+    assert rss <= rows_read * FOLIO < size, (
+        f"{rss} bytes of a {size}-byte mapping resident after reading {rows_read} rows"
+    )
 
-    torch.testing.assert_close(mapped.get_input_embeddings().weight, plain.get_input_embeddings().weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        mapped.get_input_embeddings().weight, plain.get_input_embeddings().weight, rtol=0, atol=0
+    )
     mapped.get_input_embeddings().weight.data[5] += 1.0  # private mapping: a write stays in this process
     assert _files_digest(untied) == digest
 
@@ -102,7 +116,7 @@ def test_header_entry_points_at_the_tensor_bytes(untied):
     file = Path(untied) / "model.safetensors"
     dtype, shape, offset, nbytes = safetensors_entry(file, "model.embed_tokens.weight")
     assert (dtype, shape, nbytes) == (torch.bfloat16, (VOCAB, HIDDEN), VOCAB * HIDDEN * 2)
-    raw = file.read_bytes()[offset:offset + nbytes]
+    raw = file.read_bytes()[offset : offset + nbytes]
     want = safe_open(str(file), "pt").get_tensor("model.embed_tokens.weight")
     assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).view(shape), want)
     assert safetensors_entry(file, "no.such.tensor") is None
@@ -113,6 +127,7 @@ def test_merge_from_a_mapped_base_equals_the_in_memory_merge(untied, tmp_path):
     import dataclasses
 
     from conftest import randomize_lora_b
+
     from iqstar_lite.config import RecipeConfig
     from iqstar_lite.export.merge import merge_adapter
 

@@ -1,14 +1,22 @@
 """The --dry-run memory estimate against the 7B run measured by bench/memory_7b.py (offline: known config, meta device)."""
 
 from iqstar_lite.config import load_recipe
-from iqstar_lite.models.memory import GIB, estimate_memory
 from iqstar_lite.models.load import load_model_config
+from iqstar_lite.models.memory import GIB, estimate_memory
 
 # bench/results/memory_7b-20261125-134704.json: laptop_7b (loss then defaulted to distill), 2 steps on this CPU, random weights
 MEASURED_STEP_PEAK_GIB = 6.997
 MEASURED_STATIC_GIB = {"weights": 3366408192 / GIB + 2180656128 / GIB}  # 4-bit layers + bf16 embeddings / head / norms
-BENCH_OVERRIDES = ["model.device=cpu", "model.map_embeddings=false", "model.dtype=bf16", "loss.type=distill", "train.steps=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=16",
-                   "data.max_prompt_tokens=96"]
+BENCH_OVERRIDES = [
+    "model.device=cpu",
+    "model.map_embeddings=false",
+    "model.dtype=bf16",
+    "loss.type=distill",
+    "train.steps=2",
+    "rollout.prompts_per_step=2",
+    "rollout.max_new_tokens=16",
+    "data.max_prompt_tokens=96",
+]
 
 
 def test_estimate_within_15_percent_of_the_measured_7b_step():
@@ -33,7 +41,9 @@ MEASURED_MAPPED_STEP_PEAK_GIB = 5.702
 
 
 def test_estimate_within_15_percent_of_the_measured_7b_step_with_mapped_embeddings():
-    cfg = load_recipe("laptop_7b", [o for o in BENCH_OVERRIDES if o not in ("model.map_embeddings=false", "loss.type=distill")])
+    cfg = load_recipe(
+        "laptop_7b", [o for o in BENCH_OVERRIDES if o not in ("model.map_embeddings=false", "loss.type=distill")]
+    )
     est = estimate_memory(cfg, load_model_config(cfg.model.path))
     assert abs(est.peak / GIB - MEASURED_MAPPED_STEP_PEAK_GIB) / MEASURED_MAPPED_STEP_PEAK_GIB <= 0.15
 
@@ -45,9 +55,14 @@ def test_mapped_input_embeddings_leave_the_estimate_on_cpu_only():
     mc = load_model_config(plain.model.path)
     saved = (estimate_memory(plain, mc).parts["weights"] - estimate_memory(mapped, mc).parts["weights"]) / GIB
     assert abs(saved - 152064 * 3584 * 2 / GIB) < 1e-6
-    fp32 = load_recipe("laptop_7b", [o for o in BENCH_OVERRIDES if o != "model.map_embeddings=false"] + ["model.unquantized_dtype=fp32"])
+    fp32 = load_recipe(
+        "laptop_7b",
+        [o for o in BENCH_OVERRIDES if o != "model.map_embeddings=false"] + ["model.unquantized_dtype=fp32"],
+    )
     fp32_plain = load_recipe("laptop_7b", [*BENCH_OVERRIDES, "model.unquantized_dtype=fp32"])
-    assert estimate_memory(fp32, mc).parts["weights"] == estimate_memory(fp32_plain, mc).parts["weights"]  # file is bf16: not mapped
+    assert (
+        estimate_memory(fp32, mc).parts["weights"] == estimate_memory(fp32_plain, mc).parts["weights"]
+    )  # file is bf16: not mapped
     gpu = load_recipe("laptop_7b", [])
     gpu_plain = load_recipe("laptop_7b", ["model.map_embeddings=false"])
     assert estimate_memory(gpu, mc).peak == estimate_memory(gpu_plain, mc).peak

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from iqstar_lite.config import ModelConfig
-from iqstar_lite.models.load import FP32_UNQUANTIZED_MAX_BYTES, _head_input_2d, _head_output_3d, embedding_params, unquantized_dtype
+from iqstar_lite.models.load import (
+    FP32_UNQUANTIZED_MAX_BYTES,
+    _head_input_2d,
+    _head_output_3d,
+    embedding_params,
+    unquantized_dtype,
+)
 
 SMOLLM2 = SimpleNamespace(vocab_size=49152, hidden_size=576, tie_word_embeddings=True)
 QWEN_7B = SimpleNamespace(vocab_size=152064, hidden_size=3584, tie_word_embeddings=False)
@@ -20,7 +26,9 @@ def test_embedding_params_counts_an_untied_head_twice():
 
 def test_auto_keeps_fp32_for_small_models_and_compute_dtype_for_large_ones():
     cfg = ModelConfig(dtype="bf16")
-    assert embedding_params(SMOLLM2) * 4 <= FP32_UNQUANTIZED_MAX_BYTES < embedding_params(QWEN_7B) * 4  # 108 MiB vs 4.1 GiB
+    assert (
+        embedding_params(SMOLLM2) * 4 <= FP32_UNQUANTIZED_MAX_BYTES < embedding_params(QWEN_7B) * 4
+    )  # 108 MiB vs 4.1 GiB
     assert unquantized_dtype(cfg, CPU, SMOLLM2) == torch.float32
     assert unquantized_dtype(cfg, CPU, QWEN_7B) == torch.bfloat16
 

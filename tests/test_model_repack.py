@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import make_policy
-from iqstar_lite.models.load import assert_trainable_layout, linear4bit_layers
+
 from iqstar_lite.algorithm.rollout import sample
+from iqstar_lite.models.load import assert_trainable_layout, linear4bit_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -19,7 +19,10 @@ def _grads(model, ids):
 
 
 def _rollout(model, tokenizer):
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in ("Hi?", "Tell me more.")]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("Hi?", "Tell me more.")
+    ]
     sample(model, tokenizer, texts, samples_per_prompt=2, max_new_tokens=6)
     with torch.no_grad():  # plus an explicit eval-mode no-grad forward, the exact trigger
         model.eval()

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import make_policy
+
 from iqstar_lite.algorithm.reference import reference_mode
 
 

@@ -9,15 +9,22 @@ import random
 
 import pytest
 import torch
-
 from conftest import make_policy
-from iqstar_lite.checkpoint import NonFiniteAdapterError, checkpoints, load_checkpoint, resume_latest, save_adapter_atomic, save_checkpoint
+
+from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, train
+from iqstar_lite.checkpoint import (
+    NonFiniteAdapterError,
+    checkpoints,
+    keep_metrics_until,
+    load_checkpoint,
+    resume_latest,
+    save_adapter_atomic,
+    save_checkpoint,
+)
 from iqstar_lite.config import load_recipe
 from iqstar_lite.data.sources import load_prompts
 from iqstar_lite.errors import UserError
 from iqstar_lite.state_io import StateFormatError, load_state, save_state
-from iqstar_lite.checkpoint import keep_metrics_until
-from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -38,11 +45,18 @@ def test_state_round_trips_without_pickle(tmp_path):
     opt = torch.optim.AdamW([p], lr=0.1)
     p.sum().backward()
     opt.step()
-    state = {"step": 7, "optimizer": opt.state_dict(), "python": random.getstate(), "x": [float("nan"), float("inf"), None, True]}
+    state = {
+        "step": 7,
+        "optimizer": opt.state_dict(),
+        "python": random.getstate(),
+        "x": [float("nan"), float("inf"), None, True],
+    }
     save_state(tmp_path, state)
     back = load_state(tmp_path)
     assert back["step"] == 7 and back["python"] == random.getstate()
-    assert set(back["optimizer"]["state"]) == {0} and torch.equal(back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert set(back["optimizer"]["state"]) == {0} and torch.equal(
+        back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
     assert back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
     x = back["x"]
     assert x[0] != x[0] and x[1] == float("inf") and x[2:] == [None, True]
@@ -150,8 +164,19 @@ def test_nan_loss_skips_the_step_and_a_run_of_them_stops_training(tiny_path, tok
     step 1's. Then every loss nan: after train.max_nonfinite_steps=2 steps in a row the run stops with one clear error."""
     from iqstar_lite.algorithm import train as train_mod
 
-    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "train.steps=3", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
-                                   "train.checkpoint_every=1", "loss.type=distill", "train.max_nonfinite_steps=2", "train.micro_batch=2"])
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            f"model.path={tiny_path}",
+            "train.steps=3",
+            "rollout.prompts_per_step=2",
+            "rollout.max_new_tokens=4",
+            "train.checkpoint_every=1",
+            "loss.type=distill",
+            "train.max_nonfinite_steps=2",
+            "train.micro_batch=2",
+        ],
+    )
     examples = load_prompts(cfg.data).train[:2]
     model = make_policy(tiny_path, randomize_lora=False)
     monkeypatch.setattr(train_mod, "distill_loss", _nan_on({2}))
@@ -181,9 +206,25 @@ def test_recovery_touches_only_the_folders_it_writes(tmp_path):
 
 def test_checkpoint_minutes_saves_without_a_step_cadence(tiny_path, tokenizer, tmp_path):
     """train.checkpoint_every=0 and a time cadence shorter than a step: a checkpoint after every step (the last 2 kept)."""
-    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "train.steps=3", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
-                                   "train.checkpoint_every=0", "train.checkpoint_minutes=0.00001"])
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            f"model.path={tiny_path}",
+            "train.steps=3",
+            "rollout.prompts_per_step=2",
+            "rollout.max_new_tokens=4",
+            "train.checkpoint_every=0",
+            "train.checkpoint_minutes=0.00001",
+        ],
+    )
     seen = []
-    train(cfg, tmp_path, make_policy(tiny_path, randomize_lora=False), tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"),
-          on_step=lambda m: seen.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))))
+    train(
+        cfg,
+        tmp_path,
+        make_policy(tiny_path, randomize_lora=False),
+        tokenizer,
+        load_prompts(cfg.data).train[:2],
+        torch.device("cpu"),
+        on_step=lambda m: seen.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))),
+    )
     assert seen == [["step-000001"], ["step-000001", "step-000002"], ["step-000002", "step-000003"]]

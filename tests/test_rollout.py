@@ -1,7 +1,6 @@
-import torch
-
-from conftest import make_policy
 import pytest
+import torch
+from conftest import make_policy
 
 from iqstar_lite.algorithm.rollout import pack, response_logits, response_mask, sample, shared_context_logits
 
@@ -33,7 +32,10 @@ def test_padded_scoring_equals_unpadded(tiny_path):
 
 def test_sample_shapes_and_k(tiny_path, tokenizer):
     model = make_policy(tiny_path, quantize="none")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in ("a?", "longer question?")]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("a?", "longer question?")
+    ]
     r = sample(model, tokenizer, texts, samples_per_prompt=3, max_new_tokens=5)
     assert r.response_ids.shape == (6, 5) and r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert model.training  # mode restored
@@ -45,14 +47,21 @@ def test_sample_records_the_models_logprobs_of_its_tokens(tiny_path, tokenizer):
     from iqstar_lite.algorithm.logprobs import token_logprobs
 
     model = make_policy(tiny_path, quantize="none")
-    fmt = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)  # noqa: E731
+
+    def fmt(q):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+
     texts = [fmt("a?"), fmt("a longer question?")]
     torch.manual_seed(0)
     r = sample(model, tokenizer, texts, samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
     ctx = [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in r.prompt_index.tolist()]
     model.eval()
     with torch.no_grad():
-        scored = token_logprobs(response_logits(model, pack(ctx, r.response_ids, tokenizer.pad_token_id), 6), r.response_ids)
+        scored = token_logprobs(
+            response_logits(model, pack(ctx, r.response_ids, tokenizer.pad_token_id), 6), r.response_ids
+        )
     assert r.logprobs.shape == r.response_ids.shape and (r.logprobs <= 0).all()
     torch.testing.assert_close(r.logprobs * r.response_mask, scored * r.response_mask, atol=1e-4, rtol=1e-4)
     assert (r.logprobs[r.response_mask == 0] == 0).all()
@@ -93,7 +102,10 @@ def test_shared_context_gradients_equal_the_packed_pass(tiny_path, quantize):
     resp = torch.tensor([[11, 12, 13], [21, 22, 23], [31, 32, 33], [41, 42, 43]])
     weights = torch.linspace(-1.0, 1.0, 12).reshape(4, 3)
     grads = []
-    for fn in (lambda: response_logits(model, pack(ctx, resp, pad_id=2), 3), lambda: shared_context_logits(model, ctx, resp, pad_id=2)):
+    for fn in (
+        lambda: response_logits(model, pack(ctx, resp, pad_id=2), 3),
+        lambda: shared_context_logits(model, ctx, resp, pad_id=2),
+    ):
         model.zero_grad(set_to_none=True)
         (token_logprobs(fn(), resp) * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -119,7 +131,9 @@ def test_contrastive_sampling_records_log_pi_star_of_its_tokens(tiny_path, token
     plain = [chat([{"role": "user", "content": q}]) for q in qs]
     cond = [chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]) for q in qs]
     torch.manual_seed(0)
-    r = sample(model, tokenizer, plain, samples_per_prompt=2, max_new_tokens=6, temperature=0.9, contrast=cond, alpha=1.5)
+    r = sample(
+        model, tokenizer, plain, samples_per_prompt=2, max_new_tokens=6, temperature=0.9, contrast=cond, alpha=1.5
+    )
     assert r.response_ids.shape[0] == 4 and r.prompt_index.tolist() == [0, 0, 1, 1]
     ids = lambda texts: [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in r.prompt_index.tolist()]  # noqa: E731
     T = r.response_ids.shape[1]
@@ -133,7 +147,10 @@ def test_contrastive_sampling_records_log_pi_star_of_its_tokens(tiny_path, token
 
 def test_sample_takes_token_ids_or_strings(tiny_path, tokenizer):
     model = make_policy(tiny_path, quantize="none")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in ("a?", "longer question?")]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("a?", "longer question?")
+    ]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     a = sample(model, tokenizer, texts, max_new_tokens=6, greedy=True).response_ids
     b = sample(model, tokenizer, ids, max_new_tokens=6, greedy=True).response_ids
@@ -156,18 +173,34 @@ def test_mixed_rollout_policy_rows_and_reference_pi_star_rows_in_one_batch(tiny_
     plain = [chat([{"role": "user", "content": q}]) for q in qs]
     cond = [chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]) for q in qs]
     torch.manual_seed(0)
-    r = sample(model, tokenizer, plain, samples_per_prompt=3, max_new_tokens=6, temperature=0.9, contrast=cond, alpha=1.0,
-               guided_samples=1, guided_reference=True, keep_star=True)
+    r = sample(
+        model,
+        tokenizer,
+        plain,
+        samples_per_prompt=3,
+        max_new_tokens=6,
+        temperature=0.9,
+        contrast=cond,
+        alpha=1.0,
+        guided_samples=1,
+        guided_reference=True,
+        keep_star=True,
+    )
     assert r.prompt_index.tolist() == [0, 0, 1, 1, 0, 1] and r.guided.tolist() == [False] * 4 + [True] * 2
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     assert model.training and not any(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
-    ids = lambda texts, rows: [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in r.prompt_index[rows].tolist()]  # noqa: E731
+
+    def ids(texts, rows):
+        return [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in r.prompt_index[rows].tolist()]
+
     T, pad, m = r.response_ids.shape[1], tokenizer.pad_token_id, r.response_mask
     model.eval()
     pol, gui = ~r.guided, r.guided
     with torch.no_grad():
-        want_pol = token_logprobs(response_logits(model, pack(ids(plain, pol), r.response_ids[pol], pad), T), r.response_ids[pol])
+        want_pol = token_logprobs(
+            response_logits(model, pack(ids(plain, pol), r.response_ids[pol], pad), T), r.response_ids[pol]
+        )
         with reference_mode(model):
             z_pos = response_logits(model, pack(ids(cond, gui), r.response_ids[gui], pad), T)
             z_neg = response_logits(model, pack(ids(plain, gui), r.response_ids[gui], pad), T)

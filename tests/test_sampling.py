@@ -1,6 +1,6 @@
 import torch
-
 from conftest import make_policy
+
 from iqstar_lite.algorithm.rollout import next_token, sample
 
 
@@ -25,18 +25,24 @@ def test_next_token_top_p_keeps_the_nucleus_only():
 def test_greedy_sample_equals_generate(tiny_path, tokenizer):
     """The KV-cached loop gives the same greedy tokens as transformers' generate on padded batches."""
     model = make_policy(tiny_path, quantize="none")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in ("a?", "a much longer question about rain?")]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("a?", "a much longer question about rain?")
+    ]
     got = sample(model, tokenizer, texts, max_new_tokens=8, greedy=True).response_ids
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     model.eval()
-    want = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    want = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)[
+        :, enc["input_ids"].shape[1] :
+    ]
     n = min(got.shape[1], want.shape[1])
     assert torch.equal(got[:, :n], want[:, :n])
 
 
 def test_min_new_tokens_blocks_eos(tiny_path, tokenizer):
     model = make_policy(tiny_path, quantize="none")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    ]
     r = sample(model, tokenizer, texts, samples_per_prompt=4, max_new_tokens=6, min_new_tokens=6)
     assert r.response_ids.shape == (4, 6) and bool(r.response_mask.all())

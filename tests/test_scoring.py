@@ -1,6 +1,6 @@
 import torch
-
 from conftest import make_policy
+
 from iqstar_lite.algorithm.reference import reference_mode
 from iqstar_lite.algorithm.rollout import pack, response_logits
 from iqstar_lite.algorithm.scoring import estimator_pass
@@ -19,7 +19,9 @@ def test_estimator_pass_is_the_two_reference_passes_with_or_without_shared_conte
     cond = [[1, 7, 8, 9, 40, 41], [1, 7, 8, 9, 40, 41], [1, 7, 8, 9, 50], [1, 7, 8, 9, 50], [1, 7, 8, 9, 60, 61, 62]]
     resp = torch.tensor([[11, 12, 13], [14, 15, 16], [17, 18, 19], [20, 21, 22], [23, 24, 25]])
     shared = estimator_pass(model, plain, cond, resp, pad_id=2, alpha=1.0, beta=0.1, micro_batch=4, keep_full=True)
-    packed = estimator_pass(model, plain, cond, resp, pad_id=2, alpha=1.0, beta=0.1, micro_batch=4, keep_full=True, share_context=False)
+    packed = estimator_pass(
+        model, plain, cond, resp, pad_id=2, alpha=1.0, beta=0.1, micro_batch=4, keep_full=True, share_context=False
+    )
     model.eval()
     with reference_mode(model):
         z_pos = response_logits(model, pack(cond, resp, 2), 3).float()
@@ -31,7 +33,9 @@ def test_estimator_pass_is_the_two_reference_passes_with_or_without_shared_conte
         torch.testing.assert_close(out["logp_ref"], ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out["rewards"], 0.1 * (star - ref), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(out["principle_gap"], _gather(z_pos, resp) - ref, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(out["logp_star_full"], torch.log_softmax(2 * z_pos - z_neg, -1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            out["logp_star_full"], torch.log_softmax(2 * z_pos - z_neg, -1), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_estimator_pass_from_the_policy_keeps_rewards_relative_to_the_reference(tiny_path):

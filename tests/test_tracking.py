@@ -11,8 +11,8 @@ import pytest
 
 from iqstar_lite import tracking
 from iqstar_lite.config import load_recipe
-from iqstar_lite.evaluation.curves import plot_run, write_curves
 from iqstar_lite.errors import UserError
+from iqstar_lite.evaluation.curves import plot_run, write_curves
 from iqstar_lite.evaluation.samples import samples_due
 
 
@@ -22,8 +22,11 @@ def test_report_to_picks_installed_trackers_and_names_the_missing_one(monkeypatc
     monkeypatch.setattr(tracking, "_available", lambda name: name == "wandb")
     assert tracking.tracker_names("auto") == []  # no tensorboard: metrics.jsonl only, said in the log
     assert tracking.tracker_names("wandb") == ["wandb"]
-    with pytest.raises(UserError, match=r"tensorboard, mlflow is not installed; pip install tensorboard==2\.21\.0; pip install mlflow "
-                                        r"\(or set train\.report_to=none\)"):
+    with pytest.raises(
+        UserError,
+        match=r"tensorboard, mlflow is not installed; pip install tensorboard==2\.21\.0; pip install mlflow "
+        r"\(or set train\.report_to=none\)",
+    ):
         tracking.tracker_names("tensorboard,wandb,mlflow")
 
 
@@ -35,7 +38,11 @@ def test_report_to_is_validated_with_the_config():
 
 def test_config_goes_to_trackers_as_flat_scalars():
     flat = tracking.flat_config(load_recipe("tiny_cpu", ["data.columns.prompt=question"]))
-    assert flat["train.steps"] == 2 and flat["model.path"] == "embedded:tiny-random" and flat["data.columns"] == "{'prompt': 'question'}"
+    assert (
+        flat["train.steps"] == 2
+        and flat["model.path"] == "embedded:tiny-random"
+        and flat["data.columns"] == "{'prompt': 'question'}"
+    )
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
 
 
@@ -47,11 +54,17 @@ def test_samples_every_n_steps_and_at_the_end(every, samples, due):
 
 def _fake_run(tmp_path, with_evals: bool):
     rows = [{"step": s, "loss": 1.0 / s, "reward_mean": 0.1 * s, "kl": 0.01 * s, "seconds": 2.0} for s in (1, 2, 3)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # torn last line
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo'
+    )  # torn last line
     if with_evals:
         for name, judge in (("eval_before.json", 0.0), ("eval_after.json", 0.75), ("eval_contrastive.json", 0.8)):
-            (tmp_path / name).write_text(json.dumps({"summary": {"judge": "french", "judge_rate": judge, "principle_score": judge - 0.1}}))
-        (tmp_path / "samples.jsonl").write_text(json.dumps({"step": 2, "prompt": "p", "answer": "a", "judge": 1.0}) + "\n")
+            (tmp_path / name).write_text(
+                json.dumps({"summary": {"judge": "french", "judge_rate": judge, "principle_score": judge - 0.1}})
+            )
+        (tmp_path / "samples.jsonl").write_text(
+            json.dumps({"step": 2, "prompt": "p", "answer": "a", "judge": 1.0}) + "\n"
+        )
     return tmp_path
 
 

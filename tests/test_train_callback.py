@@ -4,18 +4,26 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_policy
+
+from iqstar_lite.algorithm.train import train
 from iqstar_lite.config import load_recipe
 from iqstar_lite.data.sources import load_prompts
-from iqstar_lite.algorithm.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_on_step_sees_metrics_and_stops_early(tiny_path, tokenizer, tmp_path):
-    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "train.steps=3", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
-                                   "train.checkpoint_every=0"])
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            f"model.path={tiny_path}",
+            "train.steps=3",
+            "rollout.prompts_per_step=2",
+            "rollout.max_new_tokens=4",
+            "train.checkpoint_every=0",
+        ],
+    )
     model = make_policy(tiny_path, randomize_lora=False)
     seen = []
 
@@ -24,7 +32,9 @@ def test_on_step_sees_metrics_and_stops_early(tiny_path, tokenizer, tmp_path):
         seen.append((m["step"], len(lines), json.loads(lines[-1]) == m, m["seconds"] > 0))
         return True if m["step"] == 2 else None  # None (step 1) must not stop
 
-    last = train(cfg, tmp_path, model, tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"), on_step=on_step)
+    last = train(
+        cfg, tmp_path, model, tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"), on_step=on_step
+    )
     assert seen == [(1, 1, True, True), (2, 2, True, True)]
     assert last["step"] == 2
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
@@ -47,7 +57,19 @@ def test_update_refuses_non_finite_rewards_before_any_gradient(tiny_path, tokeni
     rewards[1, 2] = float("-inf")
     est = {"rewards": rewards, "logp_ref": torch.zeros(2, 3)}
     with pytest.raises(RuntimeError, match="non-finite token rewards"):
-        update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True))
+        update(
+            model,
+            cfg,
+            [[1, 2], [3]],
+            resp,
+            mask,
+            est,
+            0,
+            params,
+            optimizer,
+            make_scheduler(optimizer, cfg),
+            Accelerator(cpu=True),
+        )
     assert all(p.grad is None for p in params)
 
 
@@ -59,7 +81,9 @@ def test_kl_in_advantage_has_no_gradient_when_the_policy_already_samples_pi_star
 
     from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, update
 
-    cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg", f"loss.kl_in_advantage={str(kl_in_advantage).lower()}"])
+    cfg = load_recipe(
+        "tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg", f"loss.kl_in_advantage={str(kl_in_advantage).lower()}"]
+    )
     model = make_policy(tiny_path)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, _ = make_optimizer(params, cfg)
@@ -68,8 +92,20 @@ def test_kl_in_advantage_has_no_gradient_when_the_policy_already_samples_pi_star
     lp_star, lp_ref = -torch.rand(2, 3, generator=g) * 3, -torch.rand(2, 3, generator=g) * 3
     est = {"rewards": cfg.loss.beta * (lp_star - lp_ref), "logp_ref": lp_ref}
     before = [p.detach().clone() for p in params]
-    update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True),
-           logp_sampled=lp_star)
+    update(
+        model,
+        cfg,
+        [[1, 2], [3]],
+        resp,
+        mask,
+        est,
+        0,
+        params,
+        optimizer,
+        make_scheduler(optimizer, cfg),
+        Accelerator(cpu=True),
+        logp_sampled=lp_star,
+    )
     moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
     assert moved is not kl_in_advantage
 
@@ -99,8 +135,21 @@ def test_guided_rows_move_nothing_when_the_policy_already_is_pi_star(tiny_path, 
         optimizer, _ = make_optimizer(params, cfg)
         before = [p.detach().clone() for p in params]
         guided = Guided(g_ids, g_resp, g_mask, {"logp_star_full": target, "logp_ref": torch.zeros(2, 2)})
-        sums = update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, make_scheduler(optimizer, cfg), Accelerator(cpu=True),
-                      logp_sampled=lp_star, guided=guided)
+        sums = update(
+            model,
+            cfg,
+            [[1, 2], [3]],
+            resp,
+            mask,
+            est,
+            0,
+            params,
+            optimizer,
+            make_scheduler(optimizer, cfg),
+            Accelerator(cpu=True),
+            logp_sampled=lp_star,
+            guided=guided,
+        )
         moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
         for b, p in zip(before, params):
             p.data.copy_(b)
@@ -132,14 +181,33 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
     for halflife, want in ((0, [1.0, 1.0, 1.0]), (1, [1.0, 0.5, 1 / 3])):
         seen.clear()
         reported.clear()
-        cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=imitation", f"loss.position_halflife={halflife}", "train.micro_batch=1"])
+        cfg = load_recipe(
+            "tiny_cpu",
+            [
+                f"model.path={tiny_path}",
+                "loss.type=imitation",
+                f"loss.position_halflife={halflife}",
+                "train.micro_batch=1",
+            ],
+        )
         model = make_policy(tiny_path, randomize_lora=False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, _ = loop.make_optimizer(params, cfg)
         resp, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3)
         est = {"rewards": torch.tensor([[0.0, 0.0, 0.3], [0.1, 0.0, 0.0]]), "logp_ref": torch.zeros(2, 3)}
-        sums = loop.update(model, cfg, [[1, 2], [3]], resp, mask, est, 0, params, optimizer, loop.make_scheduler(optimizer, cfg),
-                           Accelerator(cpu=True))
+        sums = loop.update(
+            model,
+            cfg,
+            [[1, 2], [3]],
+            resp,
+            mask,
+            est,
+            0,
+            params,
+            optimizer,
+            loop.make_scheduler(optimizer, cfg),
+            Accelerator(cpu=True),
+        )
         assert len(seen) == 2 and all(torch.allclose(m, torch.tensor([want])) for m in seen)
         total = sum(w for _, w in reported)
         assert sums["loss"] == pytest.approx(sum(loss * w / total for loss, w in reported), rel=1e-6)

@@ -17,31 +17,69 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next((tmp / "dist").glob("iqstar_lite-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # appended after the venv's own site-packages
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "deps.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n"
+    )  # appended after the venv's own site-packages
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return venv
 
 
 def run(venv: Path, cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / "iqstar-lite"), *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", **env})
+    return subprocess.run(
+        [str(venv / "bin" / "iqstar-lite"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", **env},
+    )
 
 
 def test_installed_wheel_lists_dry_runs_and_trains_outside_the_source_tree(installed, tmp_path):
-    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import iqstar_lite; print(iqstar_lite.__file__)"], capture_output=True,
-                           text=True, cwd=tmp_path, check=True).stdout
+    where = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", "import iqstar_lite; print(iqstar_lite.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert str(installed) in where and str(ROOT) not in where
     usage = run(installed, tmp_path, "--help")  # the one console script: subcommands (cli.py)
-    assert usage.returncode == 0 and all(f"  {c} " in usage.stdout for c in ("train", "eval", "export", "check", "chat", "ls", "cp")), usage.stdout
+    assert usage.returncode == 0 and all(
+        f"  {c} " in usage.stdout for c in ("train", "eval", "export", "check", "chat", "ls", "cp")
+    ), usage.stdout
     shipped = run(installed, tmp_path, "ls")
     assert shipped.returncode == 0 and "builtin:ood" in shipped.stdout and "tiny_cpu" in shipped.stdout, shipped.stderr
     listed = run(installed, tmp_path, "--list")

@@ -51,7 +51,9 @@ def estimate(
     ``keep_full``, ``logp_star_full`` [B, T, V] (the distill target; the only [B, T, V] kept).
     """
     if z_pos.dim() != 3 or z_pos.shape != z_neg.shape or z_pos.shape[:2] != tokens.shape:
-        raise ValueError(f"z_pos/z_neg [B, T, V] and tokens [B, T] disagree: {tuple(z_pos.shape)}, {tuple(z_neg.shape)}, {tuple(tokens.shape)}")
+        raise ValueError(
+            f"z_pos/z_neg [B, T, V] and tokens [B, T] disagree: {tuple(z_pos.shape)}, {tuple(z_neg.shape)}, {tuple(tokens.shape)}"
+        )
     star_full = []
 
     def star_tok(zp: torch.Tensor, zn: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int =
         [B, T] float32 log-probs.
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits [B, T, V] and tokens [B, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+        raise ValueError(
+            f"expected logits [B, T, V] and tokens [B, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
     return chunked_over_time(_gather_logprobs, logits, tokens, chunk_size=chunk_size)
 
 
@@ -62,7 +64,9 @@ def kl_to_logits(target_logp: torch.Tensor, logits: torch.Tensor, chunk_size: in
     ``target_logp`` are log-probs of p ([B, T, V]; -inf allowed where p = 0).
     """
     if target_logp.shape != logits.shape:
-        raise ValueError(f"target_logp and logits must have the same shape, got {tuple(target_logp.shape)} and {tuple(logits.shape)}")
+        raise ValueError(
+            f"target_logp and logits must have the same shape, got {tuple(target_logp.shape)} and {tuple(logits.shape)}"
+        )
     return chunked_over_time(kl_rows, target_logp, logits, chunk_size=chunk_size)
 
 
@@ -91,7 +95,9 @@ def nucleus_mask(z: torch.Tensor, top_p: float, candidates: int = 256) -> torch.
     if candidates + 1 < probs.shape[-1]:
         sorted_p, order = probs.topk(candidates + 1, dim=-1)  # sorted, descending
         keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the same prefix sums as the full sort's
-        if not bool(keep_sorted[..., -1].any()):  # the (candidates+1)-th token is out in every row: so is every later one
+        if not bool(
+            keep_sorted[..., -1].any()
+        ):  # the (candidates+1)-th token is out in every row: so is every later one
             return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_p.cumsum(-1) - sorted_p

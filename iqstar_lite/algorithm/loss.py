@@ -39,7 +39,12 @@ def position_weights(mask: torch.Tensor, halflife: float) -> torch.Tensor:
     return mask.to(torch.float32) / (1.0 + t / halflife)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(x - mean) / std over unmasked entries (a 0/1 mask, not token weights); masked entries become 0.
 
     ``all_sum``: sums a tensor over the processes of a data-parallel run, so mean and std are those of the global
@@ -61,7 +66,9 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(q) - q - 1.0
 
 
-def kl_shaped_advantages(rewards: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+def kl_shaped_advantages(
+    rewards: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, beta: float
+) -> torch.Tensor:
     """A_t = r_t - beta (log pi_old(a_t) - log pi_ref(a_t)): the KL to pi_ref inside the advantage (as PPO's
     KL-shaped reward). With r_t = beta (log pi* - log pi_ref) this is beta (log pi*(a_t) - log pi_old(a_t)):
     the policy gradient of E[A] is then that of -beta KL(pi_theta || pi*), zero exactly at pi_theta = pi*.

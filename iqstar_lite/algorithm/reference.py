@@ -1,7 +1,7 @@
 """The frozen reference pi_ref: the same model with adapters disabled (never a second copy).
 
-    with reference_mode(model):
-        ref_logits = model(...).logits
+with reference_mode(model):
+    ref_logits = model(...).logits
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from iqstar_lite.algorithm.estimator import contrastive_logits
-from iqstar_lite.data.formatting import eos_token_ids
 from iqstar_lite.algorithm.logprobs import nucleus_mask
+from iqstar_lite.data.formatting import eos_token_ids
 
 
 @dataclass
@@ -20,11 +20,19 @@ class Rollout:
     response_ids: torch.Tensor  # [N, T] (pad after EOS)
     response_mask: torch.Tensor  # [N, T] float: 1 up to and including the first EOS
     prompt_index: torch.Tensor  # [N]
-    logprobs: torch.Tensor | None = None  # [N, T] the model's log pi(y_t | s_t) (before temperature / top-p / min_new_tokens; 0 after EOS)
-    guided: torch.Tensor | None = None  # [N] bool: drawn from pi-hat* (principle-contrastive) rather than from the model's own z
+    logprobs: torch.Tensor | None = (
+        None  # [N, T] the model's log pi(y_t | s_t) (before temperature / top-p / min_new_tokens; 0 after EOS)
+    )
+    guided: torch.Tensor | None = (
+        None  # [N] bool: drawn from pi-hat* (principle-contrastive) rather than from the model's own z
+    )
     star_logp_full: torch.Tensor | None = None  # [N_guided, T, V] log pi-hat*(.|s_t) of the guided rows (``keep_star``)
-    star_ref_logp: torch.Tensor | None = None  # [N_guided, T] log softmax(z0) at the guided rows' tokens (``keep_star``)
-    observed: dict[str, torch.Tensor] | None = None  # name -> [N_guided, T] what ``observe`` measured per step (0 after EOS)
+    star_ref_logp: torch.Tensor | None = (
+        None  # [N_guided, T] log softmax(z0) at the guided rows' tokens (``keep_star``)
+    )
+    observed: dict[str, torch.Tensor] | None = (
+        None  # name -> [N_guided, T] what ``observe`` measured per step (0 after EOS)
+    )
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -38,8 +46,11 @@ def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
 
 def model_eos_ids(model, tokenizer) -> list[int]:
     """A loaded model's end-of-turn ids (``formatting.eos_token_ids``: the one rule runtimes apply to the exported files)."""
-    return eos_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                         getattr(model.config, "eos_token_id", None))
+    return eos_token_ids(
+        tokenizer,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    )
 
 
 def next_token(z: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
@@ -62,7 +73,11 @@ def next_token(z: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, gr
 def _encode(tokenizer, contexts: list[str] | list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask from chat-formatted strings or from token-id lists."""
     if contexts and not isinstance(contexts[0], str):
-        b = pack([list(c) for c in contexts], torch.empty(len(contexts), 0, dtype=torch.long, device=device), tokenizer.pad_token_id)
+        b = pack(
+            [list(c) for c in contexts],
+            torch.empty(len(contexts), 0, dtype=torch.long, device=device),
+            tokenizer.pad_token_id,
+        )
         return b["input_ids"], b["attention_mask"]
     enc = tokenizer(contexts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     return enc["input_ids"], enc["attention_mask"]
@@ -168,7 +183,9 @@ def sample(
     refs: list[torch.Tensor] = []
     seen: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), ref_ctx:  # dropout off
-        first = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **prefill_extra)
+        first = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **prefill_extra
+        )
         past, z = first.past_key_values, first.logits[:, -1]
         reps = torch.tensor([r for _, r in groups for _ in range(n)], device=device)
         if bool((reps != 1).any()):  # each context's cache repeated for its rows
@@ -182,7 +199,9 @@ def sample(
             out.append(nxt)
             if on_token is not None:
                 on_token(nxt)
-            lp = torch.log_softmax(zd.float(), -1)  # once per step: recorded log-probs, and the guided rows' pi-hat* (keep_star)
+            lp = torch.log_softmax(
+                zd.float(), -1
+            )  # once per step: recorded log-probs, and the guided rows' pi-hat* (keep_star)
             logps.append(torch.where(done, 0.0, lp.gather(-1, nxt[:, None]).squeeze(-1)))
             if keep_star and g_rows:
                 stars.append(lp[p_rows:])
@@ -197,13 +216,22 @@ def sample(
             step_ids = torch.cat([nxt, nxt[p_rows:]]) if g_rows else nxt
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
-            res = model(input_ids=step_ids[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True, **extra)
+            res = model(
+                input_ids=step_ids[:, None],
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=past,
+                use_cache=True,
+                **extra,
+            )
             past, z = res.past_key_values, res.logits[:, -1]
     resp = torch.stack(out, dim=1) if out else torch.empty(p_rows + g_rows, 0, dtype=torch.long, device=device)
     logp = torch.stack(logps, dim=1) if logps else resp.new_zeros(resp.shape, dtype=torch.float32)
     prompts = torch.arange(n, device=device)
     index = torch.cat([prompts.repeat_interleave(kp), prompts.repeat_interleave(g)])
-    guided = torch.cat([torch.zeros(p_rows, dtype=torch.bool, device=device), torch.ones(g_rows, dtype=torch.bool, device=device)])
+    guided = torch.cat(
+        [torch.zeros(p_rows, dtype=torch.bool, device=device), torch.ones(g_rows, dtype=torch.bool, device=device)]
+    )
     star = torch.stack(stars, dim=1) if stars else None
     star_ref = torch.stack(refs, dim=1) if refs else None
     observed = {name: torch.stack(v, dim=1) for name, v in seen.items()} if observe is not None else None

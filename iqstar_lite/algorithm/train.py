@@ -20,18 +20,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from iqstar_lite.algorithm.logprobs import kl_to_logits, token_logprobs
+from iqstar_lite.algorithm.loss import (
+    distill_loss,
+    imitation_loss,
+    k3_kl,
+    kl_shaped_advantages,
+    masked_mean,
+    pg_loss,
+    position_weights,
+    whiten,
+)
+from iqstar_lite.algorithm.rollout import Rollout, model_eos_ids, pack, response_logits, sample
+from iqstar_lite.algorithm.scoring import estimator_pass
 from iqstar_lite.checkpoint import checkpoints, keep_metrics_until, resume_latest, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import RecipeConfig
-from iqstar_lite.data.sources import Example
 from iqstar_lite.data.formatting import Formatter
+from iqstar_lite.data.sources import Example
 from iqstar_lite.errors import Stopped, UserError
-from iqstar_lite.heap import freed_blocks_returned, release_free_heap
-from iqstar_lite.algorithm.logprobs import kl_to_logits, token_logprobs
-from iqstar_lite.algorithm.loss import distill_loss, imitation_loss, k3_kl, kl_shaped_advantages, masked_mean, pg_loss, position_weights, whiten
-from iqstar_lite.models.load import assert_trainable_layout
-from iqstar_lite.algorithm.rollout import Rollout, model_eos_ids, pack, response_logits, sample
 from iqstar_lite.evaluation.samples import SAMPLES_FILE
-from iqstar_lite.algorithm.scoring import estimator_pass
+from iqstar_lite.heap import freed_blocks_returned, release_free_heap
+from iqstar_lite.models.load import assert_trainable_layout
 from iqstar_lite.stopping import stop_requests
 from iqstar_lite.tracking import log_step
 
@@ -49,7 +58,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: RecipeConfig):
         try:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), "bitsandbytes AdamW8bit"
+            return bnb.optim.AdamW8bit(
+                params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            ), "bitsandbytes AdamW8bit"
         except Exception as e:  # pragma: no cover - depends on the bnb build
             log.warning("8-bit AdamW unavailable (%s); using torch AdamW", e)
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), "torch AdamW"
@@ -63,7 +74,9 @@ def make_scheduler(optimizer, cfg: RecipeConfig):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
 
 
-def rollout_step(model, tokenizer, plain: list[str], cond: list[str], cfg: RecipeConfig) -> tuple[Rollout, Rollout | None]:
+def rollout_step(
+    model, tokenizer, plain: list[str], cond: list[str], cfg: RecipeConfig
+) -> tuple[Rollout, Rollout | None]:
     """One decoding loop for the step's samples: K - G per prompt from the policy and, with ``rollout.guided_samples``
     = G, G from pi-hat* (principle-contrastive sampling of the reference - or of the policy with
     ``estimator.source=policy`` - at the rollout temperature and ``rollout.guided_top_p``), in the same batch.
@@ -71,9 +84,21 @@ def rollout_step(model, tokenizer, plain: list[str], cond: list[str], cfg: Recip
     rc = cfg.rollout
     if not rc.guided_samples:
         return sample(model, tokenizer, plain, rc.samples_per_prompt, rc.max_new_tokens, rc.temperature, rc.top_p), None
-    roll = sample(model, tokenizer, plain, rc.samples_per_prompt, rc.max_new_tokens, rc.temperature, rc.top_p, contrast=cond,
-                  alpha=cfg.estimator.alpha, guided_samples=rc.guided_samples, guided_top_p=rc.guided_top_p,
-                  guided_reference=cfg.estimator.source == "ref", keep_star=reuses_rollout_star(cfg))
+    roll = sample(
+        model,
+        tokenizer,
+        plain,
+        rc.samples_per_prompt,
+        rc.max_new_tokens,
+        rc.temperature,
+        rc.top_p,
+        contrast=cond,
+        alpha=cfg.estimator.alpha,
+        guided_samples=rc.guided_samples,
+        guided_top_p=rc.guided_top_p,
+        guided_reference=cfg.estimator.source == "ref",
+        keep_star=reuses_rollout_star(cfg),
+    )
     return rows_of(roll, ~roll.guided), rows_of(roll, roll.guided)
 
 
@@ -90,15 +115,24 @@ def rows_of(roll: Rollout, keep: torch.Tensor) -> Rollout:
     star = star_ref = None
     if roll.star_logp_full is not None and bool(roll.guided[keep].all()):
         star, star_ref = roll.star_logp_full[:, :width], roll.star_ref_logp[:, :width]
-    return Rollout(roll.response_ids[keep, :width], mask[:, :width], roll.prompt_index[keep], roll.logprobs[keep, :width], roll.guided[keep],
-                   star, star_ref)
+    return Rollout(
+        roll.response_ids[keep, :width],
+        mask[:, :width],
+        roll.prompt_index[keep],
+        roll.logprobs[keep, :width],
+        roll.guided[keep],
+        star,
+        star_ref,
+    )
 
 
 def eos_rate(roll, eos_ids: list[int]) -> float:
     """Fraction of responses that ended with an EOS within the token limit (the rest were truncated)."""
     if roll.response_ids.numel() == 0:
         return 0.0
-    return float(torch.isin(roll.response_ids, torch.tensor(eos_ids, device=roll.response_ids.device)).any(1).float().mean())
+    return float(
+        torch.isin(roll.response_ids, torch.tensor(eos_ids, device=roll.response_ids.device)).any(1).float().mean()
+    )
 
 
 def prompt_batch(examples: list[Example], step: int, n: int, seed: int) -> list[Example]:
@@ -125,8 +159,22 @@ class Guided:
     est: dict[str, torch.Tensor]
 
 
-def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params, optimizer, scheduler, accelerator,
-           logp_sampled: torch.Tensor | None = None, guided: Guided | None = None, forward_model=None) -> dict:
+def update(
+    model,
+    cfg: RecipeConfig,
+    plain_ids,
+    resp,
+    mask,
+    est,
+    pad_id,
+    params,
+    optimizer,
+    scheduler,
+    accelerator,
+    logp_sampled: torch.Tensor | None = None,
+    guided: Guided | None = None,
+    forward_model=None,
+) -> dict:
     """``loss.epochs`` optimizer steps over one rollout batch, micro-batched with token-weighted accumulation.
 
     ``logp_sampled``: [N, T] log pi of the policy at the sampled tokens, recorded by the rollout (needed by
@@ -142,8 +190,12 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
     world = accelerator.num_processes
     all_sum = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
     lc, chunk = cfg.loss, cfg.train.logprob_chunk
-    if lc.type != "distill" and not torch.isfinite(est["rewards"][mask > 0]).all():  # would turn every gradient into nan
-        raise RuntimeError("non-finite token rewards (pi* = 0 for a sampled token?); the pg / imitation losses need estimator.top_p=1.0")
+    if (
+        lc.type != "distill" and not torch.isfinite(est["rewards"][mask > 0]).all()
+    ):  # would turn every gradient into nan
+        raise RuntimeError(
+            "non-finite token rewards (pi* = 0 for a sampled token?); the pg / imitation losses need estimator.top_p=1.0"
+        )
     adv, kl_coef = est["rewards"], lc.beta
     if lc.type == "pg" and lc.kl_in_advantage:
         if logp_sampled is None:
@@ -153,7 +205,15 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
         adv = whiten(adv, mask, all_sum=all_sum)
     groups = [(lc.type, plain_ids, resp, position_weights(mask, lc.position_halflife), est)]
     if guided is not None and guided.response_ids.shape[0]:
-        groups.append(("distill", guided.plain_ids, guided.response_ids, position_weights(guided.response_mask, lc.position_halflife), guided.est))
+        groups.append(
+            (
+                "distill",
+                guided.plain_ids,
+                guided.response_ids,
+                position_weights(guided.response_mask, lc.position_halflife),
+                guided.est,
+            )
+        )
     total_tokens = sum(g[3].sum() for g in groups).reshape(1).float()
     if all_sum is not None:  # DDP averages gradients over processes: weigh by the global count, times the world size
         total_tokens = all_sum(total_tokens)
@@ -175,7 +235,9 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
             n, T = g_resp.shape
             g_tokens = g_totals[gi].clamp(min=1.0)
             sl = slice(s, min(n, s + cfg.train.micro_batch))
-            with accelerator.no_sync(fwd) if k + 1 < len(micro) else nullcontext():  # one gradient all-reduce per optimizer step
+            with (
+                accelerator.no_sync(fwd) if k + 1 < len(micro) else nullcontext()
+            ):  # one gradient all-reduce per optimizer step
                 m, r = g_mask[sl], g_resp[sl]
                 # packed, not rollout.shared_context_logits: sharing the K samples' prefill measured 1.08-1.12x slower here
                 # (SmolLM2, micro-batch 4 on CPU: two smaller GEMMs and two dequantizations per layer cost more than the saved rows)
@@ -187,7 +249,16 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
                     loss, met = distill_loss(kl_to_logits(g_est["logp_star_full"][sl], logits, chunk), m)
                     met["kl"] = masked_mean(k3_kl(logp.detach(), g_est["logp_ref"][sl]), m).item()
                 elif kind == "pg":
-                    loss, met = pg_loss(logp, logp_old[gi, s], g_est["logp_ref"][sl], adv[sl], m, kl_coef, lc.clip_eps, whiten_advantages=False)
+                    loss, met = pg_loss(
+                        logp,
+                        logp_old[gi, s],
+                        g_est["logp_ref"][sl],
+                        adv[sl],
+                        m,
+                        kl_coef,
+                        lc.clip_eps,
+                        whiten_advantages=False,
+                    )
                 else:
                     loss, met = imitation_loss(logp, g_est["logp_ref"][sl], g_est["rewards"][sl], m, lc.beta)
                 w = float(m.sum() / total_tokens)
@@ -212,8 +283,16 @@ def update(model, cfg: RecipeConfig, plain_ids, resp, mask, est, pad_id, params,
     return sums
 
 
-def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Example], device: torch.device,
-          on_step: Callable[[dict], bool | None] | None = None, accelerator=None) -> dict:
+def train(
+    cfg: RecipeConfig,
+    run_dir: Path,
+    model,
+    tokenizer,
+    examples: list[Example],
+    device: torch.device,
+    on_step: Callable[[dict], bool | None] | None = None,
+    accelerator=None,
+) -> dict:
     """Run ``cfg.train.steps`` Inverse-Q* steps; writes metrics.jsonl, checkpoints/ and adapter/, and logs each metrics
     row to ``accelerator``'s trackers (``tracking.make_accelerator``; default: an Accelerator without trackers).
 
@@ -229,12 +308,19 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     optimizer, opt_name = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     # data-parallel: DDP over the LoRA parameters (gloo on CPU, NCCL on GPUs); one process: the model as it is
-    if world > 1:  # DDP would broadcast (and, for mmap'ed embeddings, copy) every frozen weight at start: only the LoRA ones
+    if (
+        world > 1
+    ):  # DDP would broadcast (and, for mmap'ed embeddings, copy) every frozen weight at start: only the LoRA ones
         model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
     forward_model = accelerator.prepare_model(model) if world > 1 else model
     optimizer = accelerator.prepare_optimizer(optimizer)
-    log.info("optimizer: %s on %d LoRA tensors (%.2fM params)%s", opt_name, len(params), sum(p.numel() for p in params) / 1e6,
-             f"; data-parallel over {world} processes" if world > 1 else "")
+    log.info(
+        "optimizer: %s on %d LoRA tensors (%.2fM params)%s",
+        opt_name,
+        len(params),
+        sum(p.numel() for p in params) / 1e6,
+        f"; data-parallel over {world} processes" if world > 1 else "",
+    )
     torch.manual_seed(cfg.train.seed + rank)  # sampling differs per process; the LoRA init (load_policy) does not
     random.seed(cfg.train.seed + rank)
 
@@ -257,18 +343,29 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
     eos = model_eos_ids(model, tokenizer)
-    settle = release_free_heap if device.type == "cpu" else (lambda: None)  # keeps CPU RSS from creeping up between phases
+    settle = (
+        release_free_heap if device.type == "cpu" else (lambda: None)
+    )  # keeps CPU RSS from creeping up between phases
     give_back = {"always": True, "never": False}.get(cfg.train.return_freed_memory, cfg.model.gradient_checkpointing)
     update_heap = freed_blocks_returned if (device.type == "cpu" and give_back) else nullcontext
     last: dict = {}
     nonfinite_run = 0
     saved_at = time.time()
-    bar = tqdm(range(start, cfg.train.steps), desc="inverse-q*", unit="step", dynamic_ncols=True, initial=start, total=cfg.train.steps,
-               disable=not main)
+    bar = tqdm(
+        range(start, cfg.train.steps),
+        desc="inverse-q*",
+        unit="step",
+        dynamic_ncols=True,
+        initial=start,
+        total=cfg.train.steps,
+        disable=not main,
+    )
     with stop_requests() as stop:
         for step in bar:
             t0 = time.time()
-            batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)[rank::world]  # this process's slice
+            batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)[
+                rank::world
+            ]  # this process's slice
             plain, cond = [fmt.plain(e) for e in batch], [fmt.conditioned(e) for e in batch]
             roll, g_roll = rollout_step(model, tokenizer, plain, cond, cfg)
             rows = roll.prompt_index.tolist()
@@ -277,8 +374,18 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
             settle()
             t1 = time.time()
             est = estimator_pass(
-                model, plain_ids, cond_ids, roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta, cfg.estimator.top_p,
-                cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=cfg.loss.type == "distill",
+                model,
+                plain_ids,
+                cond_ids,
+                roll.response_ids,
+                pad,
+                cfg.estimator.alpha,
+                cfg.loss.beta,
+                cfg.estimator.top_p,
+                cfg.estimator.source,
+                cfg.train.micro_batch,
+                cfg.train.logprob_chunk,
+                keep_full=cfg.loss.type == "distill",
             )
             guided = None
             if g_roll is not None:
@@ -287,14 +394,40 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
                 if g_roll.star_logp_full is not None:
                     g_est = {"logp_star_full": g_roll.star_logp_full, "logp_ref": g_roll.star_ref_logp}
                 else:
-                    g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, cfg.estimator.alpha, cfg.loss.beta,
-                                           cfg.estimator.top_p, cfg.estimator.source, cfg.train.micro_batch, cfg.train.logprob_chunk, keep_full=True)
+                    g_est = estimator_pass(
+                        model,
+                        g_plain,
+                        g_cond,
+                        g_roll.response_ids,
+                        pad,
+                        cfg.estimator.alpha,
+                        cfg.loss.beta,
+                        cfg.estimator.top_p,
+                        cfg.estimator.source,
+                        cfg.train.micro_batch,
+                        cfg.train.logprob_chunk,
+                        keep_full=True,
+                    )
                 guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
             settle()
             t2 = time.time()
             with update_heap():
-                sums = update(model, cfg, plain_ids, roll.response_ids, roll.response_mask, est, pad, params, optimizer, scheduler, accelerator,
-                              logp_sampled=roll.logprobs, guided=guided, forward_model=forward_model)
+                sums = update(
+                    model,
+                    cfg,
+                    plain_ids,
+                    roll.response_ids,
+                    roll.response_mask,
+                    est,
+                    pad,
+                    params,
+                    optimizer,
+                    scheduler,
+                    accelerator,
+                    logp_sampled=roll.logprobs,
+                    guided=guided,
+                    forward_model=forward_model,
+                )
             settle()
             t3 = time.time()
             n_tok = float(roll.response_mask.sum())
@@ -305,8 +438,16 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
                 "principle_gap": round(masked_mean(est["principle_gap"], roll.response_mask).item(), 6),
                 "response_len": round(n_tok / roll.response_mask.shape[0], 2),
                 "eos_rate": round(eos_rate(roll, eos), 4),
-                **({"response_len_guided": round(float(guided.response_mask.sum()) / guided.response_mask.shape[0], 2),
-                    "eos_rate_guided": round(eos_rate(g_roll, eos), 4)} if guided is not None else {}),
+                **(
+                    {
+                        "response_len_guided": round(
+                            float(guided.response_mask.sum()) / guided.response_mask.shape[0], 2
+                        ),
+                        "eos_rate_guided": round(eos_rate(g_roll, eos), 4),
+                    }
+                    if guided is not None
+                    else {}
+                ),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": round(n_tok / max(t3 - t0, 1e-9), 2),
                 "seconds": round(t3 - t0, 3),
@@ -321,25 +462,37 @@ def train(cfg: RecipeConfig, run_dir: Path, model, tokenizer, examples: list[Exa
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
                 log_step(accelerator, last)
-            bar.set_postfix(loss=f"{last['loss']:.3g}", reward=f"{last['reward_mean']:+.4f}", kl=f"{last['kl']:.4f}", s=f"{last['seconds']:.1f}")
+            bar.set_postfix(
+                loss=f"{last['loss']:.3g}",
+                reward=f"{last['reward_mean']:+.4f}",
+                kl=f"{last['kl']:.4f}",
+                s=f"{last['seconds']:.1f}",
+            )
             nonfinite_run = nonfinite_run + 1 if last["nonfinite_skipped"] == cfg.loss.epochs else 0
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
                 bar.close()
-                raise UserError(f"training diverged: {nonfinite_run} steps in a row had nan/inf losses or gradients (skipped, adapter "
-                                f"kept at the last finite step, nothing saved); lower train.lr or train.max_grad_norm and start again")
+                raise UserError(
+                    f"training diverged: {nonfinite_run} steps in a row had nan/inf losses or gradients (skipped, adapter "
+                    f"kept at the last finite step, nothing saved); lower train.lr or train.max_grad_norm and start again"
+                )
             every, minutes = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes
             stopping = requested > 0  # any process asked: all stop after the same step
             due = minutes and time.time() - saved_at >= 60 * minutes
             if world > 1:  # the same decision on every process (clocks differ)
-                due = bool(accelerator.reduce(torch.tensor([float(bool(due))], device=accelerator.device), "sum").item())
+                due = bool(
+                    accelerator.reduce(torch.tensor([float(bool(due))], device=accelerator.device), "sum").item()
+                )
             if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps or stopping or due:
                 save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, accelerator)
                 saved_at = time.time()
             if stopping:
                 bar.close()
-                raise Stopped(requested, f"stopped by {signal.Signals(requested).name} after step {step + 1} of {cfg.train.steps}; "
-                              f"checkpoint saved in {run_dir / 'checkpoints'}; continue with the same command plus "
-                              f"out_dir={run_dir} train.resume=true")
+                raise Stopped(
+                    requested,
+                    f"stopped by {signal.Signals(requested).name} after step {step + 1} of {cfg.train.steps}; "
+                    f"checkpoint saved in {run_dir / 'checkpoints'}; continue with the same command plus "
+                    f"out_dir={run_dir} train.resume=true",
+                )
             if on_step is not None and on_step(last):
                 break
     bar.close()
@@ -359,7 +512,9 @@ def across_processes(accelerator, row: dict, stop: int) -> tuple[dict, int]:
     if accelerator.num_processes == 1:
         return row, stop
     keys = [k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
-    local = torch.tensor([[float(row[k]) for k in keys] + [float(stop)]], dtype=torch.float64, device=accelerator.device)
+    local = torch.tensor(
+        [[float(row[k]) for k in keys] + [float(stop)]], dtype=torch.float64, device=accelerator.device
+    )
     every = accelerator.gather(local)  # [world, keys + 1]
     out = dict(row)
     for i, k in enumerate(keys):

@@ -11,7 +11,9 @@ from iqstar_lite.errors import UserError
 
 log = logging.getLogger("iqstar_lite")
 
-HINDSIGHT_TEMPLATE = "Here is an excellent answer to the next request:\n{reference}\n\nAnswer the next request as well as that."
+HINDSIGHT_TEMPLATE = (
+    "Here is an excellent answer to the next request:\n{reference}\n\nAnswer the next request as well as that."
+)
 
 
 def messages_for(prompt: str, system: str | None = None) -> list[dict[str, str]]:
@@ -49,12 +51,20 @@ def drop_too_long(examples: list[Example], fmt: Formatter, max_tokens: int) -> l
     if len(kept) < len(examples):
         longest = max(range(len(examples)), key=lengths.__getitem__)
         text = " ".join(examples[longest].text.split())
-        log.info("dropped %d of %d training prompts longer than data.max_prompt_tokens=%d (with the principle in context); the longest: "
-                 "%d tokens (%r); raise data.max_prompt_tokens to keep them", len(examples) - len(kept), len(examples), max_tokens,
-                 lengths[longest], text[:60] + ("..." if len(text) > 60 else ""))
+        log.info(
+            "dropped %d of %d training prompts longer than data.max_prompt_tokens=%d (with the principle in context); the longest: "
+            "%d tokens (%r); raise data.max_prompt_tokens to keep them",
+            len(examples) - len(kept),
+            len(examples),
+            max_tokens,
+            lengths[longest],
+            text[:60] + ("..." if len(text) > 60 else ""),
+        )
     if not kept:
-        raise UserError(f"every training prompt is longer than data.max_prompt_tokens={max_tokens} (the shortest: {min(lengths)} tokens with "
-                        f"the principle in context); raise it")
+        raise UserError(
+            f"every training prompt is longer than data.max_prompt_tokens={max_tokens} (the shortest: {min(lengths)} tokens with "
+            f"the principle in context); raise it"
+        )
     return kept
 
 
@@ -62,7 +72,9 @@ def has_system_role(tokenizer) -> bool:
     sentinel = "SYSTEM-SENTINEL-7f3a"
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "system", "content": sentinel}, {"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+            [{"role": "system", "content": sentinel}, {"role": "user", "content": "hi"}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
     except Exception:
         return False
@@ -77,7 +89,9 @@ def default_system_prompt(tokenizer) -> str | None:
         return None
     sentinel, user = "SYSTEM-SENTINEL-7f3a", [{"role": "user", "content": "USER-SENTINEL-51c2"}]
     try:
-        with_s = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}, *user], tokenize=False, add_generation_prompt=True)
+        with_s = tokenizer.apply_chat_template(
+            [{"role": "system", "content": sentinel}, *user], tokenize=False, add_generation_prompt=True
+        )
         without = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     except Exception:
         return None
@@ -87,8 +101,9 @@ def default_system_prompt(tokenizer) -> str | None:
     return without[len(head) : len(without) - len(tail)] or None
 
 
-def with_instruction(messages: list[dict[str, str]], instruction: str, placement: str, system_ok: bool,
-                     default_system: str | None = None) -> list[dict[str, str]]:
+def with_instruction(
+    messages: list[dict[str, str]], instruction: str, placement: str, system_ok: bool, default_system: str | None = None
+) -> list[dict[str, str]]:
     """Put an instruction (the principle, or a hindsight answer) in context: after the system message (the chat's
     own, else the template's default ``default_system``, so that context and plain one differ only by the
     instruction), or prefixed to the first user turn."""
@@ -128,12 +143,18 @@ class Formatter:
     def conditioned(self, ex: Example) -> str:
         if self.kind == "hindsight":
             if not ex.reference:
-                raise UserError("estimator.kind=hindsight needs a 'reference' (or 'response'/'chosen') column with an answer for every prompt")
+                raise UserError(
+                    "estimator.kind=hindsight needs a 'reference' (or 'response'/'chosen') column with an answer for every prompt"
+                )
             instruction = HINDSIGHT_TEMPLATE.format(reference=self.reference_text(ex))
         else:
             instruction = self.cfg.principle
-        return render(self.tokenizer, with_instruction(ex.messages, instruction, self.cfg.principle_placement, self.system_ok,
-                                                       self.default_system))
+        return render(
+            self.tokenizer,
+            with_instruction(
+                ex.messages, instruction, self.cfg.principle_placement, self.system_ok, self.default_system
+            ),
+        )
 
     def reference_text(self, ex: Example) -> str:
         """The hindsight reference as text: a string as it is; several turns (a conversational ``chosen``) as ``role: content``

@@ -71,26 +71,36 @@ def _load_split(cfg: DataConfig, split: str) -> list[dict]:
     p = Path(name).expanduser()
     if not p.exists():
         if name.startswith(("/", ".", "~")) or p.suffix in FILE_TYPES:
-            raise UserError(f"prompt file {name!r} not found; set data.prompts to a .jsonl/.json/.csv/.parquet file, a saved HF dataset "
-                            f"directory, a datasets name, or builtin")
+            raise UserError(
+                f"prompt file {name!r} not found; set data.prompts to a .jsonl/.json/.csv/.parquet file, a saved HF dataset "
+                f"directory, a datasets name, or builtin"
+            )
         try:  # a datasets name: the hub, or offline its cache (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1)
             return list(_pick_split(datasets.load_dataset(name, cfg.config or None, split=split or None), split, where))
         except UserError:
             raise
         except (ConnectionError, FileNotFoundError) as e:
-            raise UserError(f"{where} is neither a file nor a dataset the hub or the local datasets cache has ({_first_line(e)}); give a path, "
-                            f"or load it once where the hub is reachable (then it is read offline from the cache)") from None
+            raise UserError(
+                f"{where} is neither a file nor a dataset the hub or the local datasets cache has ({_first_line(e)}); give a path, "
+                f"or load it once where the hub is reachable (then it is read offline from the cache)"
+            ) from None
         except Exception as e:  # unknown config / split, damaged cache
-            raise UserError(f"cannot load dataset {name!r} (data.config={cfg.config!r}, split={split!r}): {_first_line(e)}") from None
+            raise UserError(
+                f"cannot load dataset {name!r} (data.config={cfg.config!r}, split={split!r}): {_first_line(e)}"
+            ) from None
     try:
         if p.is_dir():
             if _is_saved_dataset(p):
                 saved = datasets.load_from_disk(str(p))
                 if split and not isinstance(saved, datasets.DatasetDict):
-                    raise UserError(f"{where} is one saved Dataset without splits, so data.split / data.heldout_split={split!r} cannot "
-                                    f"apply; leave them empty, or save a DatasetDict")
+                    raise UserError(
+                        f"{where} is one saved Dataset without splits, so data.split / data.heldout_split={split!r} cannot "
+                        f"apply; leave them empty, or save a DatasetDict"
+                    )
                 return list(_pick_split(saved, split, where))
-            return list(_pick_split(datasets.load_dataset(str(p), cfg.config or None, split=split or None), split, where))
+            return list(
+                _pick_split(datasets.load_dataset(str(p), cfg.config or None, split=split or None), split, where)
+            )
         if p.suffix == ".jsonl" and not split:
             rows = []
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
@@ -98,7 +108,9 @@ def _load_split(cfg: DataConfig, split: str) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise UserError(f"prompt file {name!r} line {n} is not valid JSON ({e.msg}); fix that line") from None
+                        raise UserError(
+                            f"prompt file {name!r} line {n} is not valid JSON ({e.msg}); fix that line"
+                        ) from None
             return rows
         if p.suffix == ".json" and not split:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -109,9 +121,13 @@ def _load_split(cfg: DataConfig, split: str) -> list[dict]:
     except UserError:
         raise
     except Exception as e:  # malformed csv/parquet/json/dataset, unknown split
-        raise UserError(f"cannot read prompt file {name!r} ({type(e).__name__}: {_first_line(e)}); check its format") from None
-    raise UserError(f"prompt file {name!r} has unsupported type {p.suffix!r}; use .jsonl, .json, .csv, .parquet, a saved HF dataset directory "
-                    f"or a datasets name")
+        raise UserError(
+            f"cannot read prompt file {name!r} ({type(e).__name__}: {_first_line(e)}); check its format"
+        ) from None
+    raise UserError(
+        f"prompt file {name!r} has unsupported type {p.suffix!r}; use .jsonl, .json, .csv, .parquet, a saved HF dataset directory "
+        f"or a datasets name"
+    )
 
 
 def _mapped(row: dict, columns: dict[str, str], where: str) -> dict:
@@ -120,8 +136,10 @@ def _mapped(row: dict, columns: dict[str, str], where: str) -> dict:
         return row
     missing = [f"{ours}={theirs}" for ours, theirs in columns.items() if theirs not in row]
     if missing:
-        raise UserError(f"{where}: data.columns maps {', '.join(missing)}, but that column is missing; columns found: "
-                        f"{', '.join(map(str, row)) or 'none'}")
+        raise UserError(
+            f"{where}: data.columns maps {', '.join(missing)}, but that column is missing; columns found: "
+            f"{', '.join(map(str, row)) or 'none'}"
+        )
     return {**row, **{ours: row[theirs] for ours, theirs in columns.items()}}
 
 
@@ -158,13 +176,17 @@ def _to_example(row: dict, where: str) -> Example:
     the reference answer (hindsight estimator) from ``reference``, ``response``, ``completion`` or ``chosen``."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: each row must be an object with a 'prompt' or 'messages' column")
-    ref_key = next((k for k in ("reference", "response", "completion", "chosen") if row.get(k) not in (None, "", [])), None)
+    ref_key = next(
+        (k for k in ("reference", "response", "completion", "chosen") if row.get(k) not in (None, "", [])), None
+    )
     reference = _reference(row[ref_key], where) if ref_key else ""
     meta = {"split": row.get("split")}
     prompt, chat = row.get("prompt"), row.get("messages")
     if chat is None and isinstance(prompt, list):  # TRL's conversational prompt
         chat = prompt
-    if chat is None and prompt in (None, "") and isinstance(row.get("chosen"), list):  # TRL's implicit prompt: chosen holds it all
+    if (
+        chat is None and prompt in (None, "") and isinstance(row.get("chosen"), list)
+    ):  # TRL's implicit prompt: chosen holds it all
         chat, reference = row["chosen"], ("" if ref_key == "chosen" else reference)
     if isinstance(chat, list) and chat:
         msgs = _turns(chat, where)
@@ -177,8 +199,10 @@ def _to_example(row: dict, where: str) -> Example:
             raise UserError(f"{where}: 'messages' must end with a user turn")
         return Example(msgs, str(row.get("kind", "") or ""), reference, meta)
     if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(f"{where}: needs a non-empty 'prompt' (a string or a list of messages) or a 'messages' list; columns found: "
-                        f"{', '.join(map(str, row)) or 'none'} (map other names with data.columns.prompt=NAME)")
+        raise UserError(
+            f"{where}: needs a non-empty 'prompt' (a string or a list of messages) or a 'messages' list; columns found: "
+            f"{', '.join(map(str, row)) or 'none'} (map other names with data.columns.prompt=NAME)"
+        )
     return Example([{"role": "user", "content": prompt.strip()}], str(row.get("kind", "") or ""), reference, meta)
 
 
@@ -188,13 +212,21 @@ def _is_heldout(ex: Example, fraction: float) -> bool:
 
 
 def _examples(rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
-    return [_to_example(_mapped(r, cfg.columns, f"{where} row {i + 1}") if isinstance(r, dict) else r, f"{where} row {i + 1}")
-            for i, r in enumerate(rows)]
+    return [
+        _to_example(
+            _mapped(r, cfg.columns, f"{where} row {i + 1}") if isinstance(r, dict) else r, f"{where} row {i + 1}"
+        )
+        for i, r in enumerate(rows)
+    ]
 
 
 def builtin_sets() -> list[str]:
     """The prompt sets shipped with the package (``data.prompts=builtin:NAME``; ``builtin`` is ``builtin:builtin``)."""
-    return sorted(f.name[: -len(".jsonl")] for f in resources.files("iqstar_lite.data.sets").iterdir() if f.name.endswith(".jsonl"))
+    return sorted(
+        f.name[: -len(".jsonl")]
+        for f in resources.files("iqstar_lite.data.sets").iterdir()
+        if f.name.endswith(".jsonl")
+    )
 
 
 def is_builtin(prompts: str) -> bool:
@@ -208,13 +240,20 @@ def load_examples(cfg: DataConfig) -> tuple[list[Example], str]:
     if is_builtin(cfg.prompts):
         name = cfg.prompts.partition(":")[2] or "builtin"
         if name not in builtin_sets():
-            raise UserError(f"no built-in prompt set {name!r}; choose one of: {', '.join('builtin:' + n for n in builtin_sets())}")
+            raise UserError(
+                f"no built-in prompt set {name!r}; choose one of: {', '.join('builtin:' + n for n in builtin_sets())}"
+            )
         text = resources.files("iqstar_lite.data.sets").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
-        rows, where = [json.loads(line) for line in text.splitlines() if line.strip()], f"built-in prompts {cfg.prompts!r}"
+        rows, where = (
+            [json.loads(line) for line in text.splitlines() if line.strip()],
+            f"built-in prompts {cfg.prompts!r}",
+        )
     else:
         rows, where = _load_split(cfg, cfg.split), f"prompt file {cfg.prompts!r}"
     if not rows:
-        raise UserError(f"{where} is empty; give at least a few prompts (one JSON object per line with a 'prompt' field)")
+        raise UserError(
+            f"{where} is empty; give at least a few prompts (one JSON object per line with a 'prompt' field)"
+        )
     return _examples(rows, cfg, where), where
 
 
@@ -225,7 +264,9 @@ def load_prompts(cfg: DataConfig) -> PromptSet:
     if cfg.heldout_split and not is_builtin(cfg.prompts):
         heldout = _examples(_load_split(cfg, cfg.heldout_split), cfg, f"{where} split {cfg.heldout_split!r}")
         if not heldout:
-            raise UserError(f"data.heldout_split={cfg.heldout_split!r} of {where} is empty; choose another split or leave it empty")
+            raise UserError(
+                f"data.heldout_split={cfg.heldout_split!r} of {where} is empty; choose another split or leave it empty"
+            )
         return PromptSet(examples, heldout)
     train, heldout = [], []
     # a split column with held-out rows decides; else (no column, or only training rows: builtin:train_pool) a stable hash
@@ -235,7 +276,9 @@ def load_prompts(cfg: DataConfig) -> PromptSet:
         held = split in HELDOUT_SPLITS if has_split else _is_heldout(ex, cfg.heldout_fraction)
         (heldout if held else train).append(ex)
     if not train:
-        raise UserError(f"{where} leaves no training prompts after the held-out split; add prompts or lower data.heldout_fraction")
+        raise UserError(
+            f"{where} leaves no training prompts after the held-out split; add prompts or lower data.heldout_fraction"
+        )
     if not heldout:
         heldout = train[-1:]
     return PromptSet(train, heldout)
@@ -244,12 +287,16 @@ def load_prompts(cfg: DataConfig) -> PromptSet:
 def _train_and_heldout(examples: list[Example], where: str, cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     """``data.heldout_prompts``: training on every row of ``data.prompts`` but its held-out ones (and any held-out
     prompt), evaluation on the other source's held-out rows (all of it without a split column)."""
-    other, other_where = load_examples(dataclasses.replace(cfg, prompts=cfg.heldout_prompts, heldout_prompts="", split=""))
+    other, other_where = load_examples(
+        dataclasses.replace(cfg, prompts=cfg.heldout_prompts, heldout_prompts="", split="")
+    )
     split_col = any(ex.meta.get("split") for ex in other)
     heldout = [ex for ex in other if ex.meta.get("split") in HELDOUT_SPLITS] if split_col else other
     if not heldout:
-        raise UserError(f"data.heldout_prompts: {other_where} has no held-out rows (split heldout / test / eval / validation); "
-                        f"give a source with such rows or without a split column")
+        raise UserError(
+            f"data.heldout_prompts: {other_where} has no held-out rows (split heldout / test / eval / validation); "
+            f"give a source with such rows or without a split column"
+        )
     held = {ex.text for ex in heldout}
     train = [ex for ex in examples if ex.meta.get("split") not in HELDOUT_SPLITS and ex.text not in held]
     if not train:

@@ -21,9 +21,15 @@ from iqstar_lite.errors import UserError, run_cli
 log = logging.getLogger("iqstar_lite")
 
 CURVES_FILE = "curves.png"
-STEP_PANELS = (("reward_mean", "reward (mean per token)"), ("kl", "KL(policy || reference) per token"), ("loss", "loss"),
-               ("seconds", "seconds per step"))
-MATPLOTLIB_MISSING = "matplotlib is not installed; pip install 'iqstar_lite[plot]' (matplotlib==3.11.2) to draw curves.png"
+STEP_PANELS = (
+    ("reward_mean", "reward (mean per token)"),
+    ("kl", "KL(policy || reference) per token"),
+    ("loss", "loss"),
+    ("seconds", "seconds per step"),
+)
+MATPLOTLIB_MISSING = (
+    "matplotlib is not installed; pip install 'iqstar_lite[plot]' (matplotlib==3.11.2) to draw curves.png"
+)
 
 
 def _summary(run_dir: Path, name: str) -> dict:
@@ -57,8 +63,16 @@ def plot_run(run_dir: Path) -> Path:
         if isinstance(r.get("judge"), (int, float)) and isinstance(r.get("step"), int):
             samples.setdefault(r["step"], []).append(float(r["judge"]))
     judge = next((s.get("judge") for s in (after, before, cd) if s.get("judge")), None)
-    _eval_panel(axes[2], "judge_rate", f"judge rate ({judge or 'no judge'})", before, after, cd, last,
-                {k: sum(v) / len(v) for k, v in sorted(samples.items())})
+    _eval_panel(
+        axes[2],
+        "judge_rate",
+        f"judge rate ({judge or 'no judge'})",
+        before,
+        after,
+        cd,
+        last,
+        {k: sum(v) / len(v) for k, v in sorted(samples.items())},
+    )
     _eval_panel(axes[4], "principle_score", "principle score", before, after, cd, last, {})
     fig.suptitle(f"{run_dir.name}: {last} steps")
     out = run_dir / CURVES_FILE
@@ -75,7 +89,9 @@ def _step_panel(ax, rows: list[dict], steps: list[int], key: str, title: str) ->
     ax.grid(alpha=0.3)
 
 
-def _eval_panel(ax, key: str, title: str, before: dict, after: dict, cd: dict, last: int, samples: dict[int, float]) -> None:
+def _eval_panel(
+    ax, key: str, title: str, before: dict, after: dict, cd: dict, last: int, samples: dict[int, float]
+) -> None:
     points = [(s, e[key]) for s, e in ((0, before), (last, after)) if e.get(key) is not None]
     if points:
         ax.plot(*zip(*points), marker="o", label="held-out evaluation (before / after)")

@@ -25,7 +25,11 @@ from iqstar_lite.models.targets import Target
 
 log = logging.getLogger("iqstar_lite")
 
-ROWS = {"contrastive": "contrastive decoding (untrained)", "before": "before (untrained, no principle)", "after": "after (trained, no principle)"}
+ROWS = {
+    "contrastive": "contrastive decoding (untrained)",
+    "before": "before (untrained, no principle)",
+    "after": "after (trained, no principle)",
+}
 
 
 def evaluate_target(target: Target, examples: list, rows: tuple[str, ...] = ("contrastive", "before", "after")) -> dict:
@@ -66,9 +70,14 @@ def evaluate_target(target: Target, examples: list, rows: tuple[str, ...] = ("co
         out["after"] = evaluate(model, tokenizer, fmt, examples, cfg, judge, target=target_answers)
     order = [r for r in ROWS if r in out]
     return {
-        "target": target.label, "adapter": str(target.adapter) if target.adapter else None, "model": cfg.model.path,
-        "principle": cfg.data.principle, "judge": getattr(judge, "__name__", None), "n": len(examples),
-        "eval": dataclasses.asdict(cfg.eval), "seconds": round(time.time() - t0, 1),
+        "target": target.label,
+        "adapter": str(target.adapter) if target.adapter else None,
+        "model": cfg.model.path,
+        "principle": cfg.data.principle,
+        "judge": getattr(judge, "__name__", None),
+        "n": len(examples),
+        "eval": dataclasses.asdict(cfg.eval),
+        "seconds": round(time.time() - t0, 1),
         "rows": {r: out[r] for r in order},
     }
 
@@ -105,7 +114,10 @@ def print_report(report: dict, show_examples: int) -> None:
     from iqstar_lite.evaluation.report import print_eval_table, print_examples
 
     labelled = {ROWS[name]: row for name, row in report["rows"].items()}
-    print_eval_table({label: row["summary"] for label, row in labelled.items()}, title=f"evaluation of {report['target']} on {report['n']} prompts")
+    print_eval_table(
+        {label: row["summary"] for label, row in labelled.items()},
+        title=f"evaluation of {report['target']} on {report['n']} prompts",
+    )
     print_examples(labelled, show_examples, title="answers")
 
 
@@ -127,20 +139,47 @@ def seen_in_training(target: Target, examples: list) -> int:
 def _parser(prog: str):
     import argparse
 
-    ap = argparse.ArgumentParser(prog=prog, description="Judge a run, an adapter or an untrained base on prompts of your own: "
-                                 "contrastive decoding (the reference row), untrained and trained rows, written to a JSON file.")
-    ap.add_argument("target", help="RUN_DIR, RUN_DIR/adapter (or another peft adapter folder), a recipe name (its untrained base) or a model")
-    ap.add_argument("overrides", nargs="*", help="key=value on top of the run's config, e.g. eval.judge=refusal model.path=...")
-    ap.add_argument("--prompts", required=True, help="a prompt file (.jsonl/.json/.csv/.parquet), a saved or named dataset, or "
-                    "builtin:NAME (shipped sets: iqstar-lite ls)")
-    ap.add_argument("--split", default="", help="keep the rows whose 'split' column is this (e.g. test for builtin:ood)")
-    ap.add_argument("--dataset-split", default="", help="for a datasets name or saved dataset: the split to read (data.split)")
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Judge a run, an adapter or an untrained base on prompts of your own: "
+        "contrastive decoding (the reference row), untrained and trained rows, written to a JSON file.",
+    )
+    ap.add_argument(
+        "target",
+        help="RUN_DIR, RUN_DIR/adapter (or another peft adapter folder), a recipe name (its untrained base) or a model",
+    )
+    ap.add_argument(
+        "overrides", nargs="*", help="key=value on top of the run's config, e.g. eval.judge=refusal model.path=..."
+    )
+    ap.add_argument(
+        "--prompts",
+        required=True,
+        help="a prompt file (.jsonl/.json/.csv/.parquet), a saved or named dataset, or "
+        "builtin:NAME (shipped sets: iqstar-lite ls)",
+    )
+    ap.add_argument(
+        "--split", default="", help="keep the rows whose 'split' column is this (e.g. test for builtin:ood)"
+    )
+    ap.add_argument(
+        "--dataset-split", default="", help="for a datasets name or saved dataset: the split to read (data.split)"
+    )
     ap.add_argument("--principle", default=None, help="the principle to judge by (default: the run's)")
-    ap.add_argument("--judge", default=None, choices=["auto", "french", "refusal", "short", "none"], help="task judge (default: the run's eval.judge)")
+    ap.add_argument(
+        "--judge",
+        default=None,
+        choices=["auto", "french", "refusal", "short", "none"],
+        help="task judge (default: the run's eval.judge)",
+    )
     ap.add_argument("--max-prompts", type=int, default=0, help="the first N prompts (kinds interleaved); 0: all")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the run's eval.max_new_tokens)")
-    ap.add_argument("--batch-size", type=int, default=None, help="prompts per decoding batch (default: the run's eval.batch_size)")
-    ap.add_argument("--rows", default="contrastive,before,after", help="which rows, comma-separated (contrastive, before, after)")
+    ap.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length (default: the run's eval.max_new_tokens)"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="prompts per decoding batch (default: the run's eval.batch_size)"
+    )
+    ap.add_argument(
+        "--rows", default="contrastive,before,after", help="which rows, comma-separated (contrastive, before, after)"
+    )
     ap.add_argument("--examples", type=int, default=3, help="answers printed under the table")
     ap.add_argument("--out", default=None, help="the JSON report (default: RUN_DIR/eval/<prompts>[-<split>].json)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -155,7 +194,9 @@ def main(argv: list[str] | None = None, prog: str = "iqstar-lite eval") -> int:
     if args.max_prompts < 0:
         raise UserError(f"--max-prompts must be >= 0, got {args.max_prompts}")
     if args.principle is not None and not args.principle.strip():
-        raise UserError("--principle is empty; state the preference as one sentence, e.g. --principle 'Always answer in French.'")
+        raise UserError(
+            "--principle is empty; state the preference as one sentence, e.g. --principle 'Always answer in French.'"
+        )
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
@@ -163,14 +204,22 @@ def main(argv: list[str] | None = None, prog: str = "iqstar-lite eval") -> int:
     data = {"prompts": args.prompts, "split": args.dataset_split, "heldout_split": ""}
     if args.principle is not None:
         data["principle"] = args.principle.strip()
-    evals = {k: v for k, v in (("judge", args.judge), ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)) if v is not None}
+    evals = {
+        k: v
+        for k, v in (("judge", args.judge), ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size))
+        if v is not None
+    }
     target = resolve_target(args.target, args.overrides, {"data": data, "eval": evals})
     out = Path(args.out) if args.out else default_out(target, args.prompts, args.split)
     check_out(out, args.overwrite)  # before minutes of work
     examples = pick_examples(load_examples(target.cfg.data)[0], args.split, args.max_prompts)
     seen = seen_in_training(target, examples)
     if seen:
-        log.warning("note: %d of %d prompts are among the run's training prompts; this measures fit, not generalisation", seen, len(examples))
+        log.warning(
+            "note: %d of %d prompts are among the run's training prompts; this measures fit, not generalisation",
+            seen,
+            len(examples),
+        )
     if "after" in rows and target.adapter is None:
         log.warning("note: %s has no trained adapter; the 'after' row is left out", target.label)
     report = evaluate_target(target, examples, rows)

@@ -15,19 +15,38 @@ from collections.abc import Callable
 
 import torch
 
-from iqstar_lite.config import RecipeConfig
-from iqstar_lite.data.sources import Example
-from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.algorithm.estimator import log_pi_star
 from iqstar_lite.algorithm.logprobs import chunked_over_time, kl_rows
 from iqstar_lite.algorithm.reference import adapters_are_identity, reference_mode
-from iqstar_lite.algorithm.rollout import model_eos_ids, eval_mode, pack, response_logits, response_mask, sample, shared_context_logits
+from iqstar_lite.algorithm.rollout import (
+    eval_mode,
+    model_eos_ids,
+    pack,
+    response_logits,
+    response_mask,
+    sample,
+    shared_context_logits,
+)
 from iqstar_lite.algorithm.scoring import estimator_pass
+from iqstar_lite.config import RecipeConfig
+from iqstar_lite.data.formatting import Formatter
+from iqstar_lite.data.sources import Example
 
 
-def contrastive_generate(model, tokenizer, cond: list[str], plain: list[str], alpha: float, max_new_tokens: int) -> torch.Tensor:
+def contrastive_generate(
+    model, tokenizer, cond: list[str], plain: list[str], alpha: float, max_new_tokens: int
+) -> torch.Tensor:
     """Greedy principle-contrastive decoding of the reference (pi-hat*'s greedy answers): ``rollout.sample`` with ``contrast``."""
-    return sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True, contrast=cond, alpha=alpha, guided_reference=True).response_ids
+    return sample(
+        model,
+        tokenizer,
+        plain,
+        max_new_tokens=max_new_tokens,
+        greedy=True,
+        contrast=cond,
+        alpha=alpha,
+        guided_reference=True,
+    ).response_ids
 
 
 def _target_measures(alpha: float):
@@ -42,15 +61,31 @@ def _target_measures(alpha: float):
     return measure
 
 
-def greedy_answers(model, tokenizer, fmt: Formatter, examples: list[Example], max_new_tokens: int, eos: list[int],
-                   alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor] | None]:
+def greedy_answers(
+    model,
+    tokenizer,
+    fmt: Formatter,
+    examples: list[Example],
+    max_new_tokens: int,
+    eos: list[int],
+    alpha: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor] | None]:
     """Greedy answers with the principle absent (``alpha`` given: pi-hat*'s, principle-contrastive decoding), through the
     one decoding loop: (response ids [N, T], mask up to and including EOS, decoded texts, and for pi-hat*'s answers the
     per-step ``principle_gap`` / ``kl_star_ref`` [N, T] measured while decoding them)."""
     plain = [fmt.plain(e) for e in examples]
     if alpha is not None:
-        roll = sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True, contrast=[fmt.conditioned(e) for e in examples],
-                      alpha=alpha, guided_reference=True, observe=_target_measures(alpha))
+        roll = sample(
+            model,
+            tokenizer,
+            plain,
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            contrast=[fmt.conditioned(e) for e in examples],
+            alpha=alpha,
+            guided_reference=True,
+            observe=_target_measures(alpha),
+        )
     else:
         roll = sample(model, tokenizer, plain, max_new_tokens=max_new_tokens, greedy=True)
     resp = roll.response_ids
@@ -90,8 +125,16 @@ def _rate(scores: list[float]) -> float | None:
 
 
 @torch.no_grad()
-def kl_to_target(model, plain_ids: list[list[int]], cond_ids: list[list[int]], target: torch.Tensor, pad_id: int, alpha: float,
-                 micro_batch: int = 8, chunk_size: int = 16) -> torch.Tensor:
+def kl_to_target(
+    model,
+    plain_ids: list[list[int]],
+    cond_ids: list[list[int]],
+    target: torch.Tensor,
+    pad_id: int,
+    alpha: float,
+    micro_batch: int = 8,
+    chunk_size: int = 16,
+) -> torch.Tensor:
     """[N, T] KL(pi-hat* || pi_theta) per position, teacher-forced on ``target`` (pi-hat*'s own greedy answers).
 
     The direct convergence measure: 0 when the policy is pi-hat* on the states pi-hat* visits (where greedy
@@ -108,8 +151,11 @@ def kl_to_target(model, plain_ids: list[list[int]], cond_ids: list[list[int]], t
                 z = shared_context_logits(model, cond_ids[sl] + plain_ids[sl], torch.cat([tgt, tgt]), pad_id)
             z_pos, z_neg = z[:m], z[m:]
             pol = z_neg if identity else response_logits(model, pack(plain_ids[sl], tgt, pad_id), tgt.shape[1])
-            parts.append(chunked_over_time(lambda zp, zn, zq: kl_rows(log_pi_star(zp, zn, alpha), zq), z_pos, z_neg, pol,
-                                           chunk_size=chunk_size))
+            parts.append(
+                chunked_over_time(
+                    lambda zp, zn, zq: kl_rows(log_pi_star(zp, zn, alpha), zq), z_pos, z_neg, pol, chunk_size=chunk_size
+                )
+            )
     return torch.cat(parts)
 
 
@@ -129,8 +175,15 @@ def _ids(tokens: list[int], width: int, pad_id: int) -> list[int]:
 
 
 def evaluate(
-    model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge: Callable[[str], float] | None,
-    contrastive: bool = False, target: list[list[int]] | None = None, target_kl_ref: list[float] | None = None,
+    model,
+    tokenizer,
+    fmt: Formatter,
+    examples: list[Example],
+    cfg: RecipeConfig,
+    judge: Callable[[str], float] | None,
+    contrastive: bool = False,
+    target: list[list[int]] | None = None,
+    target_kl_ref: list[float] | None = None,
 ) -> dict:
     """Greedy answers without the principle (or, ``contrastive``, pi-hat*'s: contrastive decoding with it), then scores.
 
@@ -151,14 +204,26 @@ def evaluate(
     for idx in length_batches([len(fmt.ids(fmt.plain(e))) for e in examples], bs):
         chunk = [examples[i] for i in idx]
         plain = [fmt.plain(e) for e in chunk]
-        resp, mask, texts, seen = greedy_answers(model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None)
+        resp, mask, texts, seen = greedy_answers(
+            model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None
+        )
         plain_ids = [fmt.ids(p) for p in plain]
         cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
         if contrastive:  # the reference with and without the principle on pi-hat*'s path: the decoding loop had both
             gap = seen["principle_gap"]
         else:
-            est = estimator_pass(model, plain_ids, cond_ids, resp, pad, cfg.estimator.alpha, cfg.loss.beta, micro_batch=cfg.train.micro_batch,
-                                 chunk_size=cfg.train.logprob_chunk, policy_kl=not identity)
+            est = estimator_pass(
+                model,
+                plain_ids,
+                cond_ids,
+                resp,
+                pad,
+                cfg.estimator.alpha,
+                cfg.loss.beta,
+                micro_batch=cfg.train.micro_batch,
+                chunk_size=cfg.train.logprob_chunk,
+                policy_kl=not identity,
+            )
             gap = est["principle_gap"]
         # KL(pi_theta || pi_ref): exactly 0 while the adapters are at identity (before training; contrastive row)
         kl_ref = torch.zeros_like(gap) if identity or contrastive else est["kl_policy_ref"]
@@ -170,15 +235,30 @@ def evaluate(
                 rows = [target[j] for j in idx]
                 width = max(1, max(len(r) for r in rows))
                 tgt = torch.tensor([_ids(r, width, pad) for r in rows], dtype=torch.long, device=resp.device)
-                tmask = (torch.arange(width, device=resp.device)[None] < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]).float()
-                kl = kl_to_target(model, plain_ids, cond_ids, tgt, pad, cfg.estimator.alpha, cfg.train.micro_batch, cfg.train.logprob_chunk)
+                tmask = (
+                    torch.arange(width, device=resp.device)[None]
+                    < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]
+                ).float()
+                kl = kl_to_target(
+                    model,
+                    plain_ids,
+                    cond_ids,
+                    tgt,
+                    pad,
+                    cfg.estimator.alpha,
+                    cfg.train.micro_batch,
+                    cfg.train.logprob_chunk,
+                )
                 kl_target = ((kl * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)).tolist()
         for i, ex in enumerate(chunk):
             m = mask[i]
             n_tok = max(float(m.sum()), 1.0)
             kept, text = resp[i][m.bool()], texts[i]
             rec = {
-                "prompt": ex.text, "kind": ex.kind, "response": text, "tokens": int(m.sum()),
+                "prompt": ex.text,
+                "kind": ex.kind,
+                "response": text,
+                "tokens": int(m.sum()),
                 "principle_score": float((gap[i] * m).sum() / n_tok),
                 "kl_per_token": float((kl_ref[i] * m).sum() / n_tok),
                 "judge": judge(text) if judge else None,
@@ -209,19 +289,30 @@ def evaluate(
         "seconds": round(time.time() - t0, 1),
     }
     for kind in sorted({r["kind"] for r in records if r["kind"]}):
-        summary[f"judge_rate_{kind}"] = _rate([r["judge"] for r in records if r["kind"] == kind and r["judge"] is not None])
+        summary[f"judge_rate_{kind}"] = _rate(
+            [r["judge"] for r in records if r["kind"] == kind and r["judge"] is not None]
+        )
     return {"summary": summary, "records": records}
 
 
-def untrained_rows(model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig,
-                   judge: Callable[[str], float] | None) -> tuple[dict, dict]:
+def untrained_rows(
+    model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge: Callable[[str], float] | None
+) -> tuple[dict, dict]:
     """The two rows that need the adapters at identity, in the order the second needs the first: principle-contrastive
     decoding (pi-hat*'s greedy answers: the reference row, and the trajectories of every row's KL(pi-hat* || pi_theta)),
     then the untrained model, whose KL(pi-hat* || pi_theta) is what contrastive decoding measured as it decoded (pi_theta
     = pi_ref). Training's before-rows and ``iqstar-lite eval`` both come from here."""
     cd = evaluate(model, tokenizer, fmt, examples, cfg, judge, contrastive=True)
-    before = evaluate(model, tokenizer, fmt, examples, cfg, judge, target=target_ids(cd),
-                      target_kl_ref=[r["kl_star_ref"] for r in cd["records"]])
+    before = evaluate(
+        model,
+        tokenizer,
+        fmt,
+        examples,
+        cfg,
+        judge,
+        target=target_ids(cd),
+        target_kl_ref=[r["kl_star_ref"] for r in cd["records"]],
+    )
     return cd, before
 
 

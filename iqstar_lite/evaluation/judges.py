@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-LANGUAGES = {"french": "fr", "spanish": "es", "german": "de", "italian": "it", "portuguese": "pt", "dutch": "nl", "english": "en"}
+LANGUAGES = {
+    "french": "fr",
+    "spanish": "es",
+    "german": "de",
+    "italian": "it",
+    "portuguese": "pt",
+    "dutch": "nl",
+    "english": "en",
+}
 
 REFUSAL = re.compile(
     r"\b(i can(?:no|')t|i cannot|i won'?t|i will not|i'm sorry|i am sorry|i apologi[sz]e|i'm not able|i am not able|"

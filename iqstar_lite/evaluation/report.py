@@ -24,10 +24,20 @@ def heldout_for_eval(heldout, n: int):
     return mixed[:n]
 
 
-
 def print_eval_table(rows: dict[str, dict], title: str = "held-out evaluation") -> None:
-    keys = ["principle_score", "judge_rate", "judge_rate_harmful", "judge_rate_benign", "kl_to_target", "target_prefix", "kl_per_token",
-            "repetition", "loop_rate", "mean_tokens", "seconds"]
+    keys = [
+        "principle_score",
+        "judge_rate",
+        "judge_rate_harmful",
+        "judge_rate_benign",
+        "kl_to_target",
+        "target_prefix",
+        "kl_per_token",
+        "repetition",
+        "loop_rate",
+        "mean_tokens",
+        "seconds",
+    ]
     keys = [k for k in keys if any(k in r for r in rows.values())]
     judge = next((r.get("judge") for r in rows.values() if r.get("judge")), None)
     print(f"\n{title}, principle absent at inference (judge: {judge})")
@@ -36,30 +46,33 @@ def print_eval_table(rows: dict[str, dict], title: str = "held-out evaluation") 
         print(f"{name:<34}" + "".join(f"{r.get(k) if r.get(k) is not None else '-':>19}" for k in keys))
 
 
-
 def print_side_by_side(sets: dict[str, dict[str, dict]]) -> None:
     """Each row's main measures on every evaluation set, next to each other: in distribution | out of distribution."""
     names = list(sets)
     labels = list(next(iter(sets.values())))
     print("\n" + f"{'':<34}" + "".join(f"{n.split(' (')[0][:29]:>{11 * len(SIDE_BY_SIDE)}}" for n in names))
-    print(f"{'':<34}" + "".join(f"{k.replace('_rate', '').replace('mean_', ''):>11}" for _ in names for k in SIDE_BY_SIDE))
+    print(
+        f"{'':<34}" + "".join(f"{k.replace('_rate', '').replace('mean_', ''):>11}" for _ in names for k in SIDE_BY_SIDE)
+    )
     for label in labels:
         cells = [sets[n].get(label, {}).get(k) for n in names for k in SIDE_BY_SIDE]
         print(f"{label:<34}" + "".join(f"{'-' if c is None else round(c, 3):>11}" for c in cells))
 
 
-
-EVAL_ROWS = (("before (untrained, no principle)", "eval_before"),
-             ("contrastive decoding (untrained)", "eval_contrastive"),
-             ("after (trained, no principle)", "eval_after"))
-
+EVAL_ROWS = (
+    ("before (untrained, no principle)", "eval_before"),
+    ("contrastive decoding (untrained)", "eval_contrastive"),
+    ("after (trained, no principle)", "eval_after"),
+)
 
 
 def eval_rows(run_dir: Path, suffix: str = "") -> dict[str, dict]:
     """A run's evaluation rows (label -> eval_*.json), held-out (``suffix=""``) or out of distribution (``"_ood"``)."""
-    return {label: json.loads((run_dir / f"{stem}{suffix}.json").read_text()) for label, stem in EVAL_ROWS
-            if (run_dir / f"{stem}{suffix}.json").exists()}
-
+    return {
+        label: json.loads((run_dir / f"{stem}{suffix}.json").read_text())
+        for label, stem in EVAL_ROWS
+        if (run_dir / f"{stem}{suffix}.json").exists()
+    }
 
 
 def ood_examples(cfg: RecipeConfig, train_set: list) -> list:
@@ -73,12 +86,15 @@ def ood_examples(cfg: RecipeConfig, train_set: list) -> list:
     trained = {e.text for e in train_set}
     kept = [e for e in examples if e.text not in trained]
     if len(kept) < len(examples):
-        log.info("eval.ood_prompts: %d of %s are training prompts too; left out of the out-of-distribution set", len(examples) - len(kept), where)
+        log.info(
+            "eval.ood_prompts: %d of %s are training prompts too; left out of the out-of-distribution set",
+            len(examples) - len(kept),
+            where,
+        )
     try:
         return pick_examples(kept, cfg.eval.ood_split, cfg.eval.ood_max_prompts)
     except UserError as e:
         raise UserError(f"eval.ood_split: {e}".replace("drop --split", "set eval.ood_split=")) from None
-
 
 
 def print_examples(evals: dict[str, dict], n: int, title: str = "held-out answers") -> None:
@@ -93,7 +109,6 @@ def print_examples(evals: dict[str, dict], n: int, title: str = "held-out answer
         for label, e in rows:
             text = " ".join(e["records"][i]["response"].split())
             print(f"  {label.split(' (')[0]:>20}: {text}")
-
 
 
 def heldout_texts(cfg: RecipeConfig, n: int) -> list[str]:
@@ -111,7 +126,9 @@ def pick_examples(examples: list, split: str = "", max_prompts: int = 0) -> list
         found = sorted({str(e.meta.get("split")) for e in examples if e.meta.get("split")})
         examples = [e for e in examples if e.meta.get("split") == split]
         if not examples:
-            raise UserError(f"no prompt has split {split!r} (splits found: {', '.join(found) or 'none'}); choose one of them or drop --split")
+            raise UserError(
+                f"no prompt has split {split!r} (splits found: {', '.join(found) or 'none'}); choose one of them or drop --split"
+            )
     return heldout_for_eval(examples, max_prompts or len(examples))
 
 

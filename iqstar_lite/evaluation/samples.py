@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from iqstar_lite.config import RecipeConfig
-from iqstar_lite.data.sources import Example
-from iqstar_lite.data.formatting import Formatter
-from iqstar_lite.evaluation.evaluate import greedy_answers
 from iqstar_lite.algorithm.rollout import model_eos_ids
+from iqstar_lite.config import RecipeConfig
+from iqstar_lite.data.formatting import Formatter
+from iqstar_lite.data.sources import Example
+from iqstar_lite.evaluation.evaluate import greedy_answers
 from iqstar_lite.tracking import log_samples
 
 SAMPLES_FILE = "samples.jsonl"
@@ -27,20 +27,49 @@ def samples_due(step: int, cfg: RecipeConfig) -> bool:
     return cfg.eval.samples > 0 and (step == cfg.train.steps or (every > 0 and step % every == 0))
 
 
-def answer_samples(model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge: Callable[[str], float] | None,
-                   step: int) -> list[dict]:
+def answer_samples(
+    model,
+    tokenizer,
+    fmt: Formatter,
+    examples: list[Example],
+    cfg: RecipeConfig,
+    judge: Callable[[str], float] | None,
+    step: int,
+) -> list[dict]:
     """The sample rows of one step. The RNG is left as it was (greedy decoding; a resumed run stays bit-exact)."""
     with torch.random.fork_rng(devices=[]):
-        _, _, texts, _ = greedy_answers(model, tokenizer, fmt, examples, cfg.eval.max_new_tokens, model_eos_ids(model, tokenizer))
-    return [{"step": step, "prompt": ex.text, "answer": text, "judge": judge(text) if judge else None} for ex, text in zip(examples, texts)]
+        _, _, texts, _ = greedy_answers(
+            model, tokenizer, fmt, examples, cfg.eval.max_new_tokens, model_eos_ids(model, tokenizer)
+        )
+    return [
+        {"step": step, "prompt": ex.text, "answer": text, "judge": judge(text) if judge else None}
+        for ex, text in zip(examples, texts)
+    ]
 
 
 class SampleWriter:
     """``train(on_step=...)`` hook of the main process: answers the samples when due, appends them to samples.jsonl and
     logs them to the trackers."""
 
-    def __init__(self, model, tokenizer, fmt: Formatter, examples: list[Example], cfg: RecipeConfig, judge, run_dir: Path, accelerator):
-        self.model, self.tokenizer, self.fmt, self.cfg, self.judge, self.accelerator = model, tokenizer, fmt, cfg, judge, accelerator
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        fmt: Formatter,
+        examples: list[Example],
+        cfg: RecipeConfig,
+        judge,
+        run_dir: Path,
+        accelerator,
+    ):
+        self.model, self.tokenizer, self.fmt, self.cfg, self.judge, self.accelerator = (
+            model,
+            tokenizer,
+            fmt,
+            cfg,
+            judge,
+            accelerator,
+        )
         self.examples = examples[: cfg.eval.samples]
         self.path = Path(run_dir) / SAMPLES_FILE
 
@@ -50,12 +79,19 @@ class SampleWriter:
             return
         if step == self.cfg.train.steps and self.cfg.eval.enabled:
             return  # the held-out evaluation that follows answers the same prompts: ``from_evaluation`` writes them
-        self.write(answer_samples(self.model, self.tokenizer, self.fmt, self.examples, self.cfg, self.judge, step), step)
+        self.write(
+            answer_samples(self.model, self.tokenizer, self.fmt, self.examples, self.cfg, self.judge, step), step
+        )
 
     def from_evaluation(self, records: list[dict], step: int) -> None:
         """The last step's samples: the first rows of the final evaluation (same prompts, greedy, principle absent)."""
-        self.write([{"step": step, "prompt": r["prompt"], "answer": r["response"], "judge": r.get("judge")}
-                    for r in records[: len(self.examples)]], step)
+        self.write(
+            [
+                {"step": step, "prompt": r["prompt"], "answer": r["response"], "judge": r.get("judge")}
+                for r in records[: len(self.examples)]
+            ],
+            step,
+        )
 
     def write(self, rows: list[dict], step: int) -> None:
         if not rows:

@@ -31,17 +31,17 @@ import json
 import time
 from pathlib import Path
 
-from iqstar_lite.export.check_clients import client_parity, tokens_per_s
 from iqstar_lite.config import ExportConfig, RecipeConfig, load_run_config
+from iqstar_lite.data.formatting import render_chat
 from iqstar_lite.errors import UserError, run_cli
-from iqstar_lite.runtimes.genai import GenaiGenerator, is_genai_folder
-from iqstar_lite.runtimes.llamacpp import LlamaCppGenerator
-from iqstar_lite.runtimes.llamacpp import available as llamacpp_available
+from iqstar_lite.export.check_clients import client_parity, tokens_per_s
 from iqstar_lite.export.merge import pick_prompts
 from iqstar_lite.runtimes.base import Generation
+from iqstar_lite.runtimes.genai import GenaiGenerator, is_genai_folder
 from iqstar_lite.runtimes.gguf_transformers import GgufTransformers
+from iqstar_lite.runtimes.llamacpp import LlamaCppGenerator
+from iqstar_lite.runtimes.llamacpp import available as llamacpp_available
 from iqstar_lite.runtimes.ort import OrtGenerator, dir_eos_ids, find_onnx_file
-from iqstar_lite.data.formatting import render_chat
 
 
 def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: int, eos: list[int]) -> list[dict]:
@@ -51,9 +51,17 @@ def _torch_reference(merged_dir: Path, prompt_ids: list[list[int]], new_tokens: 
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if not (Path(merged_dir) / "config.json").is_file():
-        raise UserError(f"no merged checkpoint at {str(merged_dir)!r}; run the export stage first or pass --against MERGED_DIR")
+        raise UserError(
+            f"no merged checkpoint at {str(merged_dir)!r}; run the export stage first or pass --against MERGED_DIR"
+        )
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True).eval()
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos or None, pad_token_id=(eos or [0])[0], bos_token_id=model.config.bos_token_id)
+    gen_cfg = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        eos_token_id=eos or None,
+        pad_token_id=(eos or [0])[0],
+        bos_token_id=model.config.bos_token_id,
+    )
 
     def greedy(ids: list[int], cfg: GenerationConfig) -> tuple[list[int], float]:
         x = torch.tensor([ids])
@@ -84,16 +92,33 @@ def _clients(onnx_dir: Path, int8_dir: Path | None, gguf_dir: Path | None, expor
     files = sorted(Path(gguf_dir).glob("model-*.gguf")) if gguf_dir is not None and Path(gguf_dir).is_dir() else []
     for path in files:
         qtype = path.stem.removeprefix("model-")
-        yield f"gguf/{qtype}", f"gguf {path.name}", (lambda path=path: GgufTransformers(path)), None if exact(qtype) else export.min_int8_agreement, None
+        yield (
+            f"gguf/{qtype}",
+            f"gguf {path.name}",
+            (lambda path=path: GgufTransformers(path)),
+            None if exact(qtype) else export.min_int8_agreement,
+            None,
+        )
     if files and llamacpp_available():  # llama.cpp itself, where installed (the llamacpp extra)
         for path in files:
             qtype = path.stem.removeprefix("model-")
-            yield (f"llama.cpp/{qtype}", f"llama.cpp {path.name}", (lambda path=path: LlamaCppGenerator(path, n_ctx=n_ctx)),
-                   None if exact(qtype) else export.min_int8_agreement, None)
+            yield (
+                f"llama.cpp/{qtype}",
+                f"llama.cpp {path.name}",
+                (lambda path=path: LlamaCppGenerator(path, n_ctx=n_ctx)),
+                None if exact(qtype) else export.min_int8_agreement,
+                None,
+            )
 
 
-def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: list[str] | None = None, int8_dir: Path | None = None,
-               gguf_dir: Path | None = None) -> dict:
+def check_onnx(
+    onnx_dir: Path,
+    merged_dir: Path,
+    export: ExportConfig,
+    prompts: list[str] | None = None,
+    int8_dir: Path | None = None,
+    gguf_dir: Path | None = None,
+) -> dict:
     """Compare every client of ``onnx_dir`` (and ``int8_dir``, the GGUF files in ``gguf_dir``) with ``merged_dir``; return
     the report (``passed``, ``failures``; per client its report, GGUF and llama.cpp ones per file type)."""
     from transformers import AutoTokenizer
@@ -102,18 +127,27 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
     if int8_dir is not None:
         find_onnx_file(int8_dir)
     # Prompt ids from the merged model's tokenizer (the one it was trained with) where it is there.
-    tok = AutoTokenizer.from_pretrained(merged_dir if (Path(merged_dir) / "tokenizer_config.json").is_file() else onnx_dir)
+    tok = AutoTokenizer.from_pretrained(
+        merged_dir if (Path(merged_dir) / "tokenizer_config.json").is_file() else onnx_dir
+    )
     texts = pick_prompts(prompts, export.check_prompts)
     prompt_ids = [render_chat(tok, t) for t in texts]
     refs = _torch_reference(merged_dir, prompt_ids, export.check_new_tokens, dir_eos_ids(Path(onnx_dir), tok))
     gc.collect()
-    report: dict = {"onnx_dir": str(onnx_dir), "merged_dir": str(merged_dir), "int8_dir": str(int8_dir) if int8_dir else None,
-                    "thresholds": dataclasses.asdict(export), "torch_tokens_per_s": tokens_per_s([Generation(r["tokens"], r["seconds"]) for r in refs])}
+    report: dict = {
+        "onnx_dir": str(onnx_dir),
+        "merged_dir": str(merged_dir),
+        "int8_dir": str(int8_dir) if int8_dir else None,
+        "thresholds": dataclasses.asdict(export),
+        "torch_tokens_per_s": tokens_per_s([Generation(r["tokens"], r["seconds"]) for r in refs]),
+    }
     failures: list[str] = []
     n_ctx = max(len(i) for i in prompt_ids) + export.check_new_tokens + 8
     for key, name, open_client, floor, logit_limit in _clients(onnx_dir, int8_dir, gguf_dir, export, n_ctx):
         gen = open_client()
-        client, bad = client_parity(gen, name, texts, prompt_ids, refs, tok, export.check_new_tokens, floor, logit_limit)
+        client, bad = client_parity(
+            gen, name, texts, prompt_ids, refs, tok, export.check_new_tokens, floor, logit_limit
+        )
         gen.close()
         del gen
         gc.collect()
@@ -125,9 +159,17 @@ def check_onnx(onnx_dir: Path, merged_dir: Path, export: ExportConfig, prompts: 
             report[key] = client
         failures += bad
     onnx = report["onnxruntime"]  # the headline numbers of the fp32 graph, and its rows for the table
-    report.update(max_logit_diff=onnx["max_logit_diff"], greedy_equal=onnx["greedy_equal"], onnx_tokens_per_s=onnx["tokens_per_s"], prompts=onnx["prompts"])
+    report.update(
+        max_logit_diff=onnx["max_logit_diff"],
+        greedy_equal=onnx["greedy_equal"],
+        onnx_tokens_per_s=onnx["tokens_per_s"],
+        prompts=onnx["prompts"],
+    )
     if "onnxruntime-int8" in report:
-        report.update(int8_agreement=report["onnxruntime-int8"]["agreement"], int8_tokens_per_s=report["onnxruntime-int8"]["tokens_per_s"])
+        report.update(
+            int8_agreement=report["onnxruntime-int8"]["agreement"],
+            int8_tokens_per_s=report["onnxruntime-int8"]["tokens_per_s"],
+        )
     report["failures"] = failures
     report["passed"] = not failures
     return report
@@ -141,14 +183,21 @@ def format_table(report: dict) -> str:
         d = max(r.get("max_logit_diff", float("nan")), r.get("decode_max_logit_diff", 0.0))
         greedy = f"{len(r['tokens'])} same" if r["greedy_equal"] else f"differs @{r['first_divergence']}"
         q = int8.get(i)
-        cell = "-" if q is None else f"{q['agree']}/{q['total']}" + ("" if q["first_agreement_miss"] is None else f" (first diff @{q['first_agreement_miss']})")
+        cell = (
+            "-"
+            if q is None
+            else f"{q['agree']}/{q['total']}"
+            + ("" if q["first_agreement_miss"] is None else f" (first diff @{q['first_agreement_miss']})")
+        )
         lines.append(f"{i:>2}  {repr(r['prompt'][:34]):<36} {r['prompt_tokens']:>4}  {d:>11.3g}  {greedy:<16} {cell}")
     clients = [(f"{c['client']} ({k})", c) for k, c in report.items() if isinstance(c, dict) and "client" in c]
     clients += [(f"GGUF {q} via {c['client']}", c) for q, c in report.get("gguf", {}).items()]
     clients += [(f"GGUF {q} in llama.cpp", c) for q, c in report.get("llama.cpp", {}).items()]
     out = [f"greedy tokens/s: pytorch (merged, fp32) {report['torch_tokens_per_s']:.1f}"]
     for name, c in clients:
-        same = f"greedy {'same' if c['greedy_equal'] else 'differs'}" + (f", top-1 agreement {c['agreement']:.3f}" if "agreement" in c else "")
+        same = f"greedy {'same' if c['greedy_equal'] else 'differs'}" + (
+            f", top-1 agreement {c['agreement']:.3f}" if "agreement" in c else ""
+        )
         logits = f", max |dlogit| {c['max_logit_diff']:.3g}" if "max_logit_diff" in c else ""
         ids = "same prompt ids" if c["prompt_ids_equal"] else "prompt ids DIFFER"
         out.append(f"{name}: {c['tokens_per_s']:.1f} tokens/s, {ids}, {same}{logits}")
@@ -172,9 +221,13 @@ def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
         report = check_onnx(run_dir / "onnx", run_dir / "merged", cfg.export, prompts, int8_dir, gguf_dir)
         from iqstar_lite.export.to_gguf import gguf_file, parse_types
 
-        missing = [gguf_file(run_dir / "gguf", t).name for t in parse_types(cfg.export.gguf) if t not in report.get("gguf", {})]
+        missing = [
+            gguf_file(run_dir / "gguf", t).name for t in parse_types(cfg.export.gguf) if t not in report.get("gguf", {})
+        ]
         if missing:  # asked for, never checked: the gate does not pass on files it did not see
-            report["failures"].append(f"export.gguf={cfg.export.gguf} but {', '.join(missing)} missing in {run_dir / 'gguf'}; run the export stage")
+            report["failures"].append(
+                f"export.gguf={cfg.export.gguf} but {', '.join(missing)} missing in {run_dir / 'gguf'}; run the export stage"
+            )
             report["passed"] = False
         print(format_table(report))
     (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -187,7 +240,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite check
     ap.add_argument("--against", type=Path, help="merged checkpoint (default: the onnx folder's sibling 'merged')")
     ap.add_argument("--int8", type=Path, help="int8 export to check too (default: sibling 'onnx-int8' if present)")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 export")
-    ap.add_argument("--gguf", type=Path, help="folder of model-*.gguf files to check too (default: sibling 'gguf' if present)")
+    ap.add_argument(
+        "--gguf", type=Path, help="folder of model-*.gguf files to check too (default: sibling 'gguf' if present)"
+    )
     ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF files")
     args = ap.parse_args(argv)
     onnx_dir = args.onnx_dir
@@ -198,7 +253,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite check
     run_dir = onnx_dir.parent
     is_run = (run_dir / "config.yaml").is_file()
     export = load_run_config(run_dir).export if is_run else ExportConfig()
-    int8_dir = None if args.no_int8 else (args.int8 or (run_dir / "onnx-int8" if (run_dir / "onnx-int8").is_dir() else None))
+    int8_dir = (
+        None if args.no_int8 else (args.int8 or (run_dir / "onnx-int8" if (run_dir / "onnx-int8").is_dir() else None))
+    )
     gguf_dir = None if args.no_gguf else (args.gguf or (run_dir / "gguf" if (run_dir / "gguf").is_dir() else None))
     report = check_onnx(onnx_dir, args.against or run_dir / "merged", export, None, int8_dir, gguf_dir)
     if is_run:

@@ -35,7 +35,12 @@ _NEUTRAL_DECODERS = ("ByteFallback", "Fuse", "Replace")
 
 def _is_byte_level(pre: dict | None) -> bool:
     """ByteLevel with its regex and no prefix space (with one, a Split before it would prefix every piece)."""
-    return bool(pre) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+    return (
+        bool(pre)
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)
+    )
 
 
 def _byte_level_decoder(dec: dict | None, vocab: dict) -> dict | None:

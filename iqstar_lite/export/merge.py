@@ -27,11 +27,19 @@ from pathlib import Path
 
 import torch
 
-from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.atomic import atomic_dir
-from iqstar_lite.models.embedded import resolve_model_path
-from iqstar_lite.models.load import adapter_dir, compute_dtype, dequantize_4bit_, hub_kwargs, linear4bit_layers, load_base, pick_device
+from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.data.formatting import render_chat
+from iqstar_lite.models.embedded import resolve_model_path
+from iqstar_lite.models.load import (
+    adapter_dir,
+    compute_dtype,
+    dequantize_4bit_,
+    hub_kwargs,
+    linear4bit_layers,
+    load_base,
+    pick_device,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -145,10 +153,17 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
     # One model in memory at a time (a 7B base is loaded three times, the merged model once).
     trained_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device), ids)
     fp32_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device, fp32_compute=True), ids)
-    save_merged(merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype, hub_kwargs(cfg.model))
+    save_merged(
+        merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype, hub_kwargs(cfg.model)
+    )
     gc.collect()
     # Measured on the checkpoint as written (saved dtype, config round trip), computed in fp32.
-    merged_logits = _logits_of(lambda: AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32, use_safetensors=True).eval(), ids)
+    merged_logits = _logits_of(
+        lambda: AutoModelForCausalLM.from_pretrained(
+            run_dir / "merged", dtype=torch.float32, use_safetensors=True
+        ).eval(),
+        ids,
+    )
 
     train_dtype = str(compute_dtype(cfg.model, device)).replace("torch.", "")
     exact = cfg.export.merge_base == "dequantized" or cfg.model.quantize == "none"
@@ -166,7 +181,11 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
         "note": (
             f"vs_trained: merged (fp32 compute) vs the trained {cfg.model.quantize}+LoRA model at its training compute dtype "
             f"({train_dtype}; includes its activation rounding). vs_fp32_compute: same {cfg.model.quantize}+LoRA model with fp32 compute; "
-            + ("this is the merge-is-exact check." if exact else "merge_base=original, so this includes the NF4 quantization error.")
+            + (
+                "this is the merge-is-exact check."
+                if exact
+                else "merge_base=original, so this includes the NF4 quantization error."
+            )
         ),
         "seconds": round(time.perf_counter() - start, 2),
     }

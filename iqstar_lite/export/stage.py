@@ -48,7 +48,11 @@ def _eval_summary(path: Path) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     summary = data.get("summary", data) if isinstance(data, dict) else {}
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))} if isinstance(summary, dict) else {}
+    return (
+        {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+        if isinstance(summary, dict)
+        else {}
+    )
 
 
 def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
@@ -58,7 +62,11 @@ def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
     lines = [
         "---",
         "library_name: peft",
-        *([f"base_model: {cfg.model.path}"] if cfg.model.path.count("/") == 1 and not Path(cfg.model.path).exists() else []),
+        *(
+            [f"base_model: {cfg.model.path}"]
+            if cfg.model.path.count("/") == 1 and not Path(cfg.model.path).exists()
+            else []
+        ),
         "tags: [lora, iqstar_lite, inverse-q-star]",
         "---",
         "",
@@ -70,11 +78,15 @@ def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
         f"- **Principle:** {cfg.data.principle}",
         f"- **Recipe:** `{cfg.name}`: loss `{cfg.loss.type}`, beta = {cfg.loss.beta:g}; estimator `{cfg.estimator.kind}`, alpha = {cfg.estimator.alpha:g}",
         f"- **LoRA:** r = {cfg.lora.r}, alpha = {cfg.lora.alpha}, targets `{cfg.lora.target_modules}`; {cfg.train.steps} steps, lr {cfg.train.lr:g}",
-        "- **Last metrics:** " + (", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()) if scalars else "(no metrics.jsonl)"),
+        "- **Last metrics:** "
+        + (", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()) if scalars else "(no metrics.jsonl)"),
     ]
     after = _eval_summary(Path(run_dir) / "eval_after.json")
     if after:
-        lines.append("- **Held-out evaluation after training** (principle absent): " + ", ".join(f"{k} {_fmt(v)}" for k, v in after.items()))
+        lines.append(
+            "- **Held-out evaluation after training** (principle absent): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in after.items())
+        )
     lines += [
         "",
         "Load it on the same base (quantize it as in training to reproduce the trained model exactly):",
@@ -101,16 +113,20 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
 
     ``prompts``: user messages for the merge logit comparison (e.g. held-out prompts); default generic ones.
     """
-    from iqstar_lite.export.to_gguf import check_architecture, export_gguf, parse_types
-    from iqstar_lite.models.load import adapter_dir
     from iqstar_lite.export.merge import merge_run
+    from iqstar_lite.export.to_gguf import check_architecture, export_gguf, parse_types
     from iqstar_lite.export.to_onnx import dir_size, export_onnx, quantize_int8
+    from iqstar_lite.models.load import adapter_dir
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    if cfg.model.trust_remote_code:  # the merged folder, ONNX and GGUF exporters and the gate load the model class by name
-        raise UserError("export of a model with custom code (model.trust_remote_code=true) is not supported; the trained adapter is in "
-                        f"{str(run_dir / 'adapter')!r} (load it with peft), or run with stages=train")
+    if (
+        cfg.model.trust_remote_code
+    ):  # the merged folder, ONNX and GGUF exporters and the gate load the model class by name
+        raise UserError(
+            "export of a model with custom code (model.trust_remote_code=true) is not supported; the trained adapter is in "
+            f"{str(run_dir / 'adapter')!r} (load it with peft), or run with stages=train"
+        )
     adapter_dir(run_dir)  # fail early, before any model is loaded
     gguf_types = parse_types(cfg.export.gguf)
     if gguf_types:  # a model the GGUF writer cannot write is refused before the merge, not after it
@@ -123,10 +139,16 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
     if cfg.export.onnx:
         report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx", cfg.export.onnx_graph)
         if cfg.export.int8:
-            report["onnx_int8"] = quantize_int8(run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block)
+            report["onnx_int8"] = quantize_int8(
+                run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block
+            )
     if gguf_types:
         report["gguf"] = export_gguf(run_dir / "merged", run_dir / "gguf", gguf_types, name=cfg.name)
-    for name, wanted in (("onnx", cfg.export.onnx), ("onnx-int8", cfg.export.onnx and cfg.export.int8), ("gguf", bool(gguf_types))):
+    for name, wanted in (
+        ("onnx", cfg.export.onnx),
+        ("onnx-int8", cfg.export.onnx and cfg.export.int8),
+        ("gguf", bool(gguf_types)),
+    ):
         if not wanted and (run_dir / name).is_dir():  # built from an older merge: never check or ship it
             log.info("removing stale %s (disabled in export settings)", run_dir / name)
             shutil.rmtree(run_dir / name)
@@ -142,7 +164,9 @@ def apply_export_overrides(cfg: RecipeConfig, items: list[str]) -> RecipeConfig:
     overrides = parse_overrides(items)
     other = [k for k in overrides if k != "export"]
     if other:
-        raise UserError(f"only export.* keys can be overridden when exporting a finished run, got {', '.join(other)}; e.g. export.dtype=bf16")
+        raise UserError(
+            f"only export.* keys can be overridden when exporting a finished run, got {', '.join(other)}; e.g. export.dtype=bf16"
+        )
     data = cfg.to_dict()
     data["export"].update(overrides.get("export", {}))
     return config_from_dict(data, name=cfg.name)
@@ -159,7 +183,9 @@ def summary(report: dict) -> str:
     for key in ("onnx", "onnx_int8"):
         if key in report:
             block = f", int8 groups: {report[key]['block_size']}" if "block_size" in report[key] else ""
-            lines.append(f"{key.replace('_', '-')}: {report[key]['dir']} ({report[key]['bytes'] / 1e6:.1f} MB, {report[key]['seconds']:.1f} s{block})")
+            lines.append(
+                f"{key.replace('_', '-')}: {report[key]['dir']} ({report[key]['bytes'] / 1e6:.1f} MB, {report[key]['seconds']:.1f} s{block})"
+            )
     if "gguf" in report:
         g = report["gguf"]
         files = ", ".join(f"{v['file']} {v['bytes'] / 1e6:.1f} MB" for v in g["files"].values())

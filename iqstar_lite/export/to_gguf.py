@@ -53,11 +53,15 @@ def check_architecture(cfg: dict) -> dict:
     """One line when the GGUF writer cannot write this model (config.json as a dict); export runs it before the merge."""
     kind = cfg.get("model_type")
     if kind not in LLAMA_TYPES:
-        raise UserError(f"GGUF export writes Llama-architecture models (model_type {' / '.join(LLAMA_TYPES)}), this one is {kind!r}; "
-                        "set export.gguf=none, or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            f"GGUF export writes Llama-architecture models (model_type {' / '.join(LLAMA_TYPES)}), this one is {kind!r}; "
+            "set export.gguf=none, or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py"
+        )
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("rope_scaling"):
-        raise UserError("GGUF export does not write attention/MLP biases or rope scaling; set export.gguf=none, "
-                        "or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            "GGUF export does not write attention/MLP biases or rope scaling; set export.gguf=none, "
+            "or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py"
+        )
     return cfg
 
 
@@ -66,8 +70,10 @@ def _tokenizer_pre(merged_dir: Path) -> str:
     pre = tok.get("pre_tokenizer") or {}
     if (tok.get("model") or {}).get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"  # llama.cpp's name (llama-vocab.cpp) for the GPT-2 regex that transformers' ByteLevel(use_regex=True) applies
-    raise UserError(f"GGUF export knows byte-level BPE tokenizers with the GPT-2 pre-tokenizer; {merged_dir}/tokenizer.json has "
-                    f"{pre.get('type')!r}; set export.gguf=none, or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py")
+    raise UserError(
+        f"GGUF export knows byte-level BPE tokenizers with the GPT-2 pre-tokenizer; {merged_dir}/tokenizer.json has "
+        f"{pre.get('type')!r}; set export.gguf=none, or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
 def _vocab(merged_dir: Path, n_vocab: int) -> tuple[list[str], list[int]]:
@@ -166,7 +172,9 @@ def write_gguf(merged_dir: Path, path: Path, qtype: str, name: str = "model") ->
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # it warns about the post-processor's pair template, unused here
+    logging.getLogger("gguf.vocab").setLevel(
+        logging.ERROR
+    )  # it warns about the post-processor's pair template, unused here
     special = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=len(tokens))
     if _bos_in_template(merged_dir):
         special.add_special_token["bos"] = False
@@ -180,7 +188,9 @@ def write_gguf(merged_dir: Path, path: Path, qtype: str, name: str = "model") ->
             continue
         new = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} of {merged_dir}; set export.gguf=none")
+            raise UserError(
+                f"GGUF export: no llama.cpp name for tensor {hf_name!r} of {merged_dir}; set export.gguf=none"
+            )
         if hf_name.endswith("q_proj.weight"):
             w = permute_rotary(w, n_head)
         elif hf_name.endswith("k_proj.weight"):
@@ -204,7 +214,7 @@ def chatml_system(merged_dir: Path) -> str | None:
         return None
     text = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
     head = "<|im_start|>system\n"
-    return text[len(head): text.index("<|im_end|>")] if text.startswith(head) else None
+    return text[len(head) : text.index("<|im_end|>")] if text.startswith(head) else None
 
 
 def modelfile(merged_dir: Path, gguf_name: str) -> str:
@@ -221,14 +231,18 @@ def modelfile(merged_dir: Path, gguf_name: str) -> str:
             "{{ .System }}<|im_end|>",
             '{{ end }}{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}',
             "{{ .Content }}<|im_end|>",
-            '{{ end }}{{- end }}<|im_start|>assistant',
+            "{{ end }}{{- end }}<|im_start|>assistant",
             '"""',
         ]
         system = chatml_system(merged_dir)
         if system:
             lines.append(f'SYSTEM """{system}"""')
-    eos = json.loads((Path(merged_dir) / "generation_config.json").read_text()).get("eos_token_id") if (Path(merged_dir) / "generation_config.json").is_file() else tok.eos_token_id
-    for i in (eos if isinstance(eos, list) else [eos]):
+    eos = (
+        json.loads((Path(merged_dir) / "generation_config.json").read_text()).get("eos_token_id")
+        if (Path(merged_dir) / "generation_config.json").is_file()
+        else tok.eos_token_id
+    )
+    for i in eos if isinstance(eos, list) else [eos]:
         if i is not None:
             lines.append(f'PARAMETER stop "{tok.convert_ids_to_tokens(int(i))}"')
     return "\n".join(lines) + "\n"
@@ -243,5 +257,8 @@ def export_gguf(merged_dir: Path, out_dir: Path, types: list[str], name: str = "
         for qtype in types:
             files[qtype] = write_gguf(merged_dir, gguf_file(tmp, qtype), qtype, name)
         (tmp / "Modelfile").write_text(modelfile(merged_dir, gguf_file(tmp, types[-1]).name))
-    return {"dir": str(out_dir), "files": {t: {**v, "file": gguf_file(out_dir, t).name} for t, v in files.items()},
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "dir": str(out_dir),
+        "files": {t: {**v, "file": gguf_file(out_dir, t).name} for t, v in files.items()},
+        "seconds": round(time.perf_counter() - start, 2),
+    }

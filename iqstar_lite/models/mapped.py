@@ -46,8 +46,14 @@ def checkpoint_file(model_path: str, key: str, revision: str | None = None) -> P
 
     def find(name: str) -> Path | None:
         try:
-            got = cached_file(model_path, name, revision=revision, local_files_only=True, _raise_exceptions_for_missing_entries=False,
-                              _raise_exceptions_for_connection_errors=False)
+            got = cached_file(
+                model_path,
+                name,
+                revision=revision,
+                local_files_only=True,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
         except OSError:
             return None
         return Path(got) if got else None
@@ -77,7 +83,9 @@ def map_input_embeddings(model, model_path: str, revision: str | None = None) ->
     file = checkpoint_file(model_path, key, revision)
     entry = safetensors_entry(file, key) if file is not None else None
     if entry is None or entry[0] != w.dtype or entry[1] != tuple(w.shape):
-        log.info("input embeddings kept in memory (checkpoint tensor %s not stored as %s %s)", key, w.dtype, tuple(w.shape))
+        log.info(
+            "input embeddings kept in memory (checkpoint tensor %s not stored as %s %s)", key, w.dtype, tuple(w.shape)
+        )
         return False
     dtype, shape, offset, nbytes = entry
     start = offset - offset % mmap.ALLOCATIONGRANULARITY  # map the table's bytes only, from an aligned offset
@@ -86,14 +94,23 @@ def map_input_embeddings(model, model_path: str, revision: str | None = None) ->
     if hasattr(mmap, "MADV_RANDOM"):
         mapping.madvise(mmap.MADV_RANDOM)  # a lookup reads a few rows: no read-ahead around them
     view = torch.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
-    probe = torch.unique(torch.cat([torch.tensor([0, shape[0] - 1]), torch.randint(0, shape[0], (8,), generator=torch.Generator().manual_seed(0))]))
+    probe = torch.unique(
+        torch.cat(
+            [
+                torch.tensor([0, shape[0] - 1]),
+                torch.randint(0, shape[0], (8,), generator=torch.Generator().manual_seed(0)),
+            ]
+        )
+    )
     if not torch.equal(view[probe], w.data[probe]):  # the loader changed the table (a rename, a rescale): do not swap
         log.info("input embeddings kept in memory (loaded values differ from the checkpoint's %s)", key)
         return False
     emb.weight = torch.nn.Parameter(view, requires_grad=False)
     emb.weight._iq_mapped = True
     emb._iq_mapping = mapping  # the mapping lives as long as the module
-    log.info("input embeddings (%.2f GiB) mapped from %s: only the rows read become resident", nbytes / 2**30, file.name)
+    log.info(
+        "input embeddings (%.2f GiB) mapped from %s: only the rows read become resident", nbytes / 2**30, file.name
+    )
     return True
 
 

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from iqstar_lite.config import RecipeConfig
 
 GIB = 2**30
-RUNTIME_OVERHEAD = 0.45 * GIB  # torch + transformers + tokenizer in a CPU process: 0.45 GiB measured (bench/memory_7b.py)
-DEQUANT_COPIES = 6  # update-phase transient of the 7B CPU run (bench/memory_7b.py): ~0.8 GiB = 6-7 x its largest layer in bf16
+RUNTIME_OVERHEAD = (
+    0.45 * GIB
+)  # torch + transformers + tokenizer in a CPU process: 0.45 GiB measured (bench/memory_7b.py)
+DEQUANT_COPIES = (
+    6  # update-phase transient of the 7B CPU run (bench/memory_7b.py): ~0.8 GiB = 6-7 x its largest layer in bf16
+)
 
 
 @dataclass
@@ -63,14 +67,22 @@ def mapped_embedding_bytes(cfg: RecipeConfig, model_config) -> int:
     The rule of ``mapped.map_input_embeddings``: CPU, untied, stored in exactly the dtype ``model.load_base`` loads
     them in. Only the rows read become resident (a few thousand distinct tokens x one row), counted as nothing here.
     """
-    if not cfg.model.map_embeddings or cfg.model.device == "cuda" or getattr(model_config, "tie_word_embeddings", False):
+    if (
+        not cfg.model.map_embeddings
+        or cfg.model.device == "cuda"
+        or getattr(model_config, "tie_word_embeddings", False)
+    ):
         return 0
     import torch
 
     from iqstar_lite.models.load import compute_dtype, unquantized_dtype
 
     cpu = torch.device("cpu")
-    used = unquantized_dtype(cfg.model, cpu, model_config) if cfg.model.quantize == "nf4" else compute_dtype(cfg.model, cpu)
+    used = (
+        unquantized_dtype(cfg.model, cpu, model_config)
+        if cfg.model.quantize == "nf4"
+        else compute_dtype(cfg.model, cpu)
+    )
     stored = getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     if stored != used:
@@ -113,13 +125,22 @@ def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
     # bitsandbytes materialises each 4-bit layer dequantized (compute dtype) while it runs, forward and backward
     largest = max(inter * h, h * h, V * h if cfg.model.quantize != "nf4" else 0)
     dequant = DEQUANT_COPIES * largest * compute_bytes if cfg.model.quantize == "nf4" else 0
-    parts = {"weights": weights, "lora+grad+optimizer": lora_bytes, "kv_cache": kv, "activations": acts, "logits": logits,
-             "dequantized_layers": dequant, "runtime": RUNTIME_OVERHEAD}
+    parts = {
+        "weights": weights,
+        "lora+grad+optimizer": lora_bytes,
+        "kv_cache": kv,
+        "activations": acts,
+        "logits": logits,
+        "dequantized_layers": dequant,
+        "runtime": RUNTIME_OVERHEAD,
+    }
     return Estimate(total, quant, lora, parts)
 
 
 def format_estimate(est: Estimate) -> str:
-    rows = [f"parameters: {est.params_total / 1e6:,.1f}M total, {est.params_quantized / 1e6:,.1f}M in linear layers, {est.params_lora / 1e6:,.2f}M LoRA"]
+    rows = [
+        f"parameters: {est.params_total / 1e6:,.1f}M total, {est.params_quantized / 1e6:,.1f}M in linear layers, {est.params_lora / 1e6:,.2f}M LoRA"
+    ]
     rows.append(f"estimated peak memory per step: {est.peak / GIB:.2f} GiB")
     rows += [f"  {k:<22}{v / GIB:8.3f} GiB" for k, v in est.parts.items()]
     return "\n".join(rows)

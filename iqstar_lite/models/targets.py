@@ -40,7 +40,9 @@ def _run_config(run_dir: Path, overrides: list[str], settings: dict | None) -> R
     try:
         data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{str(run_dir / 'config.yaml')!r} is not valid YAML ({str(e).splitlines()[0]}); restore the run's config") from None
+        raise UserError(
+            f"{str(run_dir / 'config.yaml')!r} is not valid YAML ({str(e).splitlines()[0]}); restore the run's config"
+        ) from None
     return apply_overrides(data, overrides, str(data.get("name", "run")), settings)
 
 
@@ -63,11 +65,15 @@ def resolve_target(target: str, overrides: list[str] | None = None, settings: di
     if target in list_recipes() or (p.suffix in (".yaml", ".yml") and p.is_file()):
         return Target(load_recipe(target, overrides, settings), None, None)
     if p.is_dir() and not (p / "config.json").is_file():
-        raise UserError(f"{target!r} is neither a training run (config.yaml), a peft adapter (adapter_config.json) nor a model folder "
-                        f"(config.json); pass RUN_DIR, RUN_DIR/adapter, a recipe name ({', '.join(list_recipes())}) or a model")
+        raise UserError(
+            f"{target!r} is neither a training run (config.yaml), a peft adapter (adapter_config.json) nor a model folder "
+            f"(config.json); pass RUN_DIR, RUN_DIR/adapter, a recipe name ({', '.join(list_recipes())}) or a model"
+        )
     if not p.exists() and _local_looking(target, p):
-        raise UserError(f"{target!r} does not exist; pass RUN_DIR, RUN_DIR/adapter, a recipe name ({', '.join(list_recipes())}), "
-                        f"a model folder or a hub id (org/name)")
+        raise UserError(
+            f"{target!r} does not exist; pass RUN_DIR, RUN_DIR/adapter, a recipe name ({', '.join(list_recipes())}), "
+            f"a model folder or a hub id (org/name)"
+        )
     return Target(apply_overrides({"model": {"path": target}}, overrides, "base", settings), None, None)
 
 
@@ -76,8 +82,12 @@ def _local_looking(target: str, p: Path) -> bool:
     more than two parts, or under a folder that exists here (``runs/nope``) - an error, not a download attempt."""
     if target.startswith("embedded:"):
         return False
-    return (target.startswith((".", "/", "~")) or p.suffix in (".yaml", ".yml", ".json", ".gguf", ".onnx") or len(p.parts) > 2
-            or (len(p.parts) == 2 and Path(p.parts[0]).is_dir()))
+    return (
+        target.startswith((".", "/", "~"))
+        or p.suffix in (".yaml", ".yml", ".json", ".gguf", ".onnx")
+        or len(p.parts) > 2
+        or (len(p.parts) == 2 and Path(p.parts[0]).is_dir())
+    )
 
 
 def load_target(t: Target, device=None):
@@ -91,7 +101,9 @@ def load_target(t: Target, device=None):
     resolve_model_path(cfg.model.path)
     device = device or pick_device(cfg.model)
     lora = lora_in_use(dataclasses.replace(cfg.model, adapter=str(t.adapter)), cfg.lora) if t.adapter else cfg.lora
-    model = load_policy(dataclasses.replace(cfg.model, adapter="", gradient_checkpointing=False), lora, device, seed=cfg.train.seed)
+    model = load_policy(
+        dataclasses.replace(cfg.model, adapter="", gradient_checkpointing=False), lora, device, seed=cfg.train.seed
+    )
     tokenizer = load_tokenizer(cfg.model.path, **hub_kwargs(cfg.model))
     model.eval()
     return model, tokenizer
@@ -107,9 +119,13 @@ def load_adapter_weights(model, adapter: Path) -> None:
     try:
         result = set_peft_model_state_dict(model, weights)
     except RuntimeError as e:  # size mismatch
-        raise UserError(f"adapter {str(adapter)!r} does not fit model {model.peft_config['default'].base_model_name_or_path!r} "
-                        f"({str(e).strip().splitlines()[-1][:160]}); pass the model it was trained on with model.path=...") from None
+        raise UserError(
+            f"adapter {str(adapter)!r} does not fit model {model.peft_config['default'].base_model_name_or_path!r} "
+            f"({str(e).strip().splitlines()[-1][:160]}); pass the model it was trained on with model.path=..."
+        ) from None
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
-        raise UserError(f"adapter {str(adapter)!r} has {len(unexpected)} weights this model has no place for (first: {unexpected[0]}); "
-                        f"pass the model it was trained on with model.path=...")
+        raise UserError(
+            f"adapter {str(adapter)!r} has {len(unexpected)} weights this model has no place for (first: {unexpected[0]}); "
+            f"pass the model it was trained on with model.path=..."
+        )

@@ -53,9 +53,18 @@ class Runtime(ABC):
         """Text of ``ids`` (special tokens left out)."""
 
     @abstractmethod
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, *, sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
         """Greedy (default) or sampled continuation of ``prompt_ids``; ``on_token(id)`` streams each token;
         ``stop_at_eos=False`` decodes exactly ``max_new_tokens`` (fixed work, for timings)."""
 

@@ -39,17 +39,23 @@ class GenaiGenerator(Runtime):
 
         self.dir = Path(folder)
         if not is_genai_folder(self.dir):
-            raise UserError(f"{str(self.dir)!r} has no genai_config.json; export with 'iqstar-lite export RUN_DIR export.onnx_graph=genai'")
+            raise UserError(
+                f"{str(self.dir)!r} has no genai_config.json; export with 'iqstar-lite export RUN_DIR export.onnx_graph=genai'"
+            )
         self._og = og
         try:
             self.model = og.Model(str(self.dir))
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises RuntimeError / OrtException with its own text
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"{str(self.dir)!r} cannot be loaded by onnxruntime-genai ({first}); re-export it with "
-                            "'iqstar-lite export RUN_DIR export.onnx_graph=genai'") from None
+            raise UserError(
+                f"{str(self.dir)!r} cannot be loaded by onnxruntime-genai ({first}); re-export it with "
+                "'iqstar-lite export RUN_DIR export.onnx_graph=genai'"
+            ) from None
         self.eos_ids = [int(t) for t in self.tokenizer.eos_token_ids]
-        self.context_length = int(json.loads((self.dir / "genai_config.json").read_text())["model"].get("context_length", 2048))
+        self.context_length = int(
+            json.loads((self.dir / "genai_config.json").read_text())["model"].get("context_length", 2048)
+        )
 
     def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
         """One user turn (after an optional system turn) + the assistant header, with genai's template and tokenizer."""
@@ -89,7 +95,9 @@ class GenaiGenerator(Runtime):
         tokens: list[int] = []
         while len(tokens) < max_new_tokens and not gen.is_done():
             if sample:
-                token = sample_token(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1), rng, temperature, top_p)
+                token = sample_token(
+                    np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1), rng, temperature, top_p
+                )
                 gen.append_tokens(np.asarray([[token]], dtype=np.int32))
             else:
                 gen.generate_next_token()

