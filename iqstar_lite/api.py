@@ -7,7 +7,7 @@
     trainer = IQStarTrainer(model="embedded:smollm2-135m-instruct", args=config,
                             train_dataset=["Name three colours.", ...],   # list of str / dicts, a datasets.Dataset, a path
                             principle="Always answer in French.", peft_config=LoraConfig(r=16, lora_alpha=32))
-    run_dir = trainer.train()                     # the run directory (adapter in run_dir / "adapter")
+    run_dir = trainer.train()                     # the run directory (adapter in RunDir(run_dir).adapter)
     report = trainer.evaluate(["A prompt it never saw?"])   # the eval rows (contrastive / before / after)
     trainer.export(); trainer.check()             # merge + ONNX (+ int8, GGUF), then the parity gate
 
@@ -25,6 +25,7 @@ from typing import Any
 
 from iqstar_lite.config import LoraSettings, RecipeConfig, config_from_dict, load_recipe, load_run_config
 from iqstar_lite.errors import UserError
+from iqstar_lite.rundir import RunDir
 
 IQStarConfig = RecipeConfig
 """The configuration: one dataclass per section (model, lora, data, rollout, estimator, loss, train, eval, export),
@@ -129,7 +130,7 @@ class IQStarTrainer:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.run_dir / "adapter"
+        return RunDir(self.run_dir).adapter
 
     def train(self) -> Path:
         """Train (with the before / after evaluation unless ``args.eval.enabled`` is false); the run directory."""

@@ -16,6 +16,7 @@ import torch
 
 from iqstar_lite.atomic import atomic_dir, atomic_file, recover_dirs
 from iqstar_lite.errors import UserError
+from iqstar_lite.rundir import RunDir
 from iqstar_lite.state_io import StateFormatError, load_state, save_state
 
 log = logging.getLogger("iqstar_lite")
@@ -68,7 +69,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accel
     """Write ``checkpoints/step-NNNNNN`` atomically, keep the last ``KEEP_LAST``. Data-parallel (``accelerator`` with
     several processes): every process's RNG state is gathered, the main process writes, all wait for it."""
     assert_finite_adapter(model)
-    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root = RunDir(run_dir).checkpoints
     target = ckpt_root / f"step-{step:06d}"
     world = accelerator.num_processes if accelerator is not None else 1
     rngs = [rng_state()]
@@ -99,7 +100,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accel
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, newest first (an interrupted save's temporary is recovered or removed first)."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     recover_dirs(root, r"step-\d{6,}")
     return sorted((p for p in root.glob(STEP_GLOB) if p.is_dir()), reverse=True)
 
@@ -180,7 +181,7 @@ def resume_latest(run_dir: Path, model, optimizer, scheduler, rank: int = 0, wor
             reasons.append(f"{path.name}: {e}")
     if found:
         raise UserError(
-            f"train.resume=true but no checkpoint in {Path(run_dir) / 'checkpoints'} loads ({'; '.join(reasons)}); "
+            f"train.resume=true but no checkpoint in {RunDir(run_dir).checkpoints} loads ({'; '.join(reasons)}); "
             f"to start over, move that folder away or choose another out_dir"
         )
     return None, 0

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from iqstar_lite.errors import UserError
+from iqstar_lite.rundir import RunDir
 
 # The repository's recipes/ (source tree, editable install); an installed wheel carries them as iqstar_lite/recipes/.
 _PACKAGE = Path(__file__).resolve().parent
@@ -537,7 +538,7 @@ def save_config(cfg: RecipeConfig, path: Path) -> None:
 
 
 def load_run_config(run_dir: Path) -> RecipeConfig:
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml); pass the out_dir of a training run")
     data = yaml.safe_load(path.read_text()) or {}

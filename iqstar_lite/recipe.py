@@ -28,6 +28,7 @@ from iqstar_lite.evaluation.report import (
     print_examples,
     print_side_by_side,
 )
+from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
 
@@ -112,7 +113,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
         cfg.model, cfg.lora
     )  # model.adapter's own r / alpha / targets: what config.yaml and the model card say
     if main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, RunDir(run_dir).config)
     tokenizer = load_tokenizer(cfg.model.path, **hub_kwargs(cfg.model))
     model = load_policy(cfg.model, cfg.lora, device, seed=cfg.train.seed)
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
@@ -145,15 +146,15 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
     start_trackers(accelerator, cfg, run_dir)
     try:  # trackers closed whatever happens (an MLflow / W&B run is not left open by a stop or an error)
         for suffix, examples, _ in sets if cfg.eval.enabled else []:
-            if not (cfg.train.resume and (run_dir / f"eval_before{suffix}.json").exists()):
+            if not (cfg.train.resume and RunDir(run_dir).eval_row("before", suffix).exists()):
                 cd, before = untrained_rows(model, tokenizer, fmt, examples, cfg, judge)
-                (run_dir / f"eval_contrastive{suffix}.json").write_text(json.dumps(cd, indent=1))
-                (run_dir / f"eval_before{suffix}.json").write_text(json.dumps(before, indent=1))
+                RunDir(run_dir).eval_row("contrastive", suffix).write_text(json.dumps(cd, indent=1))
+                RunDir(run_dir).eval_row("before", suffix).write_text(json.dumps(before, indent=1))
                 targets[suffix] = target_ids(cd)
                 log_eval(accelerator, cd["summary"], 0, contrastive=True, suffix=suffix)
                 log_eval(accelerator, before["summary"], 0, suffix=suffix)
-            elif (run_dir / f"eval_contrastive{suffix}.json").exists():
-                targets[suffix] = target_ids(json.loads((run_dir / f"eval_contrastive{suffix}.json").read_text()))
+            elif RunDir(run_dir).eval_row("contrastive", suffix).exists():
+                targets[suffix] = target_ids(json.loads(RunDir(run_dir).eval_row("contrastive", suffix).read_text()))
         state.wait_for_everyone()
         t0 = time.time()
         samples = SampleWriter(model, tokenizer, fmt, heldout, cfg, judge, run_dir, accelerator)
@@ -162,7 +163,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
         step = last.get("step", cfg.train.steps)
         for suffix, examples, _ in sets if cfg.eval.enabled else []:
             after = evaluate(model, tokenizer, fmt, examples, cfg, judge, target=targets.get(suffix))
-            (run_dir / f"eval_after{suffix}.json").write_text(json.dumps(after, indent=1))
+            RunDir(run_dir).eval_row("after", suffix).write_text(json.dumps(after, indent=1))
             log_eval(accelerator, after["summary"], step, suffix=suffix)
             if step == cfg.train.steps and not suffix:
                 samples.from_evaluation(after["records"], step)
@@ -191,7 +192,7 @@ def run(cfg: RecipeConfig, run_dir: Path) -> int:
     if "train" in stages:
         if not stage_train(cfg, run_dir):
             return 0  # a data-parallel run's other processes: the main one evaluates, exports and checks
-    elif not (run_dir / "adapter").is_dir():
+    elif not RunDir(run_dir).adapter.is_dir():
         raise UserError(
             f"{str(run_dir)!r} has no adapter/; run the train stage first (stages=train,...) or point out_dir at a trained run"
         )
@@ -218,7 +219,7 @@ def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
         int(os.environ.get("RANK", "0")) == 0
     ):  # killed while re-saving adapter/: the complete version back, the temporary gone
         recover_dirs(run_dir, "adapter")
-    if fresh and ((run_dir / "adapter").is_dir() or any((run_dir / "checkpoints").glob("step-*"))):
+    if fresh and (RunDir(run_dir).adapter.is_dir() or any(RunDir(run_dir).checkpoints.glob("step-*"))):
         raise UserError(
             f"out_dir {str(run_dir)!r} already holds a run (adapter/ or checkpoints/); continue it with train.resume=true, "
             f"or choose another out_dir"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.errors import UserError
+from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
 
 PROJECT = "iqstar_lite"
-TENSORBOARD_DIR = "tensorboard"
 INSTALL = {
     "tensorboard": "pip install tensorboard==2.21.0",
     "wandb": "pip install wandb",
@@ -63,7 +63,7 @@ def make_accelerator(cfg: RecipeConfig, run_dir: Path, device):
     names = tracker_names(cfg.train.report_to)
     # accelerate's own TensorBoard tracker, given the run directory and the sub-folder name (its project name would
     # otherwise also name the W&B project)
-    log_with = [TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)) if n == "tensorboard" else n for n in names]
+    log_with = [TensorBoardTracker(RunDir.TENSORBOARD, str(run_dir)) if n == "tensorboard" else n for n in names]
     return Accelerator(cpu=device.type == "cpu", log_with=log_with or None, project_dir=str(run_dir))
 
 

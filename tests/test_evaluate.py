@@ -112,7 +112,7 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
     import iqstar_lite.evaluation.evaluate as ev
     from iqstar_lite.algorithm.logprobs import kl_between_logits
     from iqstar_lite.algorithm.rollout import pack, response_logits
-    from iqstar_lite.algorithm.scoring import estimator_pass
+    from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
     from iqstar_lite.config import load_recipe
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.data.sources import load_prompts
@@ -127,7 +127,9 @@ def test_evaluation_reuses_passes_with_the_same_numbers(tiny_path, tokenizer, mo
     width = max(len(t) for t in target)
     resp = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in target])
     mask = (torch.arange(width)[None] < torch.tensor([len(t) for t in target])[:, None]).float()
-    est = estimator_pass(fresh, plain_ids, cond_ids, resp, tokenizer.pad_token_id, cfg.estimator.alpha, 0.1)
+    est = estimator_pass(
+        fresh, plain_ids, cond_ids, resp, tokenizer.pad_token_id, PassSettings(alpha=cfg.estimator.alpha, beta=0.1)
+    )
     want = (est["principle_gap"] * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(torch.tensor([r["principle_score"] for r in cd["records"]]), want, atol=1e-4, rtol=1e-4)
     assert all(r["kl_star_ref"] > 0 for r in cd["records"])

@@ -3,7 +3,7 @@ from conftest import make_policy
 
 from iqstar_lite.algorithm.reference import reference_mode
 from iqstar_lite.algorithm.rollout import pack, response_logits
-from iqstar_lite.algorithm.scoring import estimator_pass
+from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
 
 
 def _gather(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -18,10 +18,9 @@ def test_estimator_pass_is_the_two_reference_passes_with_or_without_shared_conte
     plain = [[1, 40, 41], [1, 40, 41], [1, 50], [1, 50], [1, 60, 61, 62]]
     cond = [[1, 7, 8, 9, 40, 41], [1, 7, 8, 9, 40, 41], [1, 7, 8, 9, 50], [1, 7, 8, 9, 50], [1, 7, 8, 9, 60, 61, 62]]
     resp = torch.tensor([[11, 12, 13], [14, 15, 16], [17, 18, 19], [20, 21, 22], [23, 24, 25]])
-    shared = estimator_pass(model, plain, cond, resp, pad_id=2, alpha=1.0, beta=0.1, micro_batch=4, keep_full=True)
-    packed = estimator_pass(
-        model, plain, cond, resp, pad_id=2, alpha=1.0, beta=0.1, micro_batch=4, keep_full=True, share_context=False
-    )
+    settings = PassSettings(alpha=1.0, beta=0.1, micro_batch=4)
+    shared = estimator_pass(model, plain, cond, resp, 2, settings, keep_full=True)
+    packed = estimator_pass(model, plain, cond, resp, 2, settings, keep_full=True, share_context=False)
     model.eval()
     with reference_mode(model):
         z_pos = response_logits(model, pack(cond, resp, 2), 3).float()
@@ -44,7 +43,7 @@ def test_estimator_pass_from_the_policy_keeps_rewards_relative_to_the_reference(
     plain = [[1, 40, 41], [1, 40, 41], [1, 50], [1, 50]]
     cond = [[1, 7, 8, 40, 41], [1, 7, 8, 40, 41], [1, 7, 8, 50], [1, 7, 8, 50]]
     resp = torch.tensor([[11, 12, 13], [14, 15, 16], [17, 18, 19], [20, 21, 22]])
-    out = estimator_pass(model, plain, cond, resp, pad_id=2, alpha=1.0, beta=0.1, source="policy", micro_batch=4)
+    out = estimator_pass(model, plain, cond, resp, 2, PassSettings(alpha=1.0, beta=0.1, source="policy", micro_batch=4))
     model.eval()
     with torch.no_grad():
         z_pos = response_logits(model, pack(cond, resp, 2), 3).float()

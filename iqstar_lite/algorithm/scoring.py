@@ -8,7 +8,9 @@ Rows of a micro-batch that share a context (the K samples of one prompt) share i
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +18,27 @@ from iqstar_lite.algorithm.estimator import estimate, token_rewards
 from iqstar_lite.algorithm.logprobs import kl_between_logits, token_logprobs
 from iqstar_lite.algorithm.reference import reference_mode
 from iqstar_lite.algorithm.rollout import eval_mode, pack, response_logits, shared_context_logits
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """What one estimator pass takes from a recipe: ``estimator.alpha / top_p / source``, ``loss.beta`` and
+    ``train.micro_batch / logprob_chunk`` (``from_recipe``)."""
+
+    alpha: float = 1.0
+    beta: float = 0.1
+    top_p: float = 1.0
+    source: str = "ref"
+    micro_batch: int = 8
+    chunk_size: int = 16
+
+    @classmethod
+    def from_recipe(cls, cfg, **overrides) -> PassSettings:
+        """The recipe's settings; ``overrides`` replace some (evaluation scores with the reference itself:
+        ``source="ref", top_p=1.0``)."""
+        ec, tc = cfg.estimator, cfg.train
+        base = cls(ec.alpha, cfg.loss.beta, ec.top_p, ec.source, tc.micro_batch, tc.logprob_chunk)
+        return dataclasses.replace(base, **overrides)
 
 
 def _rows(n: int, size: int):
@@ -30,12 +53,8 @@ def estimator_pass(
     cond_ids: list[list[int]],
     response_ids: torch.Tensor,
     pad_id: int,
-    alpha: float,
-    beta: float,
-    top_p: float = 1.0,
-    source: str = "ref",
-    micro_batch: int = 8,
-    chunk_size: int = 16,
+    settings: PassSettings = PassSettings(),
+    *,
     keep_full: bool = False,
     share_context: bool = True,
     policy_kl: bool = False,
@@ -47,6 +66,8 @@ def estimator_pass(
     on the plain contexts and ``kl_policy_ref``, the exact KL(pi_theta || pi_ref) per visited state, against the
     reference logits this pass already has (evaluation: one reference pass fewer than scoring the two apart).
     """
+    alpha, beta, top_p, source = settings.alpha, settings.beta, settings.top_p, settings.source
+    micro_batch, chunk_size = settings.micro_batch, settings.chunk_size
     if policy_kl and source != "ref":
         raise ValueError("policy_kl needs source='ref' (the plain reference logits it compares the policy with)")
     n, T = response_ids.shape

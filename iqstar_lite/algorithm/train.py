@@ -32,15 +32,15 @@ from iqstar_lite.algorithm.loss import (
     whiten,
 )
 from iqstar_lite.algorithm.rollout import Rollout, model_eos_ids, pack, response_logits, sample
-from iqstar_lite.algorithm.scoring import estimator_pass
+from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
 from iqstar_lite.checkpoint import checkpoints, keep_metrics_until, resume_latest, save_adapter_atomic, save_checkpoint
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
 from iqstar_lite.errors import Stopped, UserError
-from iqstar_lite.evaluation.samples import SAMPLES_FILE
 from iqstar_lite.heap import freed_blocks_returned, release_free_heap
 from iqstar_lite.models.load import assert_trainable_layout
+from iqstar_lite.rundir import RunDir
 from iqstar_lite.stopping import stop_requests
 from iqstar_lite.tracking import log_step
 
@@ -159,6 +159,38 @@ class Guided:
     est: dict[str, torch.Tensor]
 
 
+@dataclass
+class LossGroup:
+    """Rows an update trains with one loss: contexts, responses, token weights (response mask x position weights),
+    estimator outputs and, for ``pg``, the advantages."""
+
+    loss: str
+    """A key of ``LOSSES``."""
+    context_ids: list[list[int]]
+    response_ids: torch.Tensor
+    weights: torch.Tensor
+    est: dict[str, torch.Tensor]
+    advantages: torch.Tensor | None = None
+
+
+def _distill(*, logits, logp, est, mask, chunk, **_):
+    loss, met = distill_loss(kl_to_logits(est["logp_star_full"], logits, chunk), mask)
+    met["kl"] = masked_mean(k3_kl(logp.detach(), est["logp_ref"]), mask).item()
+    return loss, met
+
+
+def _pg(*, logp, logp_old, est, adv, mask, kl_coef, lc, **_):
+    return pg_loss(logp, logp_old, est["logp_ref"], adv, mask, kl_coef, lc.clip_eps, whiten_advantages=False)
+
+
+def _imitation(*, logp, est, mask, lc, **_):
+    return imitation_loss(logp, est["logp_ref"], est["rewards"], mask, lc.beta)
+
+
+LOSSES = {"distill": _distill, "pg": _pg, "imitation": _imitation}
+"""``loss.type`` -> the micro-batch loss: (loss, metrics) from the policy's logits / log-probs and the group's slice."""
+
+
 def update(
     model,
     cfg: RecipeConfig,
@@ -203,10 +235,10 @@ def update(
         adv, kl_coef = kl_shaped_advantages(adv, logp_sampled, est["logp_ref"], lc.beta), 0.0
     if lc.type == "pg" and lc.whiten:  # pg only; batch-wide (global batch across processes)
         adv = whiten(adv, mask, all_sum=all_sum)
-    groups = [(lc.type, plain_ids, resp, position_weights(mask, lc.position_halflife), est)]
+    groups = [LossGroup(lc.type, plain_ids, resp, position_weights(mask, lc.position_halflife), est, adv)]
     if guided is not None and guided.response_ids.shape[0]:
         groups.append(
-            (
+            LossGroup(
                 "distill",
                 guided.plain_ids,
                 guided.response_ids,
@@ -214,14 +246,14 @@ def update(
                 guided.est,
             )
         )
-    total_tokens = sum(g[3].sum() for g in groups).reshape(1).float()
+    total_tokens = sum(g.weights.sum() for g in groups).reshape(1).float()
     if all_sum is not None:  # DDP averages gradients over processes: weigh by the global count, times the world size
         total_tokens = all_sum(total_tokens)
     total_tokens = total_tokens.clamp(min=1.0) / world
-    g_totals = [g[3].sum().reshape(1).float() for g in groups]
+    g_totals = [g.weights.sum().reshape(1).float() for g in groups]
     if all_sum is not None:
         g_totals = [all_sum(t) / world for t in g_totals]
-    micro = [(gi, s) for gi, g in enumerate(groups) for s in range(0, g[2].shape[0], cfg.train.micro_batch)]
+    micro = [(gi, s) for gi, g in enumerate(groups) for s in range(0, g.response_ids.shape[0], cfg.train.micro_batch)]
     logp_old: dict[tuple[int, int], torch.Tensor] = {}
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "nonfinite_skipped": 0}
     if len(groups) > 1:
@@ -231,36 +263,31 @@ def update(
     for epoch in range(lc.epochs):
         finite = True
         for k, (gi, s) in enumerate(micro):
-            kind, g_ids, g_resp, g_mask, g_est = groups[gi]
-            n, T = g_resp.shape
+            g = groups[gi]
+            n, T = g.response_ids.shape
             g_tokens = g_totals[gi].clamp(min=1.0)
             sl = slice(s, min(n, s + cfg.train.micro_batch))
             with (
                 accelerator.no_sync(fwd) if k + 1 < len(micro) else nullcontext()
             ):  # one gradient all-reduce per optimizer step
-                m, r = g_mask[sl], g_resp[sl]
+                m, r = g.weights[sl], g.response_ids[sl]
                 # packed, not rollout.shared_context_logits: sharing the K samples' prefill measured 1.08-1.12x slower here
                 # (SmolLM2, micro-batch 4 on CPU: two smaller GEMMs and two dequantizations per layer cost more than the saved rows)
-                logits = response_logits(fwd, pack(g_ids[sl], r, pad_id), T)
+                logits = response_logits(fwd, pack(g.context_ids[sl], r, pad_id), T)
                 logp = token_logprobs(logits, r, chunk)
                 if epoch == 0:
                     logp_old[gi, s] = logp.detach()
-                if kind == "distill":
-                    loss, met = distill_loss(kl_to_logits(g_est["logp_star_full"][sl], logits, chunk), m)
-                    met["kl"] = masked_mean(k3_kl(logp.detach(), g_est["logp_ref"][sl]), m).item()
-                elif kind == "pg":
-                    loss, met = pg_loss(
-                        logp,
-                        logp_old[gi, s],
-                        g_est["logp_ref"][sl],
-                        adv[sl],
-                        m,
-                        kl_coef,
-                        lc.clip_eps,
-                        whiten_advantages=False,
-                    )
-                else:
-                    loss, met = imitation_loss(logp, g_est["logp_ref"][sl], g_est["rewards"][sl], m, lc.beta)
+                loss, met = LOSSES[g.loss](
+                    logits=logits,
+                    logp=logp,
+                    logp_old=logp_old[gi, s],
+                    est={key: v[sl] for key, v in g.est.items()},
+                    adv=None if g.advantages is None else g.advantages[sl],
+                    mask=m,
+                    kl_coef=kl_coef,
+                    lc=lc,
+                    chunk=chunk,
+                )
                 w = float(m.sum() / total_tokens)
                 finite = finite and bool(torch.isfinite(loss))
                 accelerator.backward(loss * w)
@@ -324,7 +351,7 @@ def train(
     torch.manual_seed(cfg.train.seed + rank)  # sampling differs per process; the LoRA init (load_policy) does not
     random.seed(cfg.train.seed + rank)
 
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = RunDir(run_dir).metrics
     if main:
         checkpoints(run_dir)  # one process completes or removes what an interrupted save left
     accelerator.wait_for_everyone()
@@ -332,16 +359,19 @@ def train(
     if main:
         if ckpt is not None:
             log.info("resumed from %s (step %d)", ckpt, start)
-            for path in (metrics_path, run_dir / SAMPLES_FILE):
+            for path in (metrics_path, RunDir(run_dir).samples):
                 keep_metrics_until(path, start)
         else:
             if cfg.train.resume:
-                log.warning("train.resume=true but no checkpoint in %s: training from step 0", run_dir / "checkpoints")
-            for path in (metrics_path, run_dir / SAMPLES_FILE):
+                log.warning(
+                    "train.resume=true but no checkpoint in %s: training from step 0", RunDir(run_dir).checkpoints
+                )
+            for path in (metrics_path, RunDir(run_dir).samples):
                 path.unlink(missing_ok=True)
 
     fmt = Formatter(tokenizer, cfg.data, cfg.estimator.kind)
     rc, pad = cfg.rollout, tokenizer.pad_token_id
+    scoring = PassSettings.from_recipe(cfg)
     eos = model_eos_ids(model, tokenizer)
     settle = (
         release_free_heap if device.type == "cpu" else (lambda: None)
@@ -374,18 +404,7 @@ def train(
             settle()
             t1 = time.time()
             est = estimator_pass(
-                model,
-                plain_ids,
-                cond_ids,
-                roll.response_ids,
-                pad,
-                cfg.estimator.alpha,
-                cfg.loss.beta,
-                cfg.estimator.top_p,
-                cfg.estimator.source,
-                cfg.train.micro_batch,
-                cfg.train.logprob_chunk,
-                keep_full=cfg.loss.type == "distill",
+                model, plain_ids, cond_ids, roll.response_ids, pad, scoring, keep_full=cfg.loss.type == "distill"
             )
             guided = None
             if g_roll is not None:
@@ -394,20 +413,7 @@ def train(
                 if g_roll.star_logp_full is not None:
                     g_est = {"logp_star_full": g_roll.star_logp_full, "logp_ref": g_roll.star_ref_logp}
                 else:
-                    g_est = estimator_pass(
-                        model,
-                        g_plain,
-                        g_cond,
-                        g_roll.response_ids,
-                        pad,
-                        cfg.estimator.alpha,
-                        cfg.loss.beta,
-                        cfg.estimator.top_p,
-                        cfg.estimator.source,
-                        cfg.train.micro_batch,
-                        cfg.train.logprob_chunk,
-                        keep_full=True,
-                    )
+                    g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, scoring, keep_full=True)
                 guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
             settle()
             t2 = time.time()
@@ -490,14 +496,14 @@ def train(
                 raise Stopped(
                     requested,
                     f"stopped by {signal.Signals(requested).name} after step {step + 1} of {cfg.train.steps}; "
-                    f"checkpoint saved in {run_dir / 'checkpoints'}; continue with the same command plus "
+                    f"checkpoint saved in {RunDir(run_dir).checkpoints}; continue with the same command plus "
                     f"out_dir={run_dir} train.resume=true",
                 )
             if on_step is not None and on_step(last):
                 break
     bar.close()
     if main:
-        save_adapter_atomic(model, run_dir / "adapter")
+        save_adapter_atomic(model, RunDir(run_dir).adapter)
     accelerator.wait_for_everyone()
     return last
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from iqstar_lite.checkpoint import jsonl_rows
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
 
-CURVES_FILE = "curves.png"
 STEP_PANELS = (
     ("reward_mean", "reward (mean per token)"),
     ("kl", "KL(policy || reference) per token"),
@@ -32,9 +32,9 @@ MATPLOTLIB_MISSING = (
 )
 
 
-def _summary(run_dir: Path, name: str) -> dict:
+def _summary(path: Path) -> dict:
     try:
-        return json.loads((run_dir / name).read_text())["summary"]
+        return json.loads(path.read_text())["summary"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -42,7 +42,7 @@ def _summary(run_dir: Path, name: str) -> dict:
 def plot_run(run_dir: Path) -> Path:
     """Draw RUN_DIR/curves.png from the run's files; UserError when there is nothing to draw or no matplotlib."""
     run_dir = Path(run_dir)
-    rows = [r for r in jsonl_rows(run_dir / "metrics.jsonl") if isinstance(r.get("step"), int)]
+    rows = [r for r in jsonl_rows(RunDir(run_dir).metrics) if isinstance(r.get("step"), int)]
     if not rows:
         raise UserError(f"{str(run_dir)!r} has no metrics.jsonl rows to plot; pass the out_dir of a training run")
     try:
@@ -57,9 +57,9 @@ def plot_run(run_dir: Path) -> Path:
         _step_panel(ax, rows, steps, key, title)
     _step_panel(axes[3], rows, steps, *STEP_PANELS[2])
     _step_panel(axes[5], rows, steps, *STEP_PANELS[3])
-    before, after, cd = (_summary(run_dir, f) for f in ("eval_before.json", "eval_after.json", "eval_contrastive.json"))
+    before, after, cd = (_summary(RunDir(run_dir).eval_row(r)) for r in ("before", "after", "contrastive"))
     samples: dict[int, list[float]] = {}
-    for r in jsonl_rows(run_dir / "samples.jsonl"):
+    for r in jsonl_rows(RunDir(run_dir).samples):
         if isinstance(r.get("judge"), (int, float)) and isinstance(r.get("step"), int):
             samples.setdefault(r["step"], []).append(float(r["judge"]))
     judge = next((s.get("judge") for s in (after, before, cd) if s.get("judge")), None)
@@ -75,7 +75,7 @@ def plot_run(run_dir: Path) -> Path:
     )
     _eval_panel(axes[4], "principle_score", "principle score", before, after, cd, last, {})
     fig.suptitle(f"{run_dir.name}: {last} steps")
-    out = run_dir / CURVES_FILE
+    out = RunDir(run_dir).curves
     fig.savefig(out, dpi=80)
     return out
 

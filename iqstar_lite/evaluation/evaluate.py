@@ -27,7 +27,7 @@ from iqstar_lite.algorithm.rollout import (
     sample,
     shared_context_logits,
 )
-from iqstar_lite.algorithm.scoring import estimator_pass
+from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
@@ -200,6 +200,7 @@ def evaluate(
     bs, ec = cfg.eval.batch_size, cfg.eval
     eos, pad = model_eos_ids(model, tokenizer), tokenizer.pad_token_id
     identity = adapters_are_identity(model)
+    scoring = PassSettings.from_recipe(cfg, source="ref", top_p=1.0)  # the principle score is the reference's own
     records: list[dict | None] = [None] * len(examples)
     for idx in length_batches([len(fmt.ids(fmt.plain(e))) for e in examples], bs):
         chunk = [examples[i] for i in idx]
@@ -212,18 +213,7 @@ def evaluate(
         if contrastive:  # the reference with and without the principle on pi-hat*'s path: the decoding loop had both
             gap = seen["principle_gap"]
         else:
-            est = estimator_pass(
-                model,
-                plain_ids,
-                cond_ids,
-                resp,
-                pad,
-                cfg.estimator.alpha,
-                cfg.loss.beta,
-                micro_batch=cfg.train.micro_batch,
-                chunk_size=cfg.train.logprob_chunk,
-                policy_kl=not identity,
-            )
+            est = estimator_pass(model, plain_ids, cond_ids, resp, pad, scoring, policy_kl=not identity)
             gap = est["principle_gap"]
         # KL(pi_theta || pi_ref): exactly 0 while the adapters are at identity (before training; contrastive row)
         kl_ref = torch.zeros_like(gap) if identity or contrastive else est["kl_policy_ref"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.errors import UserError
+from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
 
@@ -60,18 +61,19 @@ def print_side_by_side(sets: dict[str, dict[str, dict]]) -> None:
 
 
 EVAL_ROWS = (
-    ("before (untrained, no principle)", "eval_before"),
-    ("contrastive decoding (untrained)", "eval_contrastive"),
-    ("after (trained, no principle)", "eval_after"),
+    ("before (untrained, no principle)", "before"),
+    ("contrastive decoding (untrained)", "contrastive"),
+    ("after (trained, no principle)", "after"),
 )
 
 
 def eval_rows(run_dir: Path, suffix: str = "") -> dict[str, dict]:
     """A run's evaluation rows (label -> eval_*.json), held-out (``suffix=""``) or out of distribution (``"_ood"``)."""
+    run = RunDir(run_dir)
     return {
-        label: json.loads((run_dir / f"{stem}{suffix}.json").read_text())
-        for label, stem in EVAL_ROWS
-        if (run_dir / f"{stem}{suffix}.json").exists()
+        label: json.loads(run.eval_row(row, suffix).read_text())
+        for label, row in EVAL_ROWS
+        if run.eval_row(row, suffix).exists()
     }
 
 

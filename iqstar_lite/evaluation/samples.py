@@ -16,9 +16,8 @@ from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
 from iqstar_lite.evaluation.evaluate import greedy_answers
+from iqstar_lite.rundir import RunDir
 from iqstar_lite.tracking import log_samples
-
-SAMPLES_FILE = "samples.jsonl"
 
 
 def samples_due(step: int, cfg: RecipeConfig) -> bool:
@@ -71,7 +70,7 @@ class SampleWriter:
             accelerator,
         )
         self.examples = examples[: cfg.eval.samples]
-        self.path = Path(run_dir) / SAMPLES_FILE
+        self.path = RunDir(run_dir).samples
 
     def __call__(self, metrics: dict) -> None:
         step = metrics["step"]

@@ -36,6 +36,7 @@ from iqstar_lite.data.formatting import render_chat
 from iqstar_lite.errors import UserError, run_cli
 from iqstar_lite.export.check_clients import client_parity, tokens_per_s
 from iqstar_lite.export.merge import pick_prompts
+from iqstar_lite.rundir import RunDir
 from iqstar_lite.runtimes.base import Generation
 from iqstar_lite.runtimes.genai import GenaiGenerator, is_genai_folder
 from iqstar_lite.runtimes.gguf_transformers import GgufTransformers
@@ -216,21 +217,23 @@ def check_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
         report = {"passed": True, "failures": [], "skipped": "export.onnx=false: nothing to check"}
         print("check skipped: export.onnx=false")
     else:
-        int8_dir = run_dir / "onnx-int8" if cfg.export.int8 else None
-        gguf_dir = run_dir / "gguf" if cfg.export.gguf not in ("", "none") else None
-        report = check_onnx(run_dir / "onnx", run_dir / "merged", cfg.export, prompts, int8_dir, gguf_dir)
+        int8_dir = RunDir(run_dir).onnx_int8 if cfg.export.int8 else None
+        gguf_dir = RunDir(run_dir).gguf if cfg.export.gguf not in ("", "none") else None
+        report = check_onnx(RunDir(run_dir).onnx, RunDir(run_dir).merged, cfg.export, prompts, int8_dir, gguf_dir)
         from iqstar_lite.export.to_gguf import gguf_file, parse_types
 
         missing = [
-            gguf_file(run_dir / "gguf", t).name for t in parse_types(cfg.export.gguf) if t not in report.get("gguf", {})
+            gguf_file(RunDir(run_dir).gguf, t).name
+            for t in parse_types(cfg.export.gguf)
+            if t not in report.get("gguf", {})
         ]
         if missing:  # asked for, never checked: the gate does not pass on files it did not see
             report["failures"].append(
-                f"export.gguf={cfg.export.gguf} but {', '.join(missing)} missing in {run_dir / 'gguf'}; run the export stage"
+                f"export.gguf={cfg.export.gguf} but {', '.join(missing)} missing in {RunDir(run_dir).gguf}; run the export stage"
             )
             report["passed"] = False
         print(format_table(report))
-    (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunDir(run_dir).check_report.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -246,20 +249,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite check
     ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF files")
     args = ap.parse_args(argv)
     onnx_dir = args.onnx_dir
-    if (onnx_dir / "config.yaml").is_file() and (onnx_dir / "onnx").is_dir():
-        onnx_dir = onnx_dir / "onnx"  # a run dir was given
+    if RunDir(onnx_dir).config.is_file() and RunDir(onnx_dir).onnx.is_dir():
+        onnx_dir = RunDir(onnx_dir).onnx  # a run dir was given
     if not onnx_dir.is_dir():
         raise UserError(f"{str(onnx_dir)!r} does not exist; pass RUN_DIR/onnx written by 'iqstar-lite export RUN_DIR'")
     run_dir = onnx_dir.parent
-    is_run = (run_dir / "config.yaml").is_file()
+    is_run = RunDir(run_dir).config.is_file()
     export = load_run_config(run_dir).export if is_run else ExportConfig()
     int8_dir = (
-        None if args.no_int8 else (args.int8 or (run_dir / "onnx-int8" if (run_dir / "onnx-int8").is_dir() else None))
+        None
+        if args.no_int8
+        else (args.int8 or (RunDir(run_dir).onnx_int8 if RunDir(run_dir).onnx_int8.is_dir() else None))
     )
-    gguf_dir = None if args.no_gguf else (args.gguf or (run_dir / "gguf" if (run_dir / "gguf").is_dir() else None))
-    report = check_onnx(onnx_dir, args.against or run_dir / "merged", export, None, int8_dir, gguf_dir)
+    gguf_dir = (
+        None if args.no_gguf else (args.gguf or (RunDir(run_dir).gguf if RunDir(run_dir).gguf.is_dir() else None))
+    )
+    report = check_onnx(onnx_dir, args.against or RunDir(run_dir).merged, export, None, int8_dir, gguf_dir)
     if is_run:
-        (run_dir / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+        RunDir(run_dir).check_report.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     return 0 if report["passed"] else 1
 

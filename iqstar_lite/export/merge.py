@@ -40,6 +40,7 @@ from iqstar_lite.models.load import (
     load_base,
     pick_device,
 )
+from iqstar_lite.rundir import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,13 +155,13 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
     trained_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device), ids)
     fp32_logits = _logits_of(lambda: load_trained(cfg.model, adapter, device, fp32_compute=True), ids)
     save_merged(
-        merge_adapter(cfg, adapter, device), model_path, run_dir / "merged", cfg.export.dtype, hub_kwargs(cfg.model)
+        merge_adapter(cfg, adapter, device), model_path, RunDir(run_dir).merged, cfg.export.dtype, hub_kwargs(cfg.model)
     )
     gc.collect()
     # Measured on the checkpoint as written (saved dtype, config round trip), computed in fp32.
     merged_logits = _logits_of(
         lambda: AutoModelForCausalLM.from_pretrained(
-            run_dir / "merged", dtype=torch.float32, use_safetensors=True
+            RunDir(run_dir).merged, dtype=torch.float32, use_safetensors=True
         ).eval(),
         ids,
     )
@@ -189,5 +190,5 @@ def merge_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None
         ),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    (run_dir / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunDir(run_dir).merge_report.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig, config_from_dict, load_run_config, parse_overrides
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def last_metrics(run_dir: Path) -> dict:
     """The last JSON line of ``metrics.jsonl`` ({} when absent or unreadable)."""
     from iqstar_lite.checkpoint import jsonl_rows
 
-    rows = jsonl_rows(Path(run_dir) / "metrics.jsonl")
+    rows = jsonl_rows(RunDir(run_dir).metrics)
     return rows[-1] if rows else {}
 
 
@@ -81,7 +82,7 @@ def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
         "- **Last metrics:** "
         + (", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()) if scalars else "(no metrics.jsonl)"),
     ]
-    after = _eval_summary(Path(run_dir) / "eval_after.json")
+    after = _eval_summary(RunDir(run_dir).eval_row("after"))
     if after:
         lines.append(
             "- **Held-out evaluation after training** (principle absent): "
@@ -103,7 +104,7 @@ def adapter_card(run_dir: Path, cfg: RecipeConfig) -> str:
 
 
 def write_adapter_card(run_dir: Path, cfg: RecipeConfig) -> Path:
-    path = Path(run_dir) / "adapter" / "README.md"
+    path = RunDir(run_dir).adapter / "README.md"
     path.write_text(adapter_card(run_dir, cfg))
     return path
 
@@ -125,7 +126,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
     ):  # the merged folder, ONNX and GGUF exporters and the gate load the model class by name
         raise UserError(
             "export of a model with custom code (model.trust_remote_code=true) is not supported; the trained adapter is in "
-            f"{str(run_dir / 'adapter')!r} (load it with peft), or run with stages=train"
+            f"{str(RunDir(run_dir).adapter)!r} (load it with peft), or run with stages=train"
         )
     adapter_dir(run_dir)  # fail early, before any model is loaded
     gguf_types = parse_types(cfg.export.gguf)
@@ -135,15 +136,15 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
         check_architecture(load_model_config(cfg.model.path, cfg.model.revision).to_dict())
     report: dict = {"adapter_card": str(write_adapter_card(run_dir, cfg))}
     report["merge"] = merge_run(run_dir, cfg, prompts)
-    report["merged_bytes"] = dir_size(run_dir / "merged")
+    report["merged_bytes"] = dir_size(RunDir(run_dir).merged)
     if cfg.export.onnx:
-        report["onnx"] = export_onnx(run_dir / "merged", run_dir / "onnx", cfg.export.onnx_graph)
+        report["onnx"] = export_onnx(RunDir(run_dir).merged, RunDir(run_dir).onnx, cfg.export.onnx_graph)
         if cfg.export.int8:
             report["onnx_int8"] = quantize_int8(
-                run_dir / "onnx", run_dir / "onnx-int8", block_size=cfg.export.int8_block
+                RunDir(run_dir).onnx, RunDir(run_dir).onnx_int8, block_size=cfg.export.int8_block
             )
     if gguf_types:
-        report["gguf"] = export_gguf(run_dir / "merged", run_dir / "gguf", gguf_types, name=cfg.name)
+        report["gguf"] = export_gguf(RunDir(run_dir).merged, RunDir(run_dir).gguf, gguf_types, name=cfg.name)
     for name, wanted in (
         ("onnx", cfg.export.onnx),
         ("onnx-int8", cfg.export.onnx and cfg.export.int8),
@@ -153,7 +154,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
             log.info("removing stale %s (disabled in export settings)", run_dir / name)
             shutil.rmtree(run_dir / name)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunDir(run_dir).export_report.write_text(json.dumps(report, indent=2) + "\n")
     for line in summary(report).splitlines():
         log.info("%s", line)
     return report
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite expor
     report = export_run(args.run_dir, cfg)
     print(summary(report))
     if cfg.export.onnx:
-        print(f"next: iqstar-lite check {args.run_dir / 'onnx'}")
+        print(f"next: iqstar-lite check {RunDir(args.run_dir).onnx}")
     return 0
 
 

@@ -31,6 +31,7 @@ from iqstar_lite.errors import UserError
 from iqstar_lite.heap import release_free_heap
 from iqstar_lite.models.embedded import resolve_model_path
 from iqstar_lite.models.mapped import is_mapped, map_input_embeddings
+from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +427,7 @@ def dequantize_4bit_(model, dtype: torch.dtype = torch.float32):
 def adapter_dir(run_dir: Path) -> Path:
     """RUN_DIR/adapter, checked before any model is loaded: config readable, weights as safetensors (an
     adapter_model.bin is a pickle and is never loaded), every weight finite."""
-    path = Path(run_dir) / "adapter"
+    path = RunDir(run_dir).adapter
     recover_dirs(Path(run_dir), "adapter")
     if not (path / "adapter_config.json").is_file():
         raise UserError(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig, apply_overrides, list_recipes, load_recipe
 from iqstar_lite.errors import UserError
+from iqstar_lite.rundir import RunDir
 
 
 @dataclass
@@ -38,10 +39,10 @@ def _run_config(run_dir: Path, overrides: list[str], settings: dict | None) -> R
     import yaml
 
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        data = yaml.safe_load(RunDir(run_dir).config.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(
-            f"{str(run_dir / 'config.yaml')!r} is not valid YAML ({str(e).splitlines()[0]}); restore the run's config"
+            f"{str(RunDir(run_dir).config)!r} is not valid YAML ({str(e).splitlines()[0]}); restore the run's config"
         ) from None
     return apply_overrides(data, overrides, str(data.get("name", "run")), settings)
 
@@ -53,11 +54,11 @@ def resolve_target(target: str, overrides: list[str] | None = None, settings: di
 
     overrides = list(overrides or [])
     p = Path(target).expanduser()
-    if p.is_dir() and (p / "config.yaml").is_file():  # a training run
+    if p.is_dir() and RunDir(p).config.is_file():  # a training run
         return Target(_run_config(p, overrides, settings), adapter_dir(p), p)
     if p.is_dir() and (p / "adapter_config.json").is_file():  # a peft adapter, inside a run or on its own
         check_adapter(p)
-        if (p.parent / "config.yaml").is_file():
+        if RunDir(p.parent).config.is_file():
             return Target(_run_config(p.parent, overrides, settings), p, p.parent)
         base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
         cfg = apply_overrides({"model": {"path": base}} if base else {}, overrides, p.name, settings)
