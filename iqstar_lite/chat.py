@@ -227,25 +227,9 @@ class ExportChat:
         return ("trained",)
 
     def reply(
-        self,
-        prompt: str,
-        max_new_tokens: int,
-        mode: str = "trained",
-        system: str | None = None,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        on_token: Callable[[int], None] | None = None,
+        self, prompt: str, max_new_tokens: int, mode: str = "trained", system: str | None = None, **decoding
     ) -> str:
-        kw = {
-            "system": system,
-            "sample": sample,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "on_token": on_token,
-        }
+        """``decoding``: ``Runtime.generate``'s sample / temperature / top_p / seed / on_token."""
         if self.runtime == "llama.cpp":
             ids = self.gen.chat_ids(prompt, system)
             if len(ids) + max_new_tokens > self.gen.llm.n_ctx():
@@ -253,7 +237,7 @@ class ExportChat:
                     f"prompt of {len(ids)} tokens + {max_new_tokens} new ones exceed llama.cpp's context ({self.gen.llm.n_ctx()}); "
                     "shorten it or lower --max-new-tokens"
                 )
-        return self.gen.chat(prompt, max_new_tokens, **kw)
+        return self.gen.chat(prompt, max_new_tokens, system, **decoding)
 
     def close(self) -> None:
         if self.runtime == "llama.cpp":

@@ -6,7 +6,6 @@ checkpoint (``checkpoint.keep_metrics_until``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,26 +25,6 @@ def samples_due(step: int, cfg: RecipeConfig) -> bool:
     return cfg.eval.samples > 0 and (step == cfg.train.steps or (every > 0 and step % every == 0))
 
 
-def answer_samples(
-    model,
-    tokenizer,
-    fmt: Formatter,
-    examples: list[Example],
-    cfg: RecipeConfig,
-    judge: Callable[[str], float] | None,
-    step: int,
-) -> list[dict]:
-    """The sample rows of one step. The RNG is left as it was (greedy decoding; a resumed run stays bit-exact)."""
-    with torch.random.fork_rng(devices=[]):
-        _, _, texts, _ = greedy_answers(
-            model, tokenizer, fmt, examples, cfg.eval.max_new_tokens, model_eos_ids(model, tokenizer)
-        )
-    return [
-        {"step": step, "prompt": ex.text, "answer": text, "judge": judge(text) if judge else None}
-        for ex, text in zip(examples, texts)
-    ]
-
-
 class SampleWriter:
     """``train(on_step=...)`` hook of the main process: answers the samples when due, appends them to samples.jsonl and
     logs them to the trackers."""
@@ -61,16 +40,24 @@ class SampleWriter:
         run_dir: Path,
         accelerator,
     ):
-        self.model, self.tokenizer, self.fmt, self.cfg, self.judge, self.accelerator = (
-            model,
-            tokenizer,
-            fmt,
-            cfg,
-            judge,
-            accelerator,
-        )
+        self.model, self.tokenizer, self.fmt, self.cfg, self.judge = model, tokenizer, fmt, cfg, judge
+        self.accelerator = accelerator
         self.examples = examples[: cfg.eval.samples]
         self.path = RunDir(run_dir).samples
+
+    def answers(self, step: int) -> list[dict]:
+        """The sample rows of one step. The RNG is left as it was (greedy decoding; a resumed run stays bit-exact)."""
+        model, tokenizer = self.model, self.tokenizer
+        with torch.random.fork_rng(devices=[]):
+            eos = model_eos_ids(model, tokenizer)
+            _, _, texts, _ = greedy_answers(
+                model, tokenizer, self.fmt, self.examples, self.cfg.eval.max_new_tokens, eos
+            )
+        judge = self.judge
+        return [
+            {"step": step, "prompt": ex.text, "answer": text, "judge": judge(text) if judge else None}
+            for ex, text in zip(self.examples, texts)
+        ]
 
     def __call__(self, metrics: dict) -> None:
         step = metrics["step"]
@@ -78,9 +65,7 @@ class SampleWriter:
             return
         if step == self.cfg.train.steps and self.cfg.eval.enabled:
             return  # the held-out evaluation that follows answers the same prompts: ``from_evaluation`` writes them
-        self.write(
-            answer_samples(self.model, self.tokenizer, self.fmt, self.examples, self.cfg, self.judge, step), step
-        )
+        self.write(self.answers(step), step)
 
     def from_evaluation(self, records: list[dict], step: int) -> None:
         """The last step's samples: the first rows of the final evaluation (same prompts, greedy, principle absent)."""

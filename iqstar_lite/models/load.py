@@ -58,13 +58,17 @@ def load_model_config(path: str, revision: str | None = None, trust_remote_code:
     known = KNOWN_CONFIGS / (path.replace("/", "--") + ".json")
     if not Path(path).exists() and known.is_file() and not revision:
         return AutoConfig.for_model(**json.loads(known.read_text()))
+    return _from_hub(AutoConfig, "config", path, revision, trust_remote_code)
+
+
+def _from_hub(auto, what: str, path: str, revision: str | None, trust_remote_code: bool):
+    """``auto.from_pretrained`` on the user's model (embedded name resolved); a missing model or refused remote code as
+    one line."""
     try:
-        return AutoConfig.from_pretrained(
-            resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code
-        )
+        return auto.from_pretrained(resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(
-            f"cannot load the config of model {path!r} ({str(e).splitlines()[0]}); check model.path"
+            f"cannot load the {what} of model {path!r} ({str(e).splitlines()[0]}); check model.path"
             f"{' and model.revision' if revision else ''}, or run where the hub is reachable"
         ) from None
     except ValueError as e:
@@ -107,17 +111,7 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            resolve_model_path(path), revision=revision, trust_remote_code=trust_remote_code
-        )
-    except OSError as e:
-        raise UserError(
-            f"cannot load the tokenizer of model {path!r} ({str(e).splitlines()[0]}); check model.path, or run where the hub "
-            f"is reachable"
-        ) from None
-    except ValueError as e:
-        raise _remote_code_refused(e, path) or e from None
+    tok = _from_hub(AutoTokenizer, "tokenizer", path, revision, trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

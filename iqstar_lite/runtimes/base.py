@@ -1,13 +1,15 @@
 """The one interface every client of an exported model implements (onnxruntime, onnxruntime-genai, llama.cpp), the
 ``Generation`` it returns and the one nucleus rule they sample with. numpy only: no torch, no transformers.
 
-A client renders a chat with its own template and tokenizer (``chat_ids``), decodes greedily or samples (``generate``),
-scores a given continuation (``teacher_forced_top1``) and turns ids back into text (``decode``). The parity gate
+A client renders a chat with its own template and tokenizer (``chat_ids``), feeds tokens through its own KV cache
+(``_prefill`` / ``_step``, which the one decoding loop ``generate`` drives: greedy or sampled), scores a given
+continuation (``teacher_forced_top1``) and turns ids back into text (``decode``). The parity gate
 (``export/check.py``) runs every client through these five calls, and ``iqstar-lite chat`` talks to any of them.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,14 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: floa
     return int(rng.choice(p.size, p=p))
 
 
+def token_picker(sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None):
+    """The next-token rule of every runtime: argmax of the logits, or (``sample``) a seeded draw by ``sample_token``."""
+    if not sample:
+        return lambda logits: int(np.argmax(logits))
+    rng = np.random.default_rng(seed)
+    return lambda logits: sample_token(logits, rng, temperature, top_p)
+
+
 class Runtime(ABC):
     """A client of an exported model. ``label`` names its runtime in reports; ``eos_ids`` end a turn."""
 
@@ -53,6 +63,13 @@ class Runtime(ABC):
         """Text of ``ids`` (special tokens left out)."""
 
     @abstractmethod
+    def _prefill(self, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
+        """Feed the prompt through the client's own KV cache; the [V] logits after its last token."""
+
+    @abstractmethod
+    def _step(self, token: int) -> np.ndarray:
+        """Feed one token; the [V] logits after it."""
+
     def generate(
         self,
         prompt_ids: list[int],
@@ -63,10 +80,32 @@ class Runtime(ABC):
         top_p: float = 1.0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        keep_logits: bool = False,
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Greedy (default) or sampled continuation of ``prompt_ids``; ``on_token(id)`` streams each token;
-        ``stop_at_eos=False`` decodes exactly ``max_new_tokens`` (fixed work, for timings)."""
+        """The runtimes' one decoding loop: greedy (default) or sampled (``sample_token``, the one nucleus rule)
+        continuation of ``prompt_ids`` through the client's KV cache. ``on_token(id)`` streams each token;
+        ``stop_at_eos=False`` suppresses EOS and decodes exactly ``max_new_tokens`` (fixed work, for timings);
+        ``keep_logits`` keeps the [V] logits each token was picked from."""
+        pick = token_picker(sample, temperature, top_p, seed)
+        start = time.perf_counter()
+        tokens: list[int] = []
+        kept: list[np.ndarray] = []
+        last = self._prefill(list(prompt_ids), max_new_tokens) if max_new_tokens > 0 else None
+        while last is not None:
+            if keep_logits:
+                kept.append(last)
+            if not stop_at_eos:
+                last = last.copy()
+                last[self.eos_ids] = -np.inf
+            token = pick(last)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if (stop_at_eos and token in self.eos_ids) or len(tokens) >= max_new_tokens:
+                break
+            last = self._step(token)
+        return Generation(tokens, time.perf_counter() - start, kept)
 
     @abstractmethod
     def teacher_forced_top1(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:

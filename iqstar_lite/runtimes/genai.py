@@ -4,25 +4,23 @@ This is the client a deployment without Python ML libraries uses (onnxruntime-ge
 APIs over the same folder); no torch, no transformers::
 
     gen = GenaiGenerator("runs/x/onnx")
-    print(gen.chat("Name three colours."))                           # greedy: genai's Generator
+    print(gen.chat("Name three colours."))                           # greedy
     print(gen.chat("Name three colours.", sample=True, top_p=0.9))  # the package's nucleus rule on genai's logits
 
-Greedy decoding is onnxruntime-genai's ``Generator.generate_next_token`` (``do_sample=False``), which the parity gate
-compares with the merged model. Sampling reads genai's logits and draws with ``runtimes.ort.sample_token`` (the one
-nucleus rule of this package), then appends the token.
+Decoding runs genai's ``Generator`` (its model, KV cache and logits), fed one token at a time by the runtimes' one loop
+(``runtimes.base.Runtime.generate``: argmax, or ``sample_token``). genai's own greedy search
+(``Generator.generate_next_token``) picks the same tokens: ``tests/test_export.py`` checks it against the gate's.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from iqstar_lite.errors import UserError
-from iqstar_lite.runtimes.base import Generation, Runtime, sample_token
+from iqstar_lite.runtimes.base import Runtime
 
 
 def is_genai_folder(path: Path) -> bool:
@@ -66,48 +64,24 @@ class GenaiGenerator(Runtime):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(np.asarray(ids, dtype=np.int32))
 
-    def _generator(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0):
+    def _generator(self, prompt_ids: list[int], max_new_tokens: int):
         params = self._og.GeneratorParams(self.model)
         length = min(len(prompt_ids) + max_new_tokens, self.context_length)
-        params.set_search_options(do_sample=False, max_length=length, min_length=len(prompt_ids) + min_new_tokens)
+        params.set_search_options(do_sample=False, max_length=length, min_length=len(prompt_ids))
         gen = self._og.Generator(self.model, params)
         gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
         return gen
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int = 64,
-        *,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        """Greedy (genai's generator) or sampled continuation of ``prompt_ids``; ``stop_at_eos=False`` decodes exactly
-        ``max_new_tokens`` (EOS suppressed by genai's ``min_length``, so the work is fixed: for timings); ``on_token(id)``
-        streams each token."""
-        start = time.perf_counter()
-        gen = self._generator(prompt_ids, max_new_tokens, 0 if stop_at_eos else max_new_tokens)
-        rng = np.random.default_rng(seed)
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens and not gen.is_done():
-            if sample:
-                token = sample_token(
-                    np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1), rng, temperature, top_p
-                )
-                gen.append_tokens(np.asarray([[token]], dtype=np.int32))
-            else:
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-            tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            if stop_at_eos and token in self.eos_ids:
-                break
-        return Generation(tokens, time.perf_counter() - start)
+    def _prefill(self, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
+        self._gen = self._generator(prompt_ids, max_new_tokens)
+        return self._logits()
+
+    def _step(self, token: int) -> np.ndarray:
+        self._gen.append_tokens(np.asarray([[token]], dtype=np.int32))
+        return self._logits()
+
+    def _logits(self) -> np.ndarray:
+        return np.asarray(self._gen.get_logits(), dtype=np.float32).reshape(-1)
 
     def teacher_forced_top1(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:
         """genai's argmax after the prompt and after each token of ``continuation`` fed in turn (KV cache on)."""

@@ -1,5 +1,5 @@
-"""A GGUF file through transformers' GGUF reader (dequantized to fp32) and the package's decoding loop
-(``algorithm.rollout.sample``): a check of the file where llama.cpp is not installed, and ``chat --runtime transformers``.
+"""A GGUF file through transformers' GGUF reader (dequantized to fp32), decoded by the runtimes' one loop with
+transformers' KV cache: a check of the file where llama.cpp is not installed, and ``chat --runtime transformers``.
 Unlike the other runtimes it needs torch and transformers.
 
 transformers 4.57's GGUF tokenizer reports the BOS as EOS and no pad; the file's own ids are taken instead.
@@ -7,15 +7,13 @@ transformers 4.57's GGUF tokenizer reports the BOS as EOS and no pad; the file's
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from iqstar_lite.data.formatting import render_chat
 from iqstar_lite.errors import UserError
-from iqstar_lite.runtimes.base import Generation, Runtime
+from iqstar_lite.runtimes.base import Runtime
 
 
 def load_back(path: Path, model: bool = True):
@@ -40,7 +38,7 @@ def load_back(path: Path, model: bool = True):
 
 
 class GgufTransformers(Runtime):
-    """One GGUF file, loaded back by transformers; greedy or sampled decoding through the package's one loop."""
+    """One GGUF file, loaded back by transformers."""
 
     label = "transformers (GGUF loader)"
 
@@ -85,76 +83,17 @@ class GgufTransformers(Runtime):
         n = len(prompt_ids)
         return self.logits(list(prompt_ids) + list(continuation))[n - 1 : n - 1 + len(continuation)].argmax(-1).tolist()
 
-    def _decode_rows(
-        self,
-        prompts_ids: list[list[int]],
-        max_new_tokens: int,
-        sample: bool,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop_at_eos: bool,
-        on_token: Callable[[int], None] | None,
-    ) -> list[list[int]]:
+    def _forward(self, ids: list[int]) -> np.ndarray:
         import torch
 
-        from iqstar_lite.algorithm.rollout import sample as decode_loop
-
-        if seed is not None:
-            torch.manual_seed(seed)
-        stream = None if on_token is None else (lambda tokens: on_token(int(tokens[0])))
         with torch.no_grad():
-            out = decode_loop(
-                self.model,
-                self.tokenizer,
-                prompts_ids,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                greedy=not sample,
-                min_new_tokens=0 if stop_at_eos else max_new_tokens,
-                on_token=stream,
-            )
-        return [row[mask.bool()].tolist() for row, mask in zip(out.response_ids, out.response_mask)]
+            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int = 64,
-        *,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        start = time.perf_counter()
-        tokens = self._decode_rows(
-            [list(prompt_ids)], max_new_tokens, sample, temperature, top_p, seed, stop_at_eos, on_token
-        )[0]
-        return Generation(tokens, time.perf_counter() - start)
+    def _prefill(self, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
+        self._past = None
+        return self._forward(prompt_ids)
 
-    def chat_batch(
-        self,
-        prompts: list[str],
-        max_new_tokens: int,
-        system: str | None = None,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        on_token: Callable[[int], None] | None = None,
-    ) -> list[str]:
-        """Answers in one batch; ``on_token(id)`` streams the first row's tokens."""
-        rows = self._decode_rows(
-            [self.chat_ids(p, system) for p in prompts],
-            max_new_tokens,
-            sample,
-            temperature,
-            top_p,
-            seed,
-            True,
-            on_token,
-        )
-        return [self.decode([t for t in row if t not in self.eos_ids]).strip() for row in rows]
+    def _step(self, token: int) -> np.ndarray:
+        return self._forward([token])

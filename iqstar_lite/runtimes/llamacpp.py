@@ -13,14 +13,12 @@ nucleus rule (``runtimes.ort.sample_token``).
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from iqstar_lite.errors import UserError
-from iqstar_lite.runtimes.base import Generation, Runtime, sample_token
+from iqstar_lite.runtimes.base import Runtime
 
 
 @functools.cache
@@ -98,36 +96,14 @@ class LlamaCppGenerator(Runtime):
             self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32
         )  # a copy: llama-cpp-python reuses the buffer
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int = 64,
-        *,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        """Greedy (default) or sampled continuation of ``prompt_ids`` with llama.cpp's KV cache; ``on_token(id)`` streams."""
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
+    def _prefill(self, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(prompt_ids)
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            last = self._last_logits()
-            if not stop_at_eos:
-                last[self.eos_ids] = -np.inf  # fixed work, for timings
-            token = sample_token(last, rng, temperature, top_p) if sample else int(np.argmax(last))
-            tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            if (stop_at_eos and token in self.eos_ids) or len(tokens) == max_new_tokens:
-                break
-            self.llm.eval([token])
-        return Generation(tokens, time.perf_counter() - start)
+        return self._last_logits()
+
+    def _step(self, token: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._last_logits()
 
     def teacher_forced_top1(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:
         """llama.cpp's argmax at the end of the prompt and after each token of ``continuation`` (one eval)."""

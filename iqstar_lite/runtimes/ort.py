@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import onnxruntime as ort
 
 from iqstar_lite.data.formatting import eos_token_ids, render_chat
 from iqstar_lite.errors import UserError
-from iqstar_lite.runtimes.base import Generation, Runtime, sample_token
+from iqstar_lite.runtimes.base import Generation, Runtime, token_picker
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
@@ -186,59 +185,27 @@ class OrtGenerator(Runtime):
 
     # ------------------------------------------------------------------------- decoding
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int = 64,
-        *,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-        keep_logits: bool = False,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        """Greedy (default) or sampled continuation of ``prompt_ids`` with the KV cache; ``on_token(id)`` streams each token."""
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
-        logits, cache = self.forward(prompt_ids)
-        last = logits[-1]
-        tokens: list[int] = []
-        kept: list[np.ndarray] = []
-        for _ in range(max_new_tokens):
-            token = sample_token(last, rng, temperature, top_p) if sample else int(np.argmax(last))
-            tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            if keep_logits:
-                kept.append(last)
-            if (stop_at_eos and token in self.eos_ids) or len(tokens) == max_new_tokens:
-                break
-            logits, cache = self.forward([token], cache)
-            last = logits[-1]
-        return Generation(tokens, time.perf_counter() - start, kept)
+    def _prefill(self, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
+        logits, self._cache = self.forward(prompt_ids)
+        return logits[-1]
+
+    def _step(self, token: int) -> np.ndarray:
+        logits, self._cache = self.forward([token], self._cache)
+        return logits[-1]
 
     def generate_batch(
-        self,
-        prompts_ids: list[list[int]],
-        max_new_tokens: int = 64,
-        *,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
+        self, prompts_ids: list[list[int]], max_new_tokens: int = 64, *, stop_at_eos: bool = True, **sampling
     ) -> list[Generation]:
-        """``generate`` for several prompts in one batch: one session call per token for all rows.
+        """``generate`` for several prompts in one batch: one session call per token for all rows; ``sampling``: the
+        sample / temperature / top_p / seed of ``token_picker``.
 
         Prompts are left-padded; the attention mask hides the pads and positions count from each row's first
         real token, so a row decodes as it would alone (up to float rounding). A graph without a ``position_ids``
         input (``export.onnx_graph=genai``) gets right-padded rows instead (tested equal to one at a time).
-        A row that emitted EOS is fed its pad id until every row has stopped (``stop_at_eos``); its ``tokens``
+        A row that emitted EOS is fed its pad id until every row has stopped (``stop_at_eos``; False: EOS suppressed); its ``tokens``
         end at its EOS. ``seconds`` is the whole batch's time, on every row.
         """
-        rng = np.random.default_rng(seed)
+        pick = token_picker(**sampling)
         start = time.perf_counter()
         # A graph without position_ids takes positions from the attention mask (onnxruntime-genai's
         # GroupQueryAttention: each row's tokens from the start of its cache), so its rows are right-padded and the
@@ -254,10 +221,9 @@ class OrtGenerator(Runtime):
         for step in range(max_new_tokens):
             logits, new_cache = self._run(ids, cache, mask, pos, step > 0)
             last = (logits[np.arange(b), last_real] if step == 0 else logits[:, -1]).astype(np.float32)
-            nxt = np.array(
-                [sample_token(row, rng, temperature, top_p) for row in last] if sample else last.argmax(-1),
-                dtype=np.int64,
-            )
+            if not stop_at_eos:  # fixed work, as generate: EOS suppressed
+                last[:, self.eos_ids] = -np.inf
+            nxt = np.array([pick(row) for row in last], dtype=np.int64)
             for i in np.flatnonzero(~done):
                 tokens[i].append(int(nxt[i]))
             if stop_at_eos:
