@@ -4,6 +4,7 @@ same wall-clock budget.
     python bench/convergence.py                          # "Always answer in French." (recipe smollm2_cpu), 3 runs
     python bench/convergence.py --recipe smollm2_short   # "Answer in one short sentence."
     python bench/convergence.py --quick                  # tiny random model, smoke test only
+    python bench/convergence.py --eval-set ood           # every peer judged on the out-of-distribution dev prompts
 
 The judge is the recipe's evaluation judge, ``iqstar_lite.evaluation.judges.pick_judge('auto', principle)`` (py3langid
 French; one sentence of at most 20 words). Peers, each in its own subprocess, ``--runs`` times, alternating order:
@@ -47,6 +48,10 @@ from common import (
 
 IQ_PEERS = ("iq-distill", "iq-pg", "iq-imitation")
 TRL_PEERS = ("trl-grpo", "trl-sdft")
+EVAL_SETS = {
+    "heldout": "held-out prompts (heldout_for_eval)",
+    "ood": "out-of-distribution dev prompts (eval.ood_prompts)",
+}
 MAX_STEPS = 2000  # the budget stops every run long before this
 
 
@@ -73,11 +78,18 @@ def recipe(s: dict, loss: str = "distill"):
     )
 
 
-def heldout(cfg, n: int):
+def heldout(cfg, s: dict):
+    """The prompts every peer is judged on: ``--eval-set heldout`` (the recipe's held-out prompts, as the demo's table),
+    or ``ood`` (``eval.ood_prompts``' ``eval.ood_split`` rows, the demo's out-of-distribution set, training prompts left
+    out), the first ``--eval-prompts``."""
     from iqstar_lite.data.sources import load_prompts
-    from iqstar_lite.evaluation.report import heldout_for_eval
+    from iqstar_lite.evaluation.report import heldout_for_eval, ood_examples
 
-    return heldout_for_eval(load_prompts(cfg.data).heldout, n)
+    prompts = load_prompts(cfg.data)
+    if s.get("eval_set", "heldout") == "ood":
+        cfg.eval.ood_max_prompts = s["eval_prompts"]
+        return ood_examples(cfg, prompts.train)
+    return heldout_for_eval(prompts.heldout, s["eval_prompts"])
 
 
 QUALITY_KEYS = (
@@ -154,7 +166,7 @@ def child_iq(s: dict, loss: str) -> dict:
         Formatter(tok, cfg.data),
         pick_judge("auto", cfg.data.principle),
     )
-    examples, target = heldout(cfg, s["eval_prompts"]), load_target(s)
+    examples, target = heldout(cfg, s), load_target(s)
     clock = Clock(
         s,
         lambda: quality(model, tok, fmt, examples, cfg, judge, target),
@@ -181,11 +193,7 @@ def _trl_setup(s: dict) -> dict:
 
     cfg = recipe(s)
     device, tok = pick_device(cfg.model), load_tokenizer(cfg.model.path)
-    fmt, judge, examples = (
-        Formatter(tok, cfg.data),
-        pick_judge("auto", cfg.data.principle),
-        heldout(cfg, s["eval_prompts"]),
-    )
+    fmt, judge, examples = (Formatter(tok, cfg.data), pick_judge("auto", cfg.data.principle), heldout(cfg, s))
     rc, k = cfg.rollout, s["trl_samples"]
     n = s["trl_prompts"] * k
     mb = min(cfg.train.micro_batch, n)
@@ -351,7 +359,7 @@ def child_contrastive(s: dict) -> dict:
         model,
         tok,
         Formatter(tok, cfg.data),
-        heldout(cfg, s["eval_prompts"]),
+        heldout(cfg, s),
         cfg,
         pick_judge("auto", cfg.data.principle),
         None,
@@ -533,7 +541,7 @@ def notes(args) -> list[str]:
         f"<= {args.tokens} new tokens, same lr / beta / LoRA / NF4 (load_base() model object on both sides).",
         "Training clock = sum of optimizer-step seconds, first (warm-up) step included on both sides (evaluation, logging and loading "
         f"excluded); runs stop at the first step end past {args.budget_s} s. Evaluation: iqstar_lite.evaluation.evaluate.evaluate, greedy, principle "
-        f"absent, {args.eval_prompts} held-out prompts (heldout_for_eval), {args.eval_tokens} new tokens; KL to pi* on contrastive "
+        f"absent, {args.eval_prompts} {EVAL_SETS[args.eval_set]}, {args.eval_tokens} new tokens; KL to pi* on contrastive "
         "decoding's greedy answers of the same run.",
         f"time_to_quality = training seconds of the first evaluation with judge >= {args.quality_judge} and repetition <= the run's "
         f"contrastive decoding's + {args.quality_repetition_margin} (evaluation every {args.eval_every_s} s: a resolution of one interval); "
@@ -563,7 +571,13 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=400, help="training-clock seconds per run")
     p.add_argument("--eval-every-s", type=float, default=100, help="evaluate every this many training-clock seconds")
     p.add_argument("--tokens", type=int, default=32, help="max new tokens per training response (every peer)")
-    p.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts (the demo's eval.max_prompts)")
+    p.add_argument("--eval-prompts", type=int, default=40, help="prompts judged (the demo's eval.max_prompts)")
+    p.add_argument(
+        "--eval-set",
+        choices=("heldout", "ood"),
+        default="heldout",
+        help="judge on the recipe's held-out prompts, or on its out-of-distribution dev prompts (eval.ood_prompts)",
+    )
     p.add_argument(
         "--eval-tokens", type=int, default=48, help="new tokens per held-out answer (the demo's eval.max_new_tokens)"
     )
@@ -616,6 +630,7 @@ def main() -> None:
             "eval_every_s",
             "tokens",
             "eval_prompts",
+            "eval_set",
             "eval_tokens",
             "eval_batch",
             "quality_judge",
@@ -631,8 +646,18 @@ def main() -> None:
     settings["peers"] = peers
     prev = json.loads(args.add_to.read_text()) if args.add_to else None
     if prev:
-        same = ("model", "recipe", "budget_s", "eval_every_s", "tokens", "eval_prompts", "eval_tokens", "eval_batch")
-        if diff := [k for k in same if prev["settings"].get(k) != settings[k]]:
+        same = (
+            "model",
+            "recipe",
+            "budget_s",
+            "eval_every_s",
+            "tokens",
+            "eval_prompts",
+            "eval_set",
+            "eval_tokens",
+            "eval_batch",
+        )
+        if diff := [k for k in same if prev["settings"].get(k, "heldout" if k == "eval_set" else None) != settings[k]]:
             p.error(f"--add-to {args.add_to} was run with other settings: {', '.join(diff)}")
         settings["added_to"] = args.add_to.name
         if (
