@@ -155,6 +155,7 @@ class TorchChat:
 
         from iqstar_lite.algorithm.reference import reference_mode
         from iqstar_lite.algorithm.rollout import sample as decode
+        from iqstar_lite.data.formatting import messages_for
         from iqstar_lite.data.sources import Example
 
         if mode not in self.modes():
@@ -163,9 +164,7 @@ class TorchChat:
             )
         if seed is not None:
             torch.manual_seed(seed)
-        ex = Example(
-            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        )
+        ex = Example(messages_for(prompt, system))
         kw = {
             "max_new_tokens": max_new_tokens,
             "greedy": not sample,

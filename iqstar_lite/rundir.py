@@ -32,9 +32,6 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
-
     @property
     def config(self) -> Path:
         return self.root / self.CONFIG

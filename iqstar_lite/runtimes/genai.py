@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqstar_lite.data.formatting import messages_for
 from iqstar_lite.errors import UserError
 from iqstar_lite.runtimes.base import Runtime
 
@@ -57,7 +58,7 @@ class GenaiGenerator(Runtime):
 
     def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
         """One user turn (after an optional system turn) + the assistant header, with genai's template and tokenizer."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = messages_for(prompt, system)
         text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         return [int(t) for t in self.tokenizer.encode(text)]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqstar_lite.data.formatting import messages_for
 from iqstar_lite.errors import UserError
 from iqstar_lite.runtimes.base import Runtime
 
@@ -76,7 +77,7 @@ class LlamaCppGenerator(Runtime):
         """One user turn (after an optional system turn) + the assistant header: the GGUF's template, llama.cpp's tokenizer."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = messages_for(prompt, system)
         if self.template:
             env = ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
