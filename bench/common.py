@@ -31,7 +31,7 @@ PACKAGES = (
     "accelerate",
     "trl",
     "onnxruntime",
-    "optimum-onnx",
+    "onnxruntime-genai",
     "numpy",
     "matplotlib",
 )

@@ -103,7 +103,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="another ONNX folder (e.g. the optimum graph), repeatable",
+        help="another ONNX decoder folder (e.g. an int8 variant, or a graph written by another exporter), repeatable",
     )
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4)

@@ -55,9 +55,8 @@ def load_backends(run_dir: Path, threads: int, spin: bool, variants: list[str] =
     }
     if (run_dir / "onnx-int8").is_dir():
         out["onnx-int8"] = ort_generator(run_dir / "onnx-int8", threads, spin)
-    for (
-        v
-    ) in variants:  # NAME=DIR: another ONNX folder (int8 block size, genai graph, ...), timed and scored like onnx-int8
+    # NAME=DIR: another ONNX folder (int8 block size, another exporter, ...), timed and scored like onnx-int8
+    for v in variants:
         name, _, path = v.partition("=")
         out[name] = ort_generator(Path(path), threads, spin)
     return out
@@ -142,7 +141,7 @@ def main() -> None:
         default=[],
         metavar="NAME=DIR",
         dest="variant",
-        help="another ONNX folder (e.g. another int8 block size, or export.onnx_graph=genai) timed and scored in the same run (repeatable)",
+        help="another ONNX folder (e.g. another int8 block size, or a graph written by another exporter) timed and scored in the same run (repeatable)",
     )
     args = parse_args(p, {"new_tokens": 8, "repeats": 3, "agree_prompts": 2})
     quiet_libraries()

@@ -13,10 +13,11 @@ What serves what (``--runtime auto``, the default):
   the untrained model), ``contrastive`` (principle-contrastive decoding of the base, pi-hat*: z* = (1+alpha) z+ -
   alpha z0, the principle in z+'s context only - a preview of what training reaches); ``--principle`` picks it,
   ``--compare`` prints all three;
-* a folder with ``genai_config.json`` (``export.onnx_graph=genai``): onnxruntime-genai's own runtime (its tokenizer,
+* an exported ONNX folder (``genai_config.json``): onnxruntime-genai's own runtime (its tokenizer,
   chat template and generator; ``runtimes/genai.py``); ``--runtime onnxruntime`` runs the same graph with
   ``OrtGenerator`` instead (batches in one call);
-* another ONNX folder (``export.onnx_graph=optimum``): onnxruntime + numpy + a tokenizer (``runtimes/ort.py``);
+* another ONNX decoder folder with a KV cache (e.g. one from optimum-onnx): onnxruntime + numpy + a tokenizer
+  (``runtimes/ort.py``);
 * a ``.gguf`` file: llama.cpp where llama-cpp-python is installed (``runtimes/llamacpp.py``), else transformers' GGUF
   loader and the package's PyTorch decoding loop (``rollout.sample``; needs torch); ``--runtime`` picks either.
 
@@ -78,7 +79,8 @@ def pick_runtime(path: Path, runtime: str = "auto") -> str:
     if runtime == "genai" or (runtime == "auto" and is_genai_folder(path)):
         if not is_genai_folder(path):
             raise UserError(
-                f"{str(path)!r} is not an onnxruntime-genai folder (no genai_config.json); export with export.onnx_graph=genai or use --runtime onnxruntime"
+                f"{str(path)!r} is not an onnxruntime-genai folder (no genai_config.json); run it with --runtime "
+                "onnxruntime, or pass a folder written by 'iqstar-lite export RUN_DIR'"
             )
         return "genai"
     return "onnxruntime"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import yaml
 
 from iqstar_lite.errors import UserError
 from iqstar_lite.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 # The repository's recipes/ (source tree, editable install); an installed wheel carries them as iqstar_lite/recipes/.
 _PACKAGE = Path(__file__).resolve().parent
@@ -234,10 +237,9 @@ class ExportConfig:
     merge_base: Literal["dequantized", "original"] = "dequantized"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     onnx: bool = True
-    onnx_graph: Literal["optimum", "genai"] = "genai"
-    """ONNX layout: ``genai`` (default: onnxruntime-genai's model builder, fused attention; faster - bench/RESULTS.md,
-    onnx_speed; runs in onnxruntime-genai's own runtime and in ``OrtGenerator``) or ``optimum`` (optimum-onnx; standard
-    ops, the layout optimum's ``ORTModelForCausalLM`` loads). See ``export.to_onnx.export_onnx``."""
+    onnx_graph: Literal["genai"] = "genai"
+    """ONNX layout: ``genai`` (onnxruntime-genai's model builder, fused attention; runs in onnxruntime-genai's own runtime
+    and in ``OrtGenerator``). The ``optimum`` graph is retired (``RETIRED``). See ``export.to_onnx.export_onnx``."""
     int8: bool = True
     int8_block: int = 32
     """int8 weight groups: 16, 32, 64, ... = one scale per that many input rows of each output channel (onnxruntime
@@ -337,6 +339,29 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+# Values a run's config.yaml may still hold, with why they went; a saved run reads them as their replacement (a warning),
+# a recipe or an override naming them is refused with the reason.
+RETIRED: dict[tuple[str, Any], tuple[Any, str]] = {
+    ("export.onnx_graph", "optimum"): (
+        "genai",
+        "export.onnx_graph=optimum was retired: optimum-onnx (its exporter) needs transformers<4.58, and the genai "
+        "graph runs 1.2-1.8x faster in onnxruntime (docs/deploy.md); use export.onnx_graph=genai",
+    )
+}
+
+
+def _replace_retired(data: dict, prefix: str = "") -> list[str]:
+    """Replace retired values in a saved run's config in place; return the warnings."""
+    said = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            said += _replace_retired(value, f"{prefix}{key}.")
+        elif (f"{prefix}{key}", value) in RETIRED:
+            data[key], why = RETIRED[(f"{prefix}{key}", value)]
+            said.append(f"{why.split(':')[0]}; this run's exports use {prefix}{key}={data[key]}")
+    return said
+
+
 def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     """Check/coerce one value against a type hint; ints are accepted for floats."""
     origin = typing.get_origin(hint)
@@ -394,6 +419,9 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
             kwargs[key] = _build(hint, value, f"{dotted}.", problems)
             continue
         ok, coerced = _type_ok(value, hint)
+        if not ok and (dotted, value) in RETIRED:
+            problems.append(RETIRED[(dotted, value)][1])
+            continue
         if not ok:
             problems.append(f"{dotted!r} must be {_describe(hint)}, got {value!r}")
             continue
@@ -542,4 +570,6 @@ def load_run_config(run_dir: Path) -> RecipeConfig:
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml); pass the out_dir of a training run")
     data = yaml.safe_load(path.read_text()) or {}
+    for warning in _replace_retired(data):
+        log.warning("%s: %s", path, warning)
     return config_from_dict(data, name=data.get("name", "run"))

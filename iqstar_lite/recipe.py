@@ -28,6 +28,7 @@ from iqstar_lite.evaluation.report import (
     print_examples,
     print_side_by_side,
 )
+from iqstar_lite.export.stage import require_export_extras
 from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
@@ -188,6 +189,7 @@ def stage_train(cfg: RecipeConfig, run_dir: Path) -> bool:
 
 def run(cfg: RecipeConfig, run_dir: Path) -> int:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    require_export_extras(cfg, stages)
     prepare_run_dir(run_dir, "train" in stages and not cfg.train.resume)
     if "train" in stages:
         if not stage_train(cfg, run_dir):

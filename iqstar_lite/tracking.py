@@ -13,16 +13,13 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.errors import UserError
+from iqstar_lite.extras import install_hint
 from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
 
 PROJECT = "iqstar_lite"
-INSTALL = {
-    "tensorboard": "pip install tensorboard==2.21.0",
-    "wandb": "pip install wandb",
-    "mlflow": "pip install mlflow",
-}
+INSTALL = {"tensorboard": install_hint("tensorboard"), "wandb": "pip install wandb", "mlflow": "pip install mlflow"}
 
 
 def _available(name: str) -> bool:

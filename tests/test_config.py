@@ -56,3 +56,22 @@ def test_second_principle_recipe_picks_its_judge():
     cfg = load_recipe("smollm2_short")
     assert cfg.data.principle == "Answer in one short sentence." and cfg.data.keep_default_system
     assert pick_judge(cfg.eval.judge, cfg.data.principle) is one_short_sentence
+
+
+def test_retired_value_is_refused_with_its_reason_and_read_as_its_replacement_in_a_saved_run(tmp_path, caplog):
+    """export.onnx_graph=optimum is gone: a recipe or an override naming it gets the reason in one line; a run directory
+    whose config.yaml was written before still loads (its exports use the genai graph), with a warning."""
+    import yaml
+
+    from iqstar_lite.config import load_run_config, save_config
+
+    with pytest.raises(UserError, match=r"export.onnx_graph=optimum was retired: optimum-onnx .*transformers<4.58"):
+        load_recipe("tiny_cpu", ["export.onnx_graph=optimum"])
+    save_config(load_recipe("tiny_cpu"), tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    data["export"]["onnx_graph"] = "optimum"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_run_config(tmp_path).export.onnx_graph == "genai"
+    assert "export.onnx_graph=optimum was retired" in caplog.text and "export.onnx_graph=genai" in caplog.text
+    with pytest.raises(UserError, match="'export.onnx_graph' must be one of 'genai', got 'onnx'"):
+        load_recipe("tiny_cpu", ["export.onnx_graph=onnx"])

@@ -117,7 +117,7 @@ def test_export_of_custom_code_models_is_refused_in_one_line(tmp_path):
 def hub_cache(tiny_path, tmp_path, monkeypatch):
     """A hub cache as huggingface_hub lays it out, read offline: org/tiny with branches main and v2 (v2's config carries
     a marker), the weights of the tiny model in both snapshots."""
-    import transformers.utils.hub
+    import huggingface_hub.constants
 
     repo = tmp_path / "hub" / "models--org--tiny"
     for branch, sha in (("main", "a" * 40), ("v2", "b" * 40)):
@@ -132,7 +132,7 @@ def hub_cache(tiny_path, tmp_path, monkeypatch):
         (snap / "config.json").write_text(json.dumps({**cfg, "iq_marker": branch}))
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / branch).write_text(sha)
-    monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each load
     return "org/tiny"
 
 

@@ -24,7 +24,7 @@ def test_report_to_picks_installed_trackers_and_names_the_missing_one(monkeypatc
     assert tracking.tracker_names("wandb") == ["wandb"]
     with pytest.raises(
         UserError,
-        match=r"tensorboard, mlflow is not installed; pip install tensorboard==2\.21\.0; pip install mlflow "
+        match=r"tensorboard, mlflow is not installed; pip install 'iqstar_lite\[tracking\]'; pip install mlflow "
         r"\(or set train\.report_to=none\)",
     ):
         tracking.tracker_names("tensorboard,wandb,mlflow")

@@ -4,9 +4,13 @@ network; the package itself can only come from the wheel."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -35,7 +39,19 @@ def installed(tmp_path_factory) -> Path:
         timeout=300,
     )
     wheel = next((tmp / "dist").glob("iqstar_lite-*.whl"))
-    venv = tmp / "venv"
+    venv = _venv_seeing_this_environment(tmp / "venv")
+    py = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return venv
+
+
+def _venv_seeing_this_environment(venv: Path) -> Path:
+    """A new venv without pip whose sys.path ends with this environment's site-packages (a .pth)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     site = subprocess.run(
@@ -47,12 +63,6 @@ def installed(tmp_path_factory) -> Path:
     (Path(site) / "deps.pth").write_text(
         sysconfig.get_paths()["purelib"] + "\n"
     )  # appended after the venv's own site-packages
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
     return venv
 
 
@@ -107,3 +117,54 @@ def test_fsdp_launch_is_refused_with_the_shipped_ddp_config(installed, tmp_path)
 
     assert load_config_from_file(str(config)).distributed_type == "MULTI_GPU"
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_wheel_pins_nothing_and_installs_next_to_current_releases(installed, tmp_path):
+    """The wheel's METADATA has ranges only (exact versions live in constraints.txt), deployment stacks are extras, and
+    pip's resolver installs the wheel with the demo's extras into an environment that already holds the lock's (newest)
+    transformers, trl and peft by adding the package alone: no conflict, no other install, no downgrade. Offline:
+    --no-index, and no constraint file (the machine's pip configuration is not read)."""
+    wheel = next((installed.parent / "dist").glob("iqstar_lite-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert requires and [r for r in requires if "==" in r.split(";")[0]] == [], requires  # "; extra == ..." is a marker
+    assert "Requires-Python: >=3.11" in meta
+    core = {r.split(">")[0].split(";")[0].strip() for r in requires if "extra ==" not in r}
+    assert {"torch", "transformers", "peft", "bitsandbytes", "accelerate"} <= core
+    assert not core & {
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-genai",
+        "tensorboard",
+        "matplotlib",
+        "trl",
+        "llama-cpp-python",
+    }
+
+    assert int(metadata.version("transformers").split(".")[0]) >= 5
+    py = _venv_seeing_this_environment(tmp_path / "venv") / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    report = tmp_path / "report.json"
+    wanted = [f"{wheel}[demo]", "transformers", "trl", "peft", "torch"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-index",
+            "--dry-run",
+            "--report",
+            str(report),
+        ]
+        + wanted,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]] == ["iqstar_lite"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from iqstar_lite.checkpoint import jsonl_rows
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.extras import install_hint
 from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger("iqstar_lite")
@@ -27,9 +28,7 @@ STEP_PANELS = (
     ("loss", "loss"),
     ("seconds", "seconds per step"),
 )
-MATPLOTLIB_MISSING = (
-    "matplotlib is not installed; pip install 'iqstar_lite[plot]' (matplotlib==3.11.2) to draw curves.png"
-)
+MATPLOTLIB_MISSING = "matplotlib is not installed; " + install_hint("matplotlib") + " to draw curves.png"
 
 
 def _summary(path: Path) -> dict:

@@ -1,20 +1,15 @@
 """A ``tokenizer.json`` that onnxruntime-genai's tokenizer (onnxruntime-extensions) reads as transformers does.
 
-onnxruntime-genai 0.15.2 does not run the ``tokenizers`` library: it re-implements BPE and picks its behaviour from the
-JSON. Two things in a byte-level BPE ``tokenizer.json`` make it disagree with transformers (SmolLM2, as converted from
-GGUF by transformers, has both; measured on the demo's chat prompts: 75 ids, many ``-1``, instead of 34):
+onnxruntime-genai does not run the ``tokenizers`` library: it re-implements BPE and picks its behaviour from the JSON.
+A decoder ``Sequence`` of ``ByteFallback`` / ``Fuse`` / ``Replace("▁", " ")`` + ``ByteLevel`` (transformers 4.x's GGUF
+converter wrote it, so a merged checkpoint of a run trained on transformers 4.x has it) reads to onnxruntime-extensions
+as a SentencePiece-style BPE: the input is not mapped to the byte-level alphabet (ids ``-1``; SmolLM2's demo chat
+prompts: 75 ids instead of 34) and decoded pieces come back raw (``'ĊĊ'``). For a byte-level vocabulary (no ``<0xNN>``
+tokens, no ``▁``) the three extra steps never change a decoded string, so the decoder becomes ``ByteLevel`` alone.
 
-* a decoder ``Sequence`` of ``ByteFallback`` / ``Fuse`` / ``Replace("▁", " ")`` + ``ByteLevel`` (transformers' GGUF
-  converter writes it) reads to onnxruntime-extensions as a SentencePiece-style BPE: the input is not mapped to the
-  byte-level alphabet (ids ``-1``) and decoded pieces come back raw (``'ĊĊ'``). For a byte-level vocabulary (no
-  ``<0xNN>`` tokens, no ``▁``) the three extra steps never change a decoded string, so the decoder becomes
-  ``ByteLevel`` alone.
-* its built-in GPT-2 pre-tokenizer splits whitespace before a word differently (``"a\\n\\nb"``: ``ĊĊ`` where
-  transformers' ``\\s+(?!\\S)`` gives ``Ċ Ċ``); an explicit ``Split`` with the same regex, then ``ByteLevel`` without
-  its own regex, is what transformers does inside ``ByteLevel(use_regex=True)`` and what onnxruntime-extensions then
-  runs as written.
-
-``rewrite`` changes only those parts; the parity gate (``check.py``) proves the result: onnxruntime-genai's ids for
+transformers 5 writes ``ByteLevel`` alone, which onnxruntime-genai 0.18 reads as transformers does (tested on tricky
+whitespace too: 0.15.2 also split ``"a\n\nb"`` differently and needed an explicit GPT-2 ``Split``; 0.18 does not).
+``rewrite`` changes only the decoder; the parity gate (``check.py``) proves the result: onnxruntime-genai's ids for
 the chat prompts equal the merged model's tokenizer's, and its decoding equals transformers'.
 """
 
@@ -27,20 +22,8 @@ from pathlib import Path
 
 from iqstar_lite.atomic import atomic_file
 
-# The GPT-2 pre-tokenizer regex, as transformers' ByteLevel(use_regex=True) applies it.
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _NEUTRAL_DECODERS = ("ByteFallback", "Fuse", "Replace")
-
-
-def _is_byte_level(pre: dict | None) -> bool:
-    """ByteLevel with its regex and no prefix space (with one, a Split before it would prefix every piece)."""
-    return (
-        bool(pre)
-        and pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True)
-        and not pre.get("add_prefix_space", False)
-    )
 
 
 def _byte_level_decoder(dec: dict | None, vocab: dict) -> dict | None:
@@ -61,26 +44,17 @@ def _byte_level_decoder(dec: dict | None, vocab: dict) -> dict | None:
 
 
 def rewrite(data: dict) -> tuple[dict, list[str]]:
-    """``(new tokenizer.json dict, what changed)``; unchanged (empty list) for anything but a byte-level BPE."""
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(data.get("pre_tokenizer")):
+    """``(new tokenizer.json dict, what changed)``; unchanged (empty list) for anything but a byte-level BPE whose
+    decoder has steps that are no-ops on its vocabulary."""
+    model, pre, dec = data.get("model") or {}, data.get("pre_tokenizer") or {}, data.get("decoder")
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
         return data, []
-    out, changes = copy.deepcopy(data), []
-    pre = out["pre_tokenizer"]
-    out["pre_tokenizer"] = {
-        "type": "Sequence",
-        "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": GPT2_SPLIT}, "behavior": "Isolated", "invert": False},
-            {**pre, "use_regex": False},
-        ],
-    }
-    changes.append("pre_tokenizer: ByteLevel regex -> explicit Split + ByteLevel(use_regex=false)")
-    dec = out.get("decoder")
     single = _byte_level_decoder(dec, model.get("vocab", {}))
-    if single is not None and single != dec:
-        out["decoder"] = single
-        changes.append("decoder: " + "+".join(s.get("type", "?") for s in dec.get("decoders", [dec])) + " -> ByteLevel")
-    return out, changes
+    if single is None or single == dec:
+        return data, []
+    out = copy.deepcopy(data)
+    out["decoder"] = single
+    return out, ["decoder: " + "+".join(s.get("type", "?") for s in dec.get("decoders", [dec])) + " -> ByteLevel"]
 
 
 def write_genai_tokenizer(folder: Path) -> list[str]:

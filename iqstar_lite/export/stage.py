@@ -25,6 +25,7 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig, config_from_dict, load_run_config, parse_overrides
 from iqstar_lite.errors import UserError, run_cli
+from iqstar_lite.extras import require
 from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,13 @@ def write_adapter_card(run_dir: Path, cfg: RecipeConfig) -> Path:
     return path
 
 
+def require_export_extras(cfg: RecipeConfig, stages: list[str]) -> None:
+    """The optional libraries the export and check stages will use, checked before any training or merging."""
+    if cfg.export.onnx and ("export" in stages or "check" in stages):
+        for module in ("onnx", "onnxruntime", "onnxruntime_genai"):
+            require(module, "or set export.onnx=false")
+
+
 def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None) -> dict:
     """Card, merge, ONNX, int8 per ``cfg.export``; writes export.json and returns the same dict.
 
@@ -129,6 +137,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
             f"{str(RunDir(run_dir).adapter)!r} (load it with peft), or run with stages=train"
         )
     adapter_dir(run_dir)  # fail early, before any model is loaded
+    require_export_extras(cfg, ["export"])
     gguf_types = parse_types(cfg.export.gguf)
     if gguf_types:  # a model the GGUF writer cannot write is refused before the merge, not after it
         from iqstar_lite.models.load import load_model_config
@@ -138,7 +147,7 @@ def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = Non
     report["merge"] = merge_run(run_dir, cfg, prompts)
     report["merged_bytes"] = dir_size(RunDir(run_dir).merged)
     if cfg.export.onnx:
-        report["onnx"] = export_onnx(RunDir(run_dir).merged, RunDir(run_dir).onnx, cfg.export.onnx_graph)
+        report["onnx"] = export_onnx(RunDir(run_dir).merged, RunDir(run_dir).onnx)
         if cfg.export.int8:
             report["onnx_int8"] = quantize_int8(
                 RunDir(run_dir).onnx, RunDir(run_dir).onnx_int8, block_size=cfg.export.int8_block

@@ -49,6 +49,21 @@ def _config(merged_dir: Path) -> dict:
     return check_architecture(json.loads((Path(merged_dir) / "config.json").read_text()))
 
 
+def rope_parameters(cfg: dict) -> dict:
+    """The rotary settings of a config.json as a dict: transformers 5 writes them under ``rope_parameters``, 4.x wrote
+    ``rope_theta`` and ``rope_scaling`` at the top level (a merged checkpoint of an older run)."""
+    params = dict(cfg.get("rope_scaling") or {})
+    params.update(cfg.get("rope_parameters") or {})
+    if "rope_theta" in cfg:
+        params.setdefault("rope_theta", cfg["rope_theta"])
+    params.setdefault("rope_theta", 10000.0)  # Llama's default in both layouts
+    return params
+
+
+def rope_scaled(cfg: dict) -> bool:
+    return rope_parameters(cfg).get("rope_type", rope_parameters(cfg).get("type", "default")) != "default"
+
+
 def check_architecture(cfg: dict) -> dict:
     """One line when the GGUF writer cannot write this model (config.json as a dict); export runs it before the merge."""
     kind = cfg.get("model_type")
@@ -57,7 +72,7 @@ def check_architecture(cfg: dict) -> dict:
             f"GGUF export writes Llama-architecture models (model_type {' / '.join(LLAMA_TYPES)}), this one is {kind!r}; "
             "set export.gguf=none, or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py"
         )
-    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("rope_scaling"):
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or rope_scaled(cfg):
         raise UserError(
             "GGUF export does not write attention/MLP biases or rope scaling; set export.gguf=none, "
             "or convert RUN_DIR/merged with llama.cpp's convert_hf_to_gguf.py"
@@ -157,7 +172,7 @@ def write_gguf(merged_dir: Path, path: Path, qtype: str, name: str = "model") ->
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(rope_parameters(cfg)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     writer.add_rope_dimension_count(head_dim)
     if head_dim != cfg["hidden_size"] // n_head:

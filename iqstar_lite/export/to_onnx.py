@@ -1,8 +1,8 @@
 """Merged checkpoint -> ONNX decoder with KV cache (``RUN_DIR/onnx/``) and its int8 twin (``RUN_DIR/onnx-int8/``).
 
-The exporter is optimum-onnx's ``main_export`` with task ``text-generation-with-past``: one
-``model.onnx`` taking ``input_ids, attention_mask, position_ids, past_key_values.*`` and returning
-``logits, present.*`` (see ``runtimes/ort.py``), loadable by ``optimum.onnxruntime.ORTModelForCausalLM``.
+The exporter is onnxruntime-genai's model builder: one ``model.onnx`` taking ``input_ids, attention_mask,
+past_key_values.*`` and returning ``logits, present.*`` (see ``runtimes/ort.py``), run by onnxruntime and by
+onnxruntime-genai.
 The ONNX graph is always fp32 (a bf16/fp16 merged checkpoint is upcast on load): CPU onnxruntime
 has no fast bf16 kernels and the parity gate compares against the merged model in fp32.
 
@@ -14,7 +14,6 @@ runs them with int8 activations and integer dot products; see ``quantize_matmul_
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -24,9 +23,10 @@ from pathlib import Path
 
 from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.export.genai_tokenizer import write_genai_tokenizer
+from iqstar_lite.extras import require
 from iqstar_lite.runtimes.ort import find_onnx_file
 
-# Everything a self-contained model folder needs besides the graph (optimum copies these for the fp32 export).
+# Everything a self-contained model folder needs besides the graph.
 SIDECAR_FILES = (
     "config.json",
     "generation_config.json",
@@ -54,75 +54,42 @@ def copy_sidecars(src: Path, dst: Path) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
-# Runs in a child process: the exporter's memory (a full fp32 model plus the graph) is returned to the
-# OS when it exits, and the TorchScript exporter's global state cannot slow the caller's torch (in
-# process, greedy generation with the merged model measured 2x slower after an export).
-_EXPORT_CHILD = (
-    "import json, sys; from optimum.exporters.onnx import main_export; main_export(**json.loads(sys.argv[1]))"
-)
+# Runs in a child process: the builder's memory (a full fp32 model plus the graph) is returned to the OS when it exits,
+# and exporter state cannot slow the caller's torch (in process, greedy generation with the merged model measured 2x
+# slower after a TorchScript export).
+def export_onnx(merged_dir: Path, out_dir: Path) -> dict:
+    """Export ``merged_dir`` to ``out_dir`` (replaced atomically) with onnxruntime-genai's model builder; return size and
+    timing.
 
-
-def export_onnx(merged_dir: Path, out_dir: Path, graph: str = "optimum") -> dict:
-    """Export ``merged_dir`` to ``out_dir`` (replaced atomically); return size and timing.
-
-    ``graph="optimum"``: optimum-onnx's ``main_export`` (standard ops, ``position_ids`` input; ~7,400 nodes for
-    SmolLM2-135M). ``graph="genai"``: onnxruntime-genai's model builder (``GroupQueryAttention``,
-    ``SkipSimplifiedLayerNormalization``, fused QKV / gate-up MatMuls: 342 nodes), which onnxruntime runs faster
-    (SmolLM2, one run of bench/onnx_speed.py, batch 1 / 4 over the optimum graph: fp32 1.2x / 1.24x, int8 1.8x /
-    1.45x). It takes no ``position_ids`` (positions come from the attention mask), so
-    ``OrtGenerator.generate_batch`` right-pads its batches. The folder is also onnxruntime-genai's own: its
-    ``genai_config.json`` stays, and ``tokenizer.json`` is rewritten so genai's tokenizer encodes and decodes as
-    transformers does (``genai_tokenizer.py``); ``runtimes.genai.GenaiGenerator`` runs it and the parity gate checks it.
+    The graph has ``GroupQueryAttention``, ``SkipSimplifiedLayerNormalization`` and fused QKV / gate-up MatMuls (342
+    nodes for SmolLM2-135M, against ~7,400 in optimum-onnx's standard-op graph, which onnxruntime ran 1.2x / 1.24x slower
+    in fp32 and 1.8x / 1.45x slower in int8 at batch 1 / 4: bench/onnx_speed.py). It takes no ``position_ids``
+    (positions come from the attention mask), so ``OrtGenerator.generate_batch`` right-pads its batches. The folder is
+    also onnxruntime-genai's own: its ``genai_config.json`` stays, and ``tokenizer.json`` is rewritten so genai's
+    tokenizer encodes and decodes as transformers does (``genai_tokenizer.py``); ``runtimes.genai.GenaiGenerator`` runs
+    it and the parity gate checks it.
     """
+    require("onnxruntime_genai")
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if graph not in ("optimum", "genai"):
-        raise ValueError(f"graph must be 'optimum' or 'genai', got {graph!r}")
     with atomic_dir(out_dir) as tmp:
-        if graph == "optimum":
-            kwargs = {
-                "model_name_or_path": str(merged_dir),
-                "output": str(tmp),
-                "task": "text-generation-with-past",
-                "dtype": "fp32",
-                "device": "cpu",
-                "local_files_only": True,
-                "do_validation": False,  # check.py is the validation, on real prompts
-            }
-            cmd = [sys.executable, "-c", _EXPORT_CHILD, json.dumps(kwargs)]
-        else:
-            cache = tmp / ".builder-cache"
-            cmd = [
-                sys.executable,
-                "-m",
-                "onnxruntime_genai.models.builder",
-                "-i",
-                str(merged_dir),
-                "-o",
-                str(tmp),
-                "-p",
-                "fp32",
-                "-e",
-                "cpu",
-                "-c",
-                str(cache),
-            ]
-        log.info("exporting %s to ONNX (%s graph, text generation with KV cache) in a child process", merged_dir, graph)
+        cache = tmp / ".builder-cache"
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+        cmd += ["-i", str(merged_dir), "-o", str(tmp), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+        log.info("exporting %s to ONNX (onnxruntime-genai's builder, KV cache) in a child process", merged_dir)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"ONNX export ({graph}) of {merged_dir} failed (exit {proc.returncode}):\n{tail}")
-        if graph == "genai":
-            shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
+            raise RuntimeError(f"ONNX export of {merged_dir} failed (exit {proc.returncode}):\n{tail}")
+        shutil.rmtree(cache, ignore_errors=True)
         copy_sidecars(merged_dir, tmp)  # tokenizer + config + generation_config: the folder stands alone
-        if graph == "genai":
-            for change in write_genai_tokenizer(tmp):
-                log.info("tokenizer.json for onnxruntime-genai: %s", change)
+        for change in write_genai_tokenizer(tmp):
+            log.info("tokenizer.json for onnxruntime-genai: %s", change)
         find_onnx_file(tmp)
     return {
         "dir": str(out_dir),
         "bytes": dir_size(out_dir),
-        "graph": graph,
+        "graph": "genai",
         "seconds": round(time.perf_counter() - start, 2),
     }
 

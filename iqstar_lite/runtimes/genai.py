@@ -1,4 +1,4 @@
-"""onnxruntime-genai's own runtime on an ``export.onnx_graph=genai`` folder: its tokenizer, chat template and generator.
+"""onnxruntime-genai's own runtime on an exported ONNX folder: its tokenizer, chat template and generator.
 
 This is the client a deployment without Python ML libraries uses (onnxruntime-genai has C, C#, Java and Objective-C
 APIs over the same folder); no torch, no transformers::
@@ -21,6 +21,7 @@ import numpy as np
 
 from iqstar_lite.data.formatting import messages_for
 from iqstar_lite.errors import UserError
+from iqstar_lite.extras import require
 from iqstar_lite.runtimes.base import Runtime
 
 
@@ -34,12 +35,11 @@ class GenaiGenerator(Runtime):
     label = "onnxruntime-genai"
 
     def __init__(self, folder: str | Path):
-        import onnxruntime_genai as og
-
+        og = require("onnxruntime_genai")
         self.dir = Path(folder)
         if not is_genai_folder(self.dir):
             raise UserError(
-                f"{str(self.dir)!r} has no genai_config.json; export with 'iqstar-lite export RUN_DIR export.onnx_graph=genai'"
+                f"{str(self.dir)!r} has no genai_config.json; export the run with 'iqstar-lite export RUN_DIR'"
             )
         self._og = og
         try:
@@ -49,7 +49,7 @@ class GenaiGenerator(Runtime):
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(
                 f"{str(self.dir)!r} cannot be loaded by onnxruntime-genai ({first}); re-export it with "
-                "'iqstar-lite export RUN_DIR export.onnx_graph=genai'"
+                "'iqstar-lite export RUN_DIR'"
             ) from None
         self.eos_ids = [int(t) for t in self.tokenizer.eos_token_ids]
         self.context_length = int(

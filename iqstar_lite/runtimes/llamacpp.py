@@ -1,4 +1,4 @@
-"""llama.cpp itself on a GGUF export, through llama-cpp-python (optional: ``pip install llama-cpp-python==0.3.36``, which
+"""llama.cpp itself on a GGUF export, through llama-cpp-python (optional: ``pip install 'iqstar_lite[llamacpp]'``, which
 builds the llama.cpp it vendors; the ``llamacpp`` extra).
 
     gen = LlamaCppGenerator("runs/x/gguf/model-q8_0.gguf")
@@ -40,7 +40,7 @@ class LlamaCppGenerator(Runtime):
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int = 0):
         if not available():
             raise UserError(
-                "llama.cpp is not installed; pip install llama-cpp-python==0.3.36 (builds llama.cpp; needs cmake and a C++ compiler)"
+                "llama.cpp is not installed; pip install 'iqstar_lite[llamacpp]' (builds llama.cpp; needs cmake and a C++ compiler)"
             )
         from llama_cpp import Llama
 

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from iqstar_lite.data.formatting import eos_token_ids, render_chat
 from iqstar_lite.errors import UserError
+from iqstar_lite.extras import require
 from iqstar_lite.runtimes.base import Generation, Runtime, token_picker
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -95,6 +95,7 @@ class OrtGenerator(Runtime):
         """``threads``: intra-op threads (0 = onnxruntime's default); ``spin=False`` stops idle worker
         threads from busy-waiting (use it when torch shares the CPU, e.g. for fair timings)."""
         self.dir = Path(onnx_dir)
+        ort = require("onnxruntime")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
@@ -201,7 +202,7 @@ class OrtGenerator(Runtime):
 
         Prompts are left-padded; the attention mask hides the pads and positions count from each row's first
         real token, so a row decodes as it would alone (up to float rounding). A graph without a ``position_ids``
-        input (``export.onnx_graph=genai``) gets right-padded rows instead (tested equal to one at a time).
+        input (the genai graph) gets right-padded rows instead (tested equal to one at a time).
         A row that emitted EOS is fed its pad id until every row has stopped (``stop_at_eos``; False: EOS suppressed); its ``tokens``
         end at its EOS. ``seconds`` is the whole batch's time, on every row.
         """
