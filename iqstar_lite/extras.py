@@ -8,7 +8,6 @@ stops with :class:`UserError` naming the command to run, never with an ImportErr
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 
 from iqstar_lite.errors import UserError
@@ -16,6 +15,7 @@ from iqstar_lite.errors import UserError
 # module -> (the extra that installs it, what it is for)
 EXTRAS: dict[str, tuple[str, str]] = {
     "onnx": ("onnx", "the ONNX export"),
+    "onnx_ir": ("onnx", "the ONNX export (onnxruntime-genai's model builder)"),
     "onnxruntime": ("onnx", "ONNX inference and the parity gate"),
     "onnxruntime_genai": ("genai", "the ONNX export (onnxruntime-genai's model builder) and its runtime"),
     "llama_cpp": ("llamacpp", "llama.cpp inference"),
@@ -30,19 +30,13 @@ def install_hint(module: str) -> str:
     return f"pip install 'iqstar_lite[{extra}]'"
 
 
-def available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def require(module: str, otherwise: str = "") -> ModuleType:
-    """Import ``module`` (a key of ``EXTRAS``) or raise a one-line UserError that names the extra to install (and
-    ``otherwise``, the setting that avoids it)."""
+def require(module: str, otherwise: str = "", extra: str | None = None) -> ModuleType:
+    """Import ``module`` (a key of ``EXTRAS``) or raise a one-line UserError that names the extra to install (``extra``
+    where the feature needs a larger one than the module's own) and ``otherwise``, the setting that avoids it."""
     purpose = EXTRAS[module][1]
     try:
         return importlib.import_module(module)
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # OSError: a native library that does not load
+        hint = f"pip install 'iqstar_lite[{extra}]'" if extra else install_hint(module)
         also = f", {otherwise}" if otherwise else ""
-        raise UserError(f"{module} is not installed ({purpose} needs it: {e}); {install_hint(module)}{also}") from None
+        raise UserError(f"{module} is not installed ({purpose} needs it: {e}); {hint}{also}") from None

@@ -75,3 +75,10 @@ def test_retired_value_is_refused_with_its_reason_and_read_as_its_replacement_in
     assert "export.onnx_graph=optimum was retired" in caplog.text and "export.onnx_graph=genai" in caplog.text
     with pytest.raises(UserError, match="'export.onnx_graph' must be one of 'genai', got 'onnx'"):
         load_recipe("tiny_cpu", ["export.onnx_graph=onnx"])
+
+
+def test_a_list_or_mapping_where_a_value_belongs_is_one_problem_line():
+    with pytest.raises(UserError, match=r"'export.onnx_graph' must be one of 'genai', got \['a'\]"):
+        load_recipe("tiny_cpu", ["export.onnx_graph=[a]"])
+    with pytest.raises(UserError, match=r"'lora.target_modules' must be str, got \{'a': 1\}"):
+        load_recipe("tiny_cpu", ["lora.target_modules={a: 1}"])

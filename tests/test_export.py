@@ -219,6 +219,10 @@ def test_export_passes_parity_check(exported):
     assert "PASSED" in format_table(result)
     # GGUF (export.gguf default f16,q8_0) loaded back by transformers: same prompt ids, f16 identical greedy tokens.
     assert sorted(result["gguf"]) == ["f16", "q8_0"]
+    import gguf  # the rope base the writer read from rope_parameters (transformers 5's config.json layout)
+
+    field = gguf.GGUFReader(str(run / "gguf" / "model-f16.gguf")).fields["llama.rope.freq_base"]
+    assert float(field.parts[field.data[0]][0]) == 12345.0
     for qtype, g in result["gguf"].items():
         assert g["prompt_ids_equal"] and g["tokens_per_s"] > 0 and f"GGUF {qtype} via" in format_table(result)
     assert (
@@ -237,11 +241,11 @@ def test_genai_graph_export_passes_parity_check_and_decodes_batches(exported, tm
     run, report = exported
     cfg = load_run_config(run)
     cfg.export.gguf = "none"
-    assert (
-        report["onnx"]["graph"] == "genai"
-        and (run / "onnx" / "genai_config.json").is_file()
-        and (run / "onnx-int8" / "genai_config.json").is_file()
-    )
+    assert (run / "onnx" / "genai_config.json").is_file() and (run / "onnx-int8" / "genai_config.json").is_file()
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(run / "onnx" / "model.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops  # the builder's fused graph
     gen = OrtGenerator(run / "onnx")
     assert "position_ids" not in gen.input_names
     assert report["onnx_int8"]["weights_quantized"] > 0
@@ -314,9 +318,9 @@ TRICKY = [
 
 def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(exported, tiny_path, tmp_path):
     """SmolLM2's tokenizer as transformers converts it from GGUF (the embedded model, tiny_cpu). onnxruntime-genai 0.18
-    reads transformers 5's conversion as it is, and misreads every text with the decoder transformers 4.x wrote (a
-    merged checkpoint of an older run); after ``rewrite`` it gives transformers' ids and text for both, and transformers'
-    own tokenizer is unchanged by the rewrite."""
+    reads it with a ByteLevel decoder alone (transformers 5.25 writes that) as transformers does, and misreads every
+    text with the decoder Sequence that transformers 4.x and 5.2 wrote; after ``rewrite`` it gives transformers' ids
+    and text, and transformers' own tokenizer is unchanged by the rewrite."""
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -324,14 +328,18 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(exported, ti
     from iqstar_lite.export.genai_tokenizer import rewrite, write_genai_tokenizer
     from iqstar_lite.export.to_onnx import copy_sidecars
 
+    # As this transformers converted it from GGUF: 4.x and 5.2 write a decoder Sequence, 5.25 ByteLevel alone.
     original = json.loads((Path(tiny_path) / "tokenizer.json").read_text())
-    assert original["decoder"]["type"] == "ByteLevel" and rewrite(original) == (original, [])  # transformers 5's
-    # transformers 4.x's GGUF converter wrote this decoder, which genai takes for SentencePiece: rewritten to ByteLevel.
+    dec = original["decoder"]
+    byte_level = next(d for d in [dec, *dec.get("decoders", [])] if d["type"] == "ByteLevel")
+    plain = {**original, "decoder": byte_level}
+    assert rewrite(plain) == (plain, [])
+    # The older converters' decoder, which genai takes for SentencePiece: rewritten to ByteLevel.
     replace = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
-    steps = [{"type": "ByteFallback"}, {"type": "Fuse"}, replace, original["decoder"]]
+    steps = [{"type": "ByteFallback"}, {"type": "Fuse"}, replace, byte_level]
     legacy = {**original, "decoder": {"type": "Sequence", "decoders": steps}}
     new, changes = rewrite(legacy)
-    assert changes == ["decoder: ByteFallback+Fuse+Replace+ByteLevel -> ByteLevel"] and new == original
+    assert changes == ["decoder: ByteFallback+Fuse+Replace+ByteLevel -> ByteLevel"] and new == plain
     a, b = Tokenizer.from_str(json.dumps(legacy)), Tokenizer.from_str(json.dumps(new))
     for text in TRICKY:
         ids = a.encode(text, add_special_tokens=False).ids
@@ -357,7 +365,7 @@ def test_genai_tokenizer_rewrite_keeps_transformers_and_fixes_genai(exported, ti
         assert gt.decode(np.asarray(ids, dtype=np.int32)) == ref.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-    for unfixed, genai_reads_it in ((original, True), (legacy, False)):  # as transformers 5 / 4.x wrote it
+    for unfixed, genai_reads_it in ((plain, True), (legacy, False)):
         (folder / "tokenizer.json").write_text(json.dumps(unfixed))
         gt = og.Tokenizer(og.Model(str(folder)))
         same = [[int(t) for t in gt.encode(text)] == ref(text, add_special_tokens=False)["input_ids"] for text in texts]
@@ -766,7 +774,7 @@ def test_ort_generator_kv_cache_matches_full_forward(exported):
 
 
 def test_generate_batch_equals_one_prompt_at_a_time(exported):
-    """Left-padded batch (prompts of different lengths) = each prompt alone: same greedy tokens, each row ending
+    """A right-padded batch (prompts of different lengths) = each prompt alone: same greedy tokens, each row ending
     at its own EOS; seeded sampling is reproducible."""
     from iqstar_lite.runtimes.ort import OrtGenerator
 
@@ -983,7 +991,7 @@ def test_a_missing_extra_is_one_line_naming_the_install(exported, tmp_path):
     for modules, argv, extra in (
         (["onnxruntime_genai"], ["chat", str(run / "onnx"), PROMPTS[0]], "genai"),
         (["onnxruntime"], ["chat", str(run / "onnx"), PROMPTS[0], "--runtime", "onnxruntime"], "onnx"),
-        (["onnxruntime_genai"], ["train", "tiny_cpu", f"out_dir={tmp_path / 'run'}", "train.steps=1"], "genai"),
+        (["onnx_ir"], ["train", "tiny_cpu", f"out_dir={tmp_path / 'run'}", "train.steps=1"], "onnx"),  # the builder's
     ):
         proc = _without(modules, *argv)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -995,3 +1003,77 @@ def test_a_missing_extra_is_one_line_naming_the_install(exported, tmp_path):
     proc = _without(["onnxruntime_genai", "onnxruntime", "onnx"], "train", "tiny_cpu", f"out_dir={tmp_path / 'r2'}",
                     "train.steps=1", "eval.enabled=false", "export.onnx=false", "export.gguf=none")  # fmt: skip
     assert proc.returncode == 0 and (tmp_path / "r2" / "merged").is_dir(), proc.stderr[-2000:]  # training needs none
+
+
+def _toy_decoder_with_position_ids(folder: Path, vocab: int = 8) -> Path:
+    """An ONNX decoder in optimum's layout (``position_ids`` input, one layer of KV cache) whose next token is
+    (the sum of the unmasked token ids in its cache + the current position) mod ``vocab``: a pad that is not masked,
+    or a position that is off, changes its tokens."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["b", "t"]),
+        helper.make_tensor_value_info("attention_mask", i64, ["b", "all"]),
+        helper.make_tensor_value_info("position_ids", i64, ["b", "t"]),
+        helper.make_tensor_value_info("past_key_values.0.key", f, ["b", 1, "p", 1]),
+        helper.make_tensor_value_info("past_key_values.0.value", f, ["b", 1, "p", 1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", f, ["b", "t", vocab]),
+        helper.make_tensor_value_info("present.0.key", f, ["b", 1, "all", 1]),
+        helper.make_tensor_value_info("present.0.value", f, ["b", 1, "all", 1]),
+    ]
+    consts = {
+        "axes13": np.array([1, 3], dtype=np.int64),
+        "axes123": np.array([1, 2, 3], dtype=np.int64),
+        "axis1": np.array([1], dtype=np.int64),
+        "axis2": np.array([2], dtype=np.int64),
+        "vocab": np.array(float(vocab), dtype=np.float32),
+        "range": np.arange(vocab, dtype=np.float32),
+    }
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["input_ids"], ["ids_f"], to=f),
+        node("Unsqueeze", ["ids_f", "axes13"], ["new_k"]),
+        node("Concat", ["past_key_values.0.key", "new_k"], ["present.0.key"], axis=2),
+        node("Cast", ["position_ids"], ["pos_f"], to=f),
+        node("Unsqueeze", ["pos_f", "axes13"], ["new_v"]),
+        node("Concat", ["past_key_values.0.value", "new_v"], ["present.0.value"], axis=2),
+        node("Cast", ["attention_mask"], ["mask_f"], to=f),
+        node("Unsqueeze", ["mask_f", "axes13"], ["mask4"]),
+        node("Mul", ["present.0.key", "mask4"], ["kept"]),
+        node("ReduceSum", ["kept", "axes123"], ["total"], keepdims=0),
+        node("Unsqueeze", ["total", "axis1"], ["total2"]),
+        node("Add", ["total2", "pos_f"], ["score"]),
+        node("Mod", ["score", "vocab"], ["target"], fmod=1),
+        node("Unsqueeze", ["target", "axis2"], ["target3"]),
+        node("Sub", ["range", "target3"], ["diff"]),
+        node("Mul", ["diff", "diff"], ["sq"]),
+        node("Neg", ["sq"], ["logits"]),
+    ]
+    init = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "toy", inputs, outputs, init)
+    folder.mkdir(parents=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "model.onnx"))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 5}))  # also the pad id (no tokenizer)
+    return folder
+
+
+def test_ort_generator_left_pads_a_graph_that_takes_position_ids(tmp_path):
+    """A decoder in optimum's layout (e.g. from optimum-onnx in an environment of its own) runs in OrtGenerator: its
+    batches are left-padded with positions from each row's first real token, and decode as each row alone."""
+    from iqstar_lite.runtimes.ort import OrtGenerator
+
+    gen = OrtGenerator(_toy_decoder_with_position_ids(tmp_path / "toy"), load_tokenizer=False)
+    assert "position_ids" in gen.input_names and gen.pad_id == 5
+    alone = gen.generate([3, 1, 2], 5, stop_at_eos=False).tokens
+    expect, seen = [], [3, 1, 2]  # by hand: next = (sum of the ids so far + the position of the last one) mod 8,
+    for _ in range(5):  # and 4 for 5 (EOS, suppressed by stop_at_eos=False: 4 and 6 are nearest, argmax takes 4)
+        t = (sum(seen) + len(seen) - 1) % 8
+        expect.append(4 if t == 5 else t)
+        seen.append(expect[-1])
+    assert alone == expect
+    rows = [[3, 1, 2], [5], [2, 2, 2, 2, 6], [1, 4]]
+    batch = gen.generate_batch(rows, 5, stop_at_eos=False)
+    assert [g.tokens for g in batch] == [gen.generate(r, 5, stop_at_eos=False).tokens for r in rows]

@@ -36,6 +36,7 @@ from iqstar_lite.data.formatting import render_chat
 from iqstar_lite.errors import UserError, run_cli
 from iqstar_lite.export.check_clients import client_parity, tokens_per_s
 from iqstar_lite.export.merge import pick_prompts
+from iqstar_lite.extras import require
 from iqstar_lite.rundir import RunDir
 from iqstar_lite.runtimes.base import Generation
 from iqstar_lite.runtimes.genai import GenaiGenerator, is_genai_folder
@@ -125,6 +126,9 @@ def check_onnx(
     from transformers import AutoTokenizer
 
     find_onnx_file(onnx_dir)  # bad input fails before any model is loaded
+    require("onnxruntime")
+    if any(folder is not None and is_genai_folder(folder) for folder in (onnx_dir, int8_dir)):
+        require("onnxruntime_genai")
     if int8_dir is not None:
         find_onnx_file(int8_dir)
     # Prompt ids from the merged model's tokenizer (the one it was trained with) where it is there.

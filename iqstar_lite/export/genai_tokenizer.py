@@ -1,13 +1,14 @@
 """A ``tokenizer.json`` that onnxruntime-genai's tokenizer (onnxruntime-extensions) reads as transformers does.
 
 onnxruntime-genai does not run the ``tokenizers`` library: it re-implements BPE and picks its behaviour from the JSON.
-A decoder ``Sequence`` of ``ByteFallback`` / ``Fuse`` / ``Replace("▁", " ")`` + ``ByteLevel`` (transformers 4.x's GGUF
-converter wrote it, so a merged checkpoint of a run trained on transformers 4.x has it) reads to onnxruntime-extensions
+A decoder ``Sequence`` of ``ByteFallback`` / ``Fuse`` / ``Replace("▁", " ")`` + ``ByteLevel`` (the GGUF converter of
+transformers 4.x and 5.2 writes it, so the embedded model converted there and its merged checkpoints have it) reads to
+onnxruntime-extensions
 as a SentencePiece-style BPE: the input is not mapped to the byte-level alphabet (ids ``-1``; SmolLM2's demo chat
 prompts: 75 ids instead of 34) and decoded pieces come back raw (``'ĊĊ'``). For a byte-level vocabulary (no ``<0xNN>``
 tokens, no ``▁``) the three extra steps never change a decoded string, so the decoder becomes ``ByteLevel`` alone.
 
-transformers 5 writes ``ByteLevel`` alone, which onnxruntime-genai 0.18 reads as transformers does (tested on tricky
+transformers 5.25 writes ``ByteLevel`` alone, which onnxruntime-genai 0.18 reads as transformers does (tested on tricky
 whitespace too: 0.15.2 also split ``"a\n\nb"`` differently and needed an explicit GPT-2 ``Split``; 0.18 does not).
 ``rewrite`` changes only the decoder; the parity gate (``check.py``) proves the result: onnxruntime-genai's ids for
 the chat prompts equal the merged model's tokenizer's, and its decoding equals transformers'.

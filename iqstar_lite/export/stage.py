@@ -113,8 +113,8 @@ def write_adapter_card(run_dir: Path, cfg: RecipeConfig) -> Path:
 def require_export_extras(cfg: RecipeConfig, stages: list[str]) -> None:
     """The optional libraries the export and check stages will use, checked before any training or merging."""
     if cfg.export.onnx and ("export" in stages or "check" in stages):
-        for module in ("onnx", "onnxruntime", "onnxruntime_genai"):
-            require(module, "or set export.onnx=false")
+        for module in ("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai"):
+            require(module, "or set export.onnx=false", extra="onnx")
 
 
 def export_run(run_dir: Path, cfg: RecipeConfig, prompts: list[str] | None = None) -> dict:

@@ -38,7 +38,7 @@ SIDECAR_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
-    "genai_config.json",  # onnxruntime-genai's runtime config (genai graph only)
+    "genai_config.json",  # onnxruntime-genai's runtime config
 )
 PROTOBUF_LIMIT = 2 * 1024**3
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def export_onnx(merged_dir: Path, out_dir: Path) -> dict:
     tokenizer encodes and decodes as transformers does (``genai_tokenizer.py``); ``runtimes.genai.GenaiGenerator`` runs
     it and the parity gate checks it.
     """
-    require("onnxruntime_genai")
+    for module in ("onnx", "onnx_ir", "onnxruntime_genai"):  # the builder's imports
+        require(module, extra="onnx")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -277,6 +278,7 @@ def quantize_int8(
     to ~250 at the down_proj inputs). ``external_data=None``: use external data exactly when the input
     does or is near the 2 GB protobuf limit. Loads the whole fp32 graph into memory.
     """
+    require("onnxruntime")
     import onnx
 
     start = time.perf_counter()

@@ -1,17 +1,17 @@
 """Torch-free text generation with an exported decoder: numpy + onnxruntime + a tokenizer.
 
 This module never imports torch, so a deployment needs only ``onnxruntime``, ``numpy`` and
-``transformers``/``tokenizers`` for the chat template. It drives the decoder exported by
-``export/to_onnx.py`` (optimum's ``text-generation-with-past`` layout)::
+``transformers``/``tokenizers`` for the chat template. It drives a decoder with a KV cache, as ``export/to_onnx.py``
+writes it (onnxruntime-genai's model builder) or in optimum's ``text-generation-with-past`` layout::
 
-    inputs:  input_ids [B, T], attention_mask [B, P+T], position_ids [B, T],
+    inputs:  input_ids [B, T], attention_mask [B, P+T], (position_ids [B, T]: optimum's layout only),
              past_key_values.{i}.key / .value [B, kv_heads, P, head_dim]
     outputs: logits [B, T, V], present.{i}.key / .value [B, kv_heads, P+T, head_dim]
 
 The first call feeds the prompt with an empty (P = 0) cache; every later call feeds one token
 and the ``present.*`` tensors of the previous call as ``past_key_values.*``. Names, cache shapes
 and dtypes are read from the session, not hard-coded. ``generate`` decodes one prompt,
-``generate_batch`` several at once (left-padded).
+``generate_batch`` several at once (right-padded; left-padded for a graph that takes ``position_ids``).
 
     gen = OrtGenerator("runs/x/onnx")
     print(gen.chat("Name three colours."))                           # greedy
@@ -114,12 +114,13 @@ class OrtGenerator(Runtime):
         self.input_names = set(inputs)
         if "input_ids" not in inputs:
             raise UserError(
-                f"{str(self.dir)!r}: the ONNX model has no input_ids input; export it with task text-generation-with-past"
+                f"{str(self.dir)!r}: the ONNX model has no input_ids input; pass a folder written by 'iqstar-lite export RUN_DIR'"
             )
         past = sorted((int(m[1]), m[2] != "key", name) for name in inputs if (m := _PAST.match(name)))
         if not past:
             raise UserError(
-                f"{str(self.dir)!r}: the ONNX model has no past_key_values inputs; export it with task text-generation-with-past"
+                f"{str(self.dir)!r}: the ONNX model has no past_key_values inputs (a decoder without a KV cache); "
+                "pass a folder written by 'iqstar-lite export RUN_DIR'"
             )
         self.past_names = [name for _, _, name in past]
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
