@@ -1077,3 +1077,21 @@ def test_ort_generator_left_pads_a_graph_that_takes_position_ids(tmp_path):
     rows = [[3, 1, 2], [5], [2, 2, 2, 2, 6], [1, 4]]
     batch = gen.generate_batch(rows, 5, stop_at_eos=False)
     assert [g.tokens for g in batch] == [gen.generate(r, 5, stop_at_eos=False).tokens for r in rows]
+
+
+def test_a_gguf_file_becomes_a_plain_checkpoint_with_the_same_logits(exported, tmp_path):
+    """How the embedded model (a GGUF file) becomes a training checkpoint: transformers refuses to save a model loaded
+    with gguf_file= (5.25 marks it GGUF-quantized); ``_dense_model`` gives one that saves, with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from iqstar_lite.models.embedded import _dense_model
+
+    path = exported[0] / "gguf" / "model-q8_0.gguf"
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    dense = _dense_model(path)
+    dense.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    x = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, loaded(x).logits)

@@ -45,6 +45,31 @@ def _embedded_gguf() -> Path:
     return path
 
 
+def _dense_model(gguf: Path):
+    """The GGUF file's model with every weight dequantized to fp32, as a plain model that ``save_pretrained`` writes.
+
+    transformers 5.25 marks a model loaded with ``gguf_file=`` as GGUF-quantized, which it refuses to save, even where
+    it dequantized every weight (Llama, or ``GgufConfig(dequantize=True)``); the dense weights are copied into a model
+    built from the same config (strict: a weight left in GGUF blocks would not fit)."""
+    import copy
+
+    kwargs = {}
+    try:  # transformers >= 5.25 keeps GGUF blocks where it has a kernel for them, unless asked to dequantize
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    return model.eval()
+
+
 def convert_embedded(target: Path) -> Path:
     """GGUF (dequantized by transformers) -> plain safetensors + tokenizer + chat template, once.
 
@@ -55,7 +80,7 @@ def convert_embedded(target: Path) -> Path:
     log.info("converting embedded %s to safetensors in %s (once)", gguf.name, target)
     with atomic_dir(target) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = _dense_model(gguf)
         # The GGUF metadata maps eos to <|im_start|>; SmolLM2-Instruct ends turns with <|im_end|>.
         tok.eos_token = "<|im_end|>"
         tok.pad_token = "<|im_end|>"
