@@ -265,6 +265,12 @@ def response_logits(model, batch: dict[str, torch.Tensor], T: int) -> torch.Tens
     return out.logits[:, :-1]
 
 
+def _checkpointing(model) -> bool:
+    """Activation (gradient) checkpointing is on; transformers 5.25 renamed the flag and warns on the old name."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 def shared_context_logits(model, context_ids: list[list[int]], response_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """``response_logits(model, pack(context_ids, response_ids, pad_id), T)`` with each distinct context run once.
 
@@ -278,7 +284,7 @@ def shared_context_logits(model, context_ids: list[list[int]], response_ids: tor
     n, T = response_ids.shape
     keys = [tuple(c) for c in context_ids]
     distinct = list(dict.fromkeys(keys))
-    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = model.training and _checkpointing(model)
     if len(distinct) == n or T == 0 or min(len(k) for k in distinct) < 2 or checkpointing:
         return response_logits(model, pack(context_ids, response_ids, pad_id), T)
     device = response_ids.device
