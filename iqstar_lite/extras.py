@@ -21,13 +21,15 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "llama_cpp": ("llamacpp", "llama.cpp inference"),
     "tensorboard": ("tracking", "TensorBoard logging"),
     "matplotlib": ("plot", "curves.png"),
-    "trl": ("bench", "the peer benchmarks"),
 }
 
 
-def install_hint(module: str) -> str:
-    extra = EXTRAS[module][0]
-    return f"pip install 'iqstar_lite[{extra}]'"
+# What the ONNX export imports (onnxruntime-genai's model builder runs in a child process): all in the onnx extra.
+ONNX_EXPORT_MODULES = ("onnx", "onnx_ir", "onnxruntime_genai")
+
+
+def install_hint(module: str, extra: str | None = None) -> str:
+    return f"pip install 'iqstar_lite[{extra or EXTRAS[module][0]}]'"
 
 
 def require(module: str, otherwise: str = "", extra: str | None = None) -> ModuleType:
@@ -37,6 +39,6 @@ def require(module: str, otherwise: str = "", extra: str | None = None) -> Modul
     try:
         return importlib.import_module(module)
     except (ImportError, OSError) as e:  # OSError: a native library that does not load
-        hint = f"pip install 'iqstar_lite[{extra}]'" if extra else install_hint(module)
+        hint = install_hint(module, extra)
         also = f", {otherwise}" if otherwise else ""
         raise UserError(f"{module} is not installed ({purpose} needs it: {e}); {hint}{also}") from None

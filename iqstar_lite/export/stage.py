@@ -25,7 +25,7 @@ from pathlib import Path
 
 from iqstar_lite.config import RecipeConfig, config_from_dict, load_run_config, parse_overrides
 from iqstar_lite.errors import UserError, run_cli
-from iqstar_lite.extras import require
+from iqstar_lite.extras import ONNX_EXPORT_MODULES, require
 from iqstar_lite.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def write_adapter_card(run_dir: Path, cfg: RecipeConfig) -> Path:
 def require_export_extras(cfg: RecipeConfig, stages: list[str]) -> None:
     """The optional libraries the export and check stages will use, checked before any training or merging."""
     if cfg.export.onnx and ("export" in stages or "check" in stages):
-        for module in ("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai"):
+        for module in (*ONNX_EXPORT_MODULES, "onnxruntime"):  # + onnxruntime: int8 and the gate
             require(module, "or set export.onnx=false", extra="onnx")
 
 

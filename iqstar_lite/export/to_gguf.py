@@ -61,7 +61,8 @@ def rope_parameters(cfg: dict) -> dict:
 
 
 def rope_scaled(cfg: dict) -> bool:
-    return rope_parameters(cfg).get("rope_type", rope_parameters(cfg).get("type", "default")) != "default"
+    params = rope_parameters(cfg)
+    return params.get("rope_type", params.get("type", "default")) != "default"
 
 
 def check_architecture(cfg: dict) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.export.genai_tokenizer import write_genai_tokenizer
-from iqstar_lite.extras import require
+from iqstar_lite.extras import ONNX_EXPORT_MODULES, require
 from iqstar_lite.runtimes.ort import find_onnx_file
 
 # Everything a self-contained model folder needs besides the graph.
@@ -69,7 +69,7 @@ def export_onnx(merged_dir: Path, out_dir: Path) -> dict:
     tokenizer encodes and decodes as transformers does (``genai_tokenizer.py``); ``runtimes.genai.GenaiGenerator`` runs
     it and the parity gate checks it.
     """
-    for module in ("onnx", "onnx_ir", "onnxruntime_genai"):  # the builder's imports
+    for module in ONNX_EXPORT_MODULES:
         require(module, extra="onnx")
     start = time.perf_counter()
     out_dir = Path(out_dir)

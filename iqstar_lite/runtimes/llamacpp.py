@@ -19,6 +19,7 @@ import numpy as np
 
 from iqstar_lite.data.formatting import messages_for
 from iqstar_lite.errors import UserError
+from iqstar_lite.extras import install_hint
 from iqstar_lite.runtimes.base import Runtime
 
 
@@ -40,7 +41,7 @@ class LlamaCppGenerator(Runtime):
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int = 0):
         if not available():
             raise UserError(
-                "llama.cpp is not installed; pip install 'iqstar_lite[llamacpp]' (builds llama.cpp; needs cmake and a C++ compiler)"
+                f"llama.cpp is not installed; {install_hint('llama_cpp')} (builds llama.cpp; needs cmake and a C++ compiler)"
             )
         from llama_cpp import Llama
 
