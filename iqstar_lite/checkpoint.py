@@ -65,9 +65,12 @@ def set_rng_state(state: dict) -> None:
             )
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accelerator=None) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model, optimizer, scheduler, accelerator=None, average: dict | None = None
+) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically, keep the last ``KEEP_LAST``. Data-parallel (``accelerator`` with
-    several processes): every process's RNG state is gathered, the main process writes, all wait for it."""
+    several processes): every process's RNG state is gathered, the main process writes, all wait for it. ``average``:
+    the weight average's state (``train.ema``), read back by ``load_average``."""
     assert_finite_adapter(model)
     ckpt_root = RunDir(run_dir).checkpoints
     target = ckpt_root / f"step-{step:06d}"
@@ -89,6 +92,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, accel
                     "scheduler": scheduler.state_dict(),
                     "rng": rngs[0],
                     "rng_ranks": rngs,
+                    **({"average": average} if average is not None else {}),
                 },
             )
         for old in checkpoints(run_dir)[KEEP_LAST:]:
@@ -164,6 +168,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, worl
         scheduler.load_state_dict(saved_sched)
         raise StateFormatError(f"does not fit this run's model / optimizer ({type(e).__name__}: {e})") from None
     return step
+
+
+def load_average(path: Path) -> dict | None:
+    """The weight average's state saved with a checkpoint (``save_checkpoint(average=...)``); None when it has none."""
+    return load_state(Path(path)).get("average")
 
 
 def resume_latest(run_dir: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1) -> tuple[Path | None, int]:

@@ -173,6 +173,10 @@ class TrainConfig:
     """Sequences per forward/backward; gradient accumulation covers the rest of the rollout batch.
     SmolLM2 (16 x ~75 tokens per step): micro-batch 8 peaked at 3.9 GiB RSS, 4 at 2.6 GiB, same update time."""
     max_grad_norm: float = 1.0
+    ema: float = 0.0
+    """> 0: the saved adapter (and the final evaluation) is an exponential moving average of the LoRA weights over the
+    steps, with this decay per step (``algorithm/averaging.py``; bias-corrected, so 0.8 averages about the last 5 steps).
+    0: the last step's weights."""
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
     weight_decay: float = 0.0
     seed: int = 0
@@ -486,6 +490,7 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(cfg.train.micro_batch > 0, f"'train.micro_batch' must be > 0, got {cfg.train.micro_batch}")
     need(cfg.train.logprob_chunk > 0, f"'train.logprob_chunk' must be > 0, got {cfg.train.logprob_chunk}")
     need(cfg.train.max_grad_norm > 0, f"'train.max_grad_norm' must be > 0, got {cfg.train.max_grad_norm}")
+    need(0 <= cfg.train.ema < 1, f"'train.ema' must be in [0, 1) (0 = off), got {cfg.train.ema}")
     for section, key, low in (
         ("lora", "alpha", 1),
         ("data", "max_prompt_tokens", 1),

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from iqstar_lite.algorithm.averaging import WeightAverage
 from iqstar_lite.algorithm.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.algorithm.loss import (
     distill_loss,
@@ -33,7 +34,14 @@ from iqstar_lite.algorithm.loss import (
 )
 from iqstar_lite.algorithm.rollout import Rollout, model_eos_ids, pack, response_logits, sample
 from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
-from iqstar_lite.checkpoint import checkpoints, keep_metrics_until, resume_latest, save_adapter_atomic, save_checkpoint
+from iqstar_lite.checkpoint import (
+    checkpoints,
+    keep_metrics_until,
+    load_average,
+    resume_latest,
+    save_adapter_atomic,
+    save_checkpoint,
+)
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
@@ -356,6 +364,13 @@ def train(
         checkpoints(run_dir)  # one process completes or removes what an interrupted save left
     accelerator.wait_for_everyone()
     ckpt, start = resume_latest(run_dir, model, optimizer, scheduler, rank, world) if cfg.train.resume else (None, 0)
+    average = WeightAverage(params, cfg.train.ema) if cfg.train.ema else None
+    if average is not None and ckpt is not None:
+        saved_average = load_average(ckpt)
+        if saved_average is None:
+            log.warning("%s has no weight average (train.ema was off): averaging from step %d", ckpt, start)
+        else:
+            average.load_state_dict(saved_average)
     if main:
         if ckpt is not None:
             log.info("resumed from %s (step %d)", ckpt, start)
@@ -434,6 +449,8 @@ def train(
                     guided=guided,
                     forward_model=forward_model,
                 )
+            if average is not None:
+                average.update()
             settle()
             t3 = time.time()
             n_tok = float(roll.response_mask.sum())
@@ -489,7 +506,15 @@ def train(
                     accelerator.reduce(torch.tensor([float(bool(due))], device=accelerator.device), "sum").item()
                 )
             if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps or stopping or due:
-                save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, accelerator)
+                save_checkpoint(
+                    run_dir,
+                    step + 1,
+                    model,
+                    optimizer,
+                    scheduler,
+                    accelerator,
+                    average=None if average is None else average.state_dict(),
+                )
                 saved_at = time.time()
             if stopping:
                 bar.close()
@@ -502,6 +527,8 @@ def train(
             if on_step is not None and on_step(last):
                 break
     bar.close()
+    if average is not None:  # the adapter saved, evaluated and exported is the average (train.ema)
+        average.copy_to_params()
     if main:
         save_adapter_atomic(model, RunDir(run_dir).adapter)
     accelerator.wait_for_everyone()
