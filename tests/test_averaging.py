@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_policy
 from safetensors.torch import load_file
 from test_cli import cli
 
 from iqstar_lite.algorithm.averaging import WeightAverage
+from iqstar_lite.checkpoint import load_average
 
 
 def test_average_is_the_bias_corrected_ema_by_hand():
@@ -60,8 +62,6 @@ def test_averaged_run_saves_the_average_and_a_resumed_run_keeps_averaging(tmp_pa
     split = tmp_path / "split"
     res = cli(*args, "train.steps=2", f"out_dir={split}")
     assert res.returncode == 0, res.stderr[-3000:]
-    from iqstar_lite.checkpoint import load_average
-
     m2 = load_average(split / "checkpoints" / "step-000002")
     assert m2["steps"] == 2
     res = cli(*args, "train.steps=4", "train.resume=true", f"out_dir={split}")
@@ -70,8 +70,6 @@ def test_averaged_run_saves_the_average_and_a_resumed_run_keeps_averaging(tmp_pa
     w3s = _adapter(split / "checkpoints" / "step-000003" / "adapter")
     w4s = _adapter(split / "checkpoints" / "step-000004" / "adapter")
     assert resumed.keys() == averaged.keys()
-    from conftest import make_policy
-
     order = [  # the moments are in the order of the trainable parameters; the adapter file names them without ".default"
         n.replace(".default", "")
         for n, p in make_policy(tiny_path, randomize_lora=False).named_parameters()
