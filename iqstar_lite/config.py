@@ -133,6 +133,10 @@ class EstimatorConfig:
     """Restrict pi* to the nucleus of softmax(z+) (1.0 = off)."""
     source: Literal["ref", "policy"] = "ref"
     """``ref``: adapters off (fixed target); ``policy``: adapters on (iterated improvement)."""
+    no_repeat_ngram: int = 0
+    """distill only: the target is pi* without the tokens that would repeat an n-gram of the answer so far (as
+    transformers' ``no_repeat_ngram_size`` decodes; ``estimator.without_repeats``), so the policy learns not to loop where
+    pi* itself would. 0 = off (the target is pi*)."""
 
 
 @dataclass
@@ -477,6 +481,15 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
         cfg.estimator.top_p == 1.0 or cfg.loss.type == "distill",
         f"'estimator.top_p' < 1 gives pi* = 0 (reward -inf) to every sampled token outside the nucleus, which only loss.type=distill "
         f"handles; with loss.type={cfg.loss.type} set estimator.top_p=1.0, or use loss.type=distill",
+    )
+    need(
+        cfg.estimator.no_repeat_ngram >= 0,
+        f"'estimator.no_repeat_ngram' must be >= 0, got {cfg.estimator.no_repeat_ngram}",
+    )
+    need(
+        cfg.estimator.no_repeat_ngram == 0 or cfg.loss.type == "distill",
+        f"'estimator.no_repeat_ngram' changes the distill target only; with loss.type={cfg.loss.type} set "
+        "estimator.no_repeat_ngram=0, or use loss.type=distill",
     )
     need(cfg.loss.beta > 0, f"'loss.beta' must be > 0, got {cfg.loss.beta}")
     need(cfg.loss.clip_eps > 0, f"'loss.clip_eps' must be > 0, got {cfg.loss.clip_eps}")

@@ -12,7 +12,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from iqstar_lite.algorithm.estimator import contrastive_logits, estimate, log_pi_star, nucleus_mask, token_rewards
+from iqstar_lite.algorithm.estimator import (
+    contrastive_logits,
+    estimate,
+    log_pi_star,
+    nucleus_mask,
+    token_rewards,
+    without_repeats,
+)
 
 NEG_INF = float("-inf")
 
@@ -247,3 +254,23 @@ def test_nucleus_mask_shortcut_at_the_boundary():
         fast, full = nucleus_mask(p.log(), top_p, candidates=3), nucleus_mask(p.log(), top_p, candidates=100)
         assert torch.equal(fast[0], full[0])
         assert torch.equal(fast.sum(-1), full.sum(-1)) and torch.allclose((p * fast).sum(-1), (p * full).sum(-1))
+
+
+def test_without_repeats_hand():
+    """Answer 5 6 7 5 6 | ?: with n = 3, at t = 5 the prefix ends in "5 6", which was followed by 7 -> 7 is banned and
+    the rest renormalised; with n = 2, at t = 4 the prefix ends in "5", followed by 6 -> 6 banned; earlier positions
+    and an unbanned row are unchanged."""
+    V, T = 8, 6
+    logp = torch.log_softmax(torch.arange(2 * T * V, dtype=torch.float32).reshape(2, T, V).sin(), dim=-1)
+    tokens = torch.tensor([[5, 6, 7, 5, 6, 1], [1, 2, 3, 4, 5, 6]])
+    out = without_repeats(logp, tokens, 3)
+    assert out[0, 5, 7] == float("-inf")
+    keep = torch.arange(V) != 7
+    assert_close(out[0, 5, keep], logp[0, 5, keep] - math.log(1.0 - logp[0, 5, 7].exp().item()))
+    assert_close(out[0, :5], logp[0, :5])
+    assert_close(out[1], logp[1])  # no repeated 2-gram prefix in row 1
+    out2 = without_repeats(logp, tokens, 2)
+    assert out2[0, 4, 6] == float("-inf") and out2[0, 5, 7] == float("-inf")  # "5" -> 6 at t=4, "6" -> 7 at t=5
+    assert bool(torch.isfinite(out2[0, :4]).all())
+    assert_close(out2[0, 4].exp().sum(), torch.tensor(1.0))
+    assert without_repeats(logp, tokens, 0) is logp

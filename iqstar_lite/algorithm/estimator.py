@@ -72,3 +72,20 @@ def estimate(
     if keep_full:
         out["logp_star_full"] = torch.cat(star_full, dim=1)
     return out
+
+
+def without_repeats(logp_star_full: torch.Tensor, tokens: torch.Tensor, ngram: int) -> torch.Tensor:
+    """log pi*(.|s_t) [B, T, V] with every token that would repeat an n-gram of the answer so far set to -inf and the
+    rest renormalised: the target pi* decoded with transformers' ``no_repeat_ngram_size`` (its
+    ``NoRepeatNGramLogitsProcessor``, applied at each position t to the response prefix tokens[:, :t]). A token is
+    banned at t when tokens[t-n+1:t] followed by it already occurs in tokens[:t]. ``ngram`` <= 0: unchanged. Positions
+    after a row's end may lose all their mass (nan); callers mask them."""
+    if ngram <= 0:
+        return logp_star_full
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    ban = NoRepeatNGramLogitsProcessor(ngram)
+    out = logp_star_full.clone()
+    for t in range(ngram, tokens.shape[1]):  # fewer than n tokens before t: nothing to ban
+        out[:, t] = torch.log_softmax(ban(tokens[:, :t], out[:, t]), dim=-1)
+    return out

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iqstar_lite.algorithm.averaging import WeightAverage
+from iqstar_lite.algorithm.estimator import without_repeats
 from iqstar_lite.algorithm.logprobs import kl_to_logits, token_logprobs
 from iqstar_lite.algorithm.loss import (
     distill_loss,
@@ -132,6 +133,13 @@ def rows_of(roll: Rollout, keep: torch.Tensor) -> Rollout:
         star,
         star_ref,
     )
+
+
+def banned_rate(target_logp: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of a rollout's response tokens to which the distill target gives probability 0 (with
+    ``estimator.no_repeat_ngram``: the tokens that repeated an n-gram of their answer)."""
+    banned = target_logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) == float("-inf")
+    return round(masked_mean(banned.float(), mask).item(), 4)
 
 
 def eos_rate(roll, eos_ids: list[int]) -> float:
@@ -430,6 +438,16 @@ def train(
                 else:
                     g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, scoring, keep_full=True)
                 guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
+            repeats = {}
+            if cfg.estimator.no_repeat_ngram:  # the distill target without repeated n-grams (estimator.without_repeats)
+                n_rep = cfg.estimator.no_repeat_ngram
+                est["logp_star_full"] = without_repeats(est["logp_star_full"], roll.response_ids, n_rep)
+                repeats["repeat_rate"] = banned_rate(est["logp_star_full"], roll.response_ids, roll.response_mask)
+                if guided is not None:
+                    g_est["logp_star_full"] = without_repeats(g_est["logp_star_full"], guided.response_ids, n_rep)
+                    repeats["repeat_rate_guided"] = banned_rate(
+                        g_est["logp_star_full"], guided.response_ids, guided.response_mask
+                    )
             settle()
             t2 = time.time()
             with update_heap():
@@ -471,6 +489,7 @@ def train(
                     if guided is not None
                     else {}
                 ),
+                **repeats,
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": round(n_tok / max(t3 - t0, 1e-9), 2),
                 "seconds": round(t3 - t0, 3),
