@@ -211,3 +211,46 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
         assert len(seen) == 2 and all(torch.allclose(m, torch.tensor([want])) for m in seen)
         total = sum(w for _, w in reported)
         assert sums["loss"] == pytest.approx(sum(loss * w / total for loss, w in reported), rel=1e-6)
+
+
+def test_no_repeat_ngram_bans_repeats_in_both_targets(tiny_path, tokenizer, tmp_path, monkeypatch):
+    """estimator.no_repeat_ngram=1: every token already in an answer gets probability 0 in the distill target of the
+    policy rows and of pi-hat*'s rows at each later position (and nothing else does); the step logs repeat_rate."""
+    import iqstar_lite.algorithm.train as loop
+
+    seen = []
+    real_update = loop.update
+
+    def spy(model, cfg, plain_ids, resp, mask, est, *args, guided=None, **kw):
+        seen.append(
+            [
+                (resp, mask, est["logp_star_full"]),
+                (guided.response_ids, guided.response_mask, guided.est["logp_star_full"]),
+            ]
+        )
+        return real_update(model, cfg, plain_ids, resp, mask, est, *args, guided=guided, **kw)
+
+    monkeypatch.setattr(loop, "update", spy)
+    cfg = load_recipe(
+        "tiny_cpu",
+        [
+            f"model.path={tiny_path}",
+            "train.steps=1",
+            "loss.type=distill",
+            "rollout.samples_per_prompt=2",
+            "rollout.guided_samples=1",
+            "rollout.prompts_per_step=2",
+            "rollout.max_new_tokens=6",
+            "estimator.no_repeat_ngram=1",
+            "train.checkpoint_every=0",
+        ],
+    )
+    model = make_policy(tiny_path, randomize_lora=False)
+    last = train(cfg, tmp_path, model, tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"))
+    assert 0.0 <= last["repeat_rate"] <= 1.0 and 0.0 <= last["repeat_rate_guided"] <= 1.0
+    assert len(seen) == 1
+    for resp, mask, target in seen[0]:
+        for b in range(resp.shape[0]):
+            for t in range(int(mask[b].sum())):
+                banned = torch.isneginf(target[b, t]).nonzero().flatten().tolist()
+                assert sorted(banned) == sorted(set(resp[b, :t].tolist())), (b, t)
