@@ -134,9 +134,10 @@ class EstimatorConfig:
     source: Literal["ref", "policy"] = "ref"
     """``ref``: adapters off (fixed target); ``policy``: adapters on (iterated improvement)."""
     no_repeat_ngram: int = 0
-    """distill only: the target is pi* without the tokens that would repeat an n-gram of the answer so far (as
-    transformers' ``no_repeat_ngram_size`` decodes; ``estimator.without_repeats``), so the policy learns not to loop where
-    pi* itself would. 0 = off (the target is pi*)."""
+    """The distill target (of the policy rows with loss.type=distill, and of the guided rows) is pi* without the tokens
+    that would repeat an n-gram of the answer so far (as transformers' ``no_repeat_ngram_size`` decodes;
+    ``estimator.without_repeats``), so the policy learns not to loop where pi* itself would. The rewards of pg /
+    imitation are unchanged. 0 = off (the target is pi*)."""
 
 
 @dataclass
@@ -485,11 +486,6 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
     need(
         cfg.estimator.no_repeat_ngram >= 0,
         f"'estimator.no_repeat_ngram' must be >= 0, got {cfg.estimator.no_repeat_ngram}",
-    )
-    need(
-        cfg.estimator.no_repeat_ngram == 0 or cfg.loss.type == "distill",
-        f"'estimator.no_repeat_ngram' changes the distill target only; with loss.type={cfg.loss.type} set "
-        "estimator.no_repeat_ngram=0, or use loss.type=distill",
     )
     need(cfg.loss.beta > 0, f"'loss.beta' must be > 0, got {cfg.loss.beta}")
     need(cfg.loss.clip_eps > 0, f"'loss.clip_eps' must be > 0, got {cfg.loss.clip_eps}")

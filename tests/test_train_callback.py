@@ -213,21 +213,18 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
         assert sums["loss"] == pytest.approx(sum(loss * w / total for loss, w in reported), rel=1e-6)
 
 
-def test_no_repeat_ngram_bans_repeats_in_both_targets(tiny_path, tokenizer, tmp_path, monkeypatch):
-    """estimator.no_repeat_ngram=1: every token already in an answer gets probability 0 in the distill target of the
-    policy rows and of pi-hat*'s rows at each later position (and nothing else does); the step logs repeat_rate."""
+@pytest.mark.parametrize("loss", ["distill", "pg"])
+def test_no_repeat_ngram_bans_repeats_in_the_distill_targets(tiny_path, tokenizer, tmp_path, monkeypatch, loss):
+    """estimator.no_repeat_ngram=1: every token already in an answer gets probability 0 in the distill target at each
+    later position (and nothing else does): on pi-hat*'s rows always, on the policy rows with loss.type=distill (with pg
+    they train on rewards, left finite); the step logs repeat_rate for each group it bans in."""
     import iqstar_lite.algorithm.train as loop
 
     seen = []
     real_update = loop.update
 
     def spy(model, cfg, plain_ids, resp, mask, est, *args, guided=None, **kw):
-        seen.append(
-            [
-                (resp, mask, est["logp_star_full"]),
-                (guided.response_ids, guided.response_mask, guided.est["logp_star_full"]),
-            ]
-        )
+        seen.append((resp, mask, est, guided))
         return real_update(model, cfg, plain_ids, resp, mask, est, *args, guided=guided, **kw)
 
     monkeypatch.setattr(loop, "update", spy)
@@ -236,7 +233,7 @@ def test_no_repeat_ngram_bans_repeats_in_both_targets(tiny_path, tokenizer, tmp_
         [
             f"model.path={tiny_path}",
             "train.steps=1",
-            "loss.type=distill",
+            f"loss.type={loss}",
             "rollout.samples_per_prompt=2",
             "rollout.guided_samples=1",
             "rollout.prompts_per_step=2",
@@ -247,9 +244,17 @@ def test_no_repeat_ngram_bans_repeats_in_both_targets(tiny_path, tokenizer, tmp_
     )
     model = make_policy(tiny_path, randomize_lora=False)
     last = train(cfg, tmp_path, model, tokenizer, load_prompts(cfg.data).train[:2], torch.device("cpu"))
-    assert 0.0 <= last["repeat_rate"] <= 1.0 and 0.0 <= last["repeat_rate_guided"] <= 1.0
     assert len(seen) == 1
-    for resp, mask, target in seen[0]:
+    resp, mask, est, guided = seen[0]
+    groups = [(guided.response_ids, guided.response_mask, guided.est["logp_star_full"])]
+    assert 0.0 <= last["repeat_rate_guided"] <= 1.0
+    if loss == "distill":
+        groups.append((resp, mask, est["logp_star_full"]))
+        assert 0.0 <= last["repeat_rate"] <= 1.0
+    else:
+        assert "logp_star_full" not in est and "repeat_rate" not in last
+        assert bool(torch.isfinite(est["rewards"][mask > 0]).all())
+    for resp, mask, target in groups:
         for b in range(resp.shape[0]):
             for t in range(int(mask[b].sum())):
                 banned = torch.isneginf(target[b, t]).nonzero().flatten().tolist()

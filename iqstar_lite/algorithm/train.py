@@ -441,8 +441,9 @@ def train(
             repeats = {}
             if cfg.estimator.no_repeat_ngram:  # the distill target without repeated n-grams (estimator.without_repeats)
                 n_rep = cfg.estimator.no_repeat_ngram
-                est["logp_star_full"] = without_repeats(est["logp_star_full"], roll.response_ids, n_rep)
-                repeats["repeat_rate"] = banned_rate(est["logp_star_full"], roll.response_ids, roll.response_mask)
+                if "logp_star_full" in est:  # loss.type=distill (pg / imitation train on rewards, unchanged)
+                    est["logp_star_full"] = without_repeats(est["logp_star_full"], roll.response_ids, n_rep)
+                    repeats["repeat_rate"] = banned_rate(est["logp_star_full"], roll.response_ids, roll.response_mask)
                 if guided is not None:
                     g_est["logp_star_full"] = without_repeats(g_est["logp_star_full"], guided.response_ids, n_rep)
                     repeats["repeat_rate_guided"] = banned_rate(
