@@ -135,10 +135,11 @@ def rows_of(roll: Rollout, keep: torch.Tensor) -> Rollout:
     )
 
 
-def banned_rate(target_logp: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """Fraction of a rollout's response tokens to which the distill target gives probability 0 (with
-    ``estimator.no_repeat_ngram``: the tokens that repeated an n-gram of their answer)."""
-    banned = target_logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) == float("-inf")
+def ban_repeats(est: dict[str, torch.Tensor], response_ids: torch.Tensor, mask: torch.Tensor, ngram: int) -> float:
+    """Replaces ``est``'s distill target by pi* without repeated n-grams (``estimator.without_repeats``) and returns
+    the share of the rollout's response tokens it bans (logged as repeat_rate)."""
+    est["logp_star_full"] = without_repeats(est["logp_star_full"], response_ids, ngram)
+    banned = est["logp_star_full"].gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) == float("-inf")
     return round(masked_mean(banned.float(), mask).item(), 4)
 
 
@@ -438,17 +439,13 @@ def train(
                 else:
                     g_est = estimator_pass(model, g_plain, g_cond, g_roll.response_ids, pad, scoring, keep_full=True)
                 guided = Guided(g_plain, g_roll.response_ids, g_roll.response_mask, g_est)
-            repeats = {}
-            if cfg.estimator.no_repeat_ngram:  # the distill target without repeated n-grams (estimator.without_repeats)
-                n_rep = cfg.estimator.no_repeat_ngram
-                if "logp_star_full" in est:  # loss.type=distill (pg / imitation train on rewards, unchanged)
-                    est["logp_star_full"] = without_repeats(est["logp_star_full"], roll.response_ids, n_rep)
-                    repeats["repeat_rate"] = banned_rate(est["logp_star_full"], roll.response_ids, roll.response_mask)
-                if guided is not None:
-                    g_est["logp_star_full"] = without_repeats(g_est["logp_star_full"], guided.response_ids, n_rep)
-                    repeats["repeat_rate_guided"] = banned_rate(
-                        g_est["logp_star_full"], guided.response_ids, guided.response_mask
-                    )
+            repeats, n_rep = {}, cfg.estimator.no_repeat_ngram
+            if n_rep and "logp_star_full" in est:  # loss.type=distill (pg / imitation train on rewards, unchanged)
+                repeats["repeat_rate"] = ban_repeats(est, roll.response_ids, roll.response_mask, n_rep)
+            if n_rep and guided is not None:
+                repeats["repeat_rate_guided"] = ban_repeats(
+                    guided.est, guided.response_ids, guided.response_mask, n_rep
+                )
             settle()
             t2 = time.time()
             with update_heap():
