@@ -233,7 +233,7 @@ def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite.recipe") -> int:
-    args = _parser(prog).parse_args(argv)
+    args = _parser(prog).parse_intermixed_args(argv)
     if args.list:
         for name in list_recipes():
             print(name)

@@ -56,6 +56,10 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         (["tiny_cpu", "steps"], ["not key=value"]),
         (["tiny_cpu", "model.path=/no/such/model", "--dry-run"], ["does not exist", "model.path"]),
         (
+            ["tiny_cpu", "--dry-run", "model.path=/no/such/model"],
+            ["does not exist", "model.path"],
+        ),  # key=value after options
+        (
             ["tiny_cpu", "eval.batch_size=0", "eval.max_new_tokens=0"],
             ["2 problems", "'eval.batch_size' must be > 0", "eval.max_new_tokens"],
         ),

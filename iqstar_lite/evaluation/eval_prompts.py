@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None, prog: str = "iqstar-lite eval") -> int:
     from iqstar_lite.data.sources import load_examples
     from iqstar_lite.models.targets import resolve_target
 
-    args = _parser(prog).parse_args(argv)
+    args = _parser(prog).parse_intermixed_args(argv)
     if args.max_prompts < 0:
         raise UserError(f"--max-prompts must be >= 0, got {args.max_prompts}")
     if args.principle is not None and not args.principle.strip():

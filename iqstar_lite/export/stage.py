@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m iqstar_lite expor
     ap = argparse.ArgumentParser(prog=prog, description="Merge and export a training run.")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("overrides", nargs="*", help="export.KEY=VALUE, e.g. export.int8=false")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     cfg = apply_export_overrides(load_run_config(args.run_dir), args.overrides)
     report = export_run(args.run_dir, cfg)
     print(summary(report))
