@@ -22,7 +22,8 @@ def update_on_fixed_batch(out: str, loss: str) -> None:
     from conftest import make_policy
     from safetensors.torch import save_file
 
-    from iqstar_lite.algorithm.train import Guided, make_scheduler, update
+    from iqstar_lite.algorithm.train import make_scheduler
+    from iqstar_lite.algorithm.update import Guided, update
     from iqstar_lite.config import load_recipe
     from iqstar_lite.models.embedded import resolve_model_path
 

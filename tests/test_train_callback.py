@@ -45,7 +45,8 @@ def test_update_refuses_non_finite_rewards_before_any_gradient(tiny_path, tokeni
     """A -inf reward (pi* = 0 for a sampled token) would make every LoRA gradient nan: the update stops first."""
     from accelerate import Accelerator
 
-    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, update
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
+    from iqstar_lite.algorithm.update import update
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}"])
     model = make_policy(tiny_path, randomize_lora=False)
@@ -79,7 +80,8 @@ def test_kl_in_advantage_has_no_gradient_when_the_policy_already_samples_pi_star
     so loss.kl_in_advantage moves nothing; the default (whitened r + beta k3 in the loss) still does."""
     from accelerate import Accelerator
 
-    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler, update
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
+    from iqstar_lite.algorithm.update import update
 
     cfg = load_recipe(
         "tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg", f"loss.kl_in_advantage={str(kl_in_advantage).lower()}"]
@@ -117,7 +119,8 @@ def test_guided_rows_move_nothing_when_the_policy_already_is_pi_star(tiny_path, 
     from accelerate import Accelerator
 
     from iqstar_lite.algorithm.rollout import pack, response_logits
-    from iqstar_lite.algorithm.train import Guided, make_optimizer, make_scheduler, update
+    from iqstar_lite.algorithm.train import make_optimizer, make_scheduler
+    from iqstar_lite.algorithm.update import Guided, update
 
     cfg = load_recipe("tiny_cpu", [f"model.path={tiny_path}", "loss.type=pg"])
     model = make_policy(tiny_path)
@@ -167,6 +170,7 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
     from accelerate import Accelerator
 
     import iqstar_lite.algorithm.train as loop
+    import iqstar_lite.algorithm.update as step
     from iqstar_lite.algorithm.loss import imitation_loss
 
     seen, reported = [], []
@@ -177,7 +181,7 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
         reported.append((loss.item(), float(mask.sum())))
         return loss, met
 
-    monkeypatch.setattr(loop, "imitation_loss", spy)
+    monkeypatch.setattr(step, "imitation_loss", spy)
     for halflife, want in ((0, [1.0, 1.0, 1.0]), (1, [1.0, 0.5, 1 / 3])):
         seen.clear()
         reported.clear()
@@ -195,7 +199,7 @@ def test_position_halflife_weighs_every_loss_by_position(tiny_path, tokenizer, m
         optimizer, _ = loop.make_optimizer(params, cfg)
         resp, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3)
         est = {"rewards": torch.tensor([[0.0, 0.0, 0.3], [0.1, 0.0, 0.0]]), "logp_ref": torch.zeros(2, 3)}
-        sums = loop.update(
+        sums = step.update(
             model,
             cfg,
             [[1, 2], [3]],
