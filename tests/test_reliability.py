@@ -147,9 +147,9 @@ def test_non_finite_adapter_is_never_saved(tiny_path, tmp_path):
 
 def _nan_on(calls: set[int]):
     """A distill_loss that returns nan on the given call numbers (one call per micro-batch)."""
-    from iqstar_lite.algorithm import train as train_mod
+    from iqstar_lite.algorithm import update as update_mod
 
-    real, count = train_mod.distill_loss, [0]
+    real, count = update_mod.distill_loss, [0]
 
     def loss(*a, **k):
         count[0] += 1
@@ -162,7 +162,7 @@ def _nan_on(calls: set[int]):
 def test_nan_loss_skips_the_step_and_a_run_of_them_stops_training(tiny_path, tokenizer, tmp_path, monkeypatch):
     """Step 2's loss is nan: its optimizer step is skipped (counted in metrics), the adapter stays finite and equal to
     step 1's. Then every loss nan: after train.max_nonfinite_steps=2 steps in a row the run stops with one clear error."""
-    from iqstar_lite.algorithm import train as train_mod
+    from iqstar_lite.algorithm import update as update_mod
 
     cfg = load_recipe(
         "tiny_cpu",
@@ -179,14 +179,14 @@ def test_nan_loss_skips_the_step_and_a_run_of_them_stops_training(tiny_path, tok
     )
     examples = load_prompts(cfg.data).train[:2]
     model = make_policy(tiny_path, randomize_lora=False)
-    monkeypatch.setattr(train_mod, "distill_loss", _nan_on({2}))
+    monkeypatch.setattr(update_mod, "distill_loss", _nan_on({2}))
     train(cfg, tmp_path, model, tokenizer, examples, torch.device("cpu"))
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 0]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
     model = make_policy(tiny_path, randomize_lora=False)
-    monkeypatch.setattr(train_mod, "distill_loss", _nan_on(set(range(100))))
+    monkeypatch.setattr(update_mod, "distill_loss", _nan_on(set(range(100))))
     (tmp_path / "b").mkdir()
     with pytest.raises(UserError, match="2 steps in a row had nan/inf"):
         train(cfg, tmp_path / "b", model, tokenizer, examples, torch.device("cpu"))
