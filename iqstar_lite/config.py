@@ -48,6 +48,12 @@ class ModelConfig:
     (a 7B's untied 152k-vocab table: 1.0 GiB less RSS). Applies only where exact: untied embeddings stored as
     safetensors in the dtype they are used in; otherwise they are loaded as usual (``iqstar_lite/models/mapped.py``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dense_decoding_gib: float = 1.0
+    """CPU, NF4: while a decoding loop runs (rollouts, evaluation, chat), keep each 4-bit layer's dequantized weight
+    instead of dequantizing every layer again at every token, when those weights need at most this many GiB in the
+    compute dtype; freed when the loop ends. The same outputs, bit for bit (bitsandbytes dequantizes the same way per
+    call). SmolLM2-135M: 0.40 GiB in fp32; its evaluation rows took 0.77-0.83x the time on a 2-core AVX2 CPU
+    (docs/memory.md). A 7B (~13 GiB in bf16): off. 0: never."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant). Saves memory on long sequences / big models."""
     adapter: str = ""

@@ -20,6 +20,8 @@ import gc
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -201,6 +203,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     head.register_forward_pre_hook(_head_input_2d)
     head.register_forward_hook(_head_output_3d)
     disable_cpu_repack(model)
+    allow_dense_decoding(model, int(cfg.dense_decoding_gib * 2**30))
     return model
 
 
@@ -358,6 +361,60 @@ def disable_cpu_repack(model) -> None:
     """Turn off bitsandbytes' CPU eval-mode repack (it silently breaks later gradients)."""
     for layer in linear4bit_layers(model):
         layer.support_avx512bf16_for_cpu = False
+
+
+def allow_dense_decoding(model, max_bytes: int) -> int:
+    """Let ``dense_decoding`` keep the 4-bit layers dequantized while a decoding loop runs, where they are on CPU and
+    their dequantized weights need at most ``max_bytes`` together (``model.dense_decoding_gib``). Returns those bytes
+    (0: not allowed)."""
+    layers = [m for m in linear4bit_layers(model) if m.weight.device.type == "cpu"]
+    if not layers or max_bytes <= 0:
+        return 0
+    need = sum(
+        m.out_features * m.in_features * torch.empty(0, dtype=m.compute_dtype or torch.float32).element_size()
+        for m in layers
+    )
+    if need > max_bytes:
+        return 0
+    for m in layers:
+        m._iq_dense_ok = True
+    return need
+
+
+def _dense_forward(layer):
+    """``Linear4bit.forward`` with the weight dequantized once: bitsandbytes' CPU ``gemm_4bit`` is dequantize + linear
+    per call, so keeping the dequantized weight gives the same result. Where autograd needs the 4-bit path, it runs."""
+    plain = layer.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return plain(x)
+        dtype = layer.compute_dtype or x.dtype
+        w = layer.__dict__.get("_iq_dense_w")
+        if w is None:
+            from bitsandbytes.functional import dequantize_4bit
+
+            w = layer.__dict__["_iq_dense_w"] = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
+
+    return forward
+
+
+@contextmanager
+def dense_decoding(model) -> Iterator[None]:
+    """While the block runs, the 4-bit layers ``allow_dense_decoding`` marked compute from their dequantized weights
+    (made at first use, dropped at exit): a decoding loop's forwards, one per token, stop re-dequantizing every layer.
+    A no-op for other models."""
+    layers = [m for m in linear4bit_layers(model) if getattr(m, "_iq_dense_ok", False)]
+    for m in layers:
+        m.forward = _dense_forward(m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_iq_dense_w", None)
 
 
 def assert_trainable_layout(model) -> None:
