@@ -4,7 +4,7 @@ from conftest import make_policy
 
 from iqstar_lite.algorithm.reference import reference_mode
 from iqstar_lite.algorithm.rollout import sample
-from iqstar_lite.evaluation.evaluate import contrastive_generate, repetition
+from iqstar_lite.evaluation.evaluate import contrastive_generate, near_copy, repetition
 from iqstar_lite.evaluation.judges import pick_judge, refusal_judge
 
 
@@ -39,6 +39,19 @@ def test_contrastive_alpha0_is_principle_conditioned_greedy(tiny_path, tokenizer
         want = sample(model, tokenizer, cond, max_new_tokens=6, greedy=True).response_ids
     n = min(got.shape[1], want.shape[1])
     assert torch.equal(got[:, :n], want[:, :n])
+
+
+def test_near_copy_counts_repeats_with_one_word_changed():
+    """5-word spans equal to an earlier span but for at most one word; the words they cover over all words."""
+    assert near_copy("a b c d e a b c d e") == 1.0  # an exact copy
+    assert near_copy("a b c d e a b x d e") == 1.0  # one word swapped
+    assert near_copy("a b c d e a x y d e") == 0.0  # two swapped: new text
+    assert near_copy("A b c d e. a B c d e!") == 1.0  # case and punctuation ignored
+    assert near_copy("one two three four five six seven eight") == 0.0
+    assert near_copy("a b c d e") == near_copy("") == 0.0  # no earlier span
+    # spans at 4, 5, 6 repeat those at 0, 1, 2 with one word changed: words 0-10 covered, the last "le" not
+    assert near_copy("je ne sais le, je ne sais la, je ne sais le") == 11 / 12
+    assert repetition("je ne sais le, je ne sais la, je ne sais le") == 0.5
 
 
 def test_loops():

@@ -5,7 +5,8 @@
 - a task judge (language id / refusal detector), per kind of prompt (harmful / benign),
 - decode-time reference row: principle-contrastive greedy decoding of the untrained model (pi-hat*'s greedy answers),
 - convergence: KL(pi-hat* || pi_theta) per token, teacher-forced on pi-hat*'s greedy answers,
-- degeneration: word repetition, loop rate (answers that repeat themselves), mean length.
+- degeneration: word repetition, near copies (repeats with one word changed), loop rate (answers that repeat
+  themselves), mean length.
 """
 
 from __future__ import annotations
@@ -110,6 +111,29 @@ def repetition(text: str) -> float:
     """1 - distinct words / words: 0 for no repeated word, -> 1 for a loop. A degeneration check beside the judge."""
     words = text.split()
     return 1.0 - len(set(words)) / len(words) if words else 0.0
+
+
+NEAR_COPY_WINDOW = 5
+_PUNCT = ".,;:!?\"'«»()[]…"
+
+
+def near_copy(text: str, window: int = NEAR_COPY_WINDOW) -> float:
+    """Share of words inside a ``window``-word span that repeats an earlier span with at most one word changed (words
+    lower-cased, punctuation stripped; the spans may overlap). Exact copies count, and so do loops that swap one word
+    per repeat ("je ne sais le, je ne sais la, je ne sais le": 11 of 12 words here, repetition 0.5), which ``repetition``
+    partly counts as new words. Parallel phrasing counts too ("il y a un chat ... il y a un chien"), so ordinary text is
+    not always 0: compare rows, as with ``repetition``. 0 for an answer of ``window`` words or fewer."""
+    words = [w.strip(_PUNCT).lower() for w in text.split()]
+    words = [w for w in words if w]
+    covered = [False] * len(words)
+    for i in range(1, len(words) - window + 1):
+        span = words[i : i + window]
+        for j in range(i):
+            if sum(a != b for a, b in zip(span, words[j : j + window])) <= 1:
+                covered[i : i + window] = [True] * window
+                covered[j : j + window] = [True] * window
+                break
+    return sum(covered) / len(words) if words else 0.0
 
 
 LOOP_MIN_WORDS, LOOP_REPETITION = 12, 0.6
@@ -253,6 +277,7 @@ def evaluate(
                 "kl_per_token": float((kl_ref[i] * m).sum() / n_tok),
                 "judge": judge(text) if judge else None,
                 "repetition": round(repetition(text), 4),
+                "near_copy": round(near_copy(text), 4),
                 "loops": loops(text),
             }
             if kl_target is not None:
@@ -275,6 +300,7 @@ def evaluate(
         "judge_rate": _rate([r["judge"] for r in records if r["judge"] is not None]),
         "mean_tokens": _rate([r["tokens"] for r in records]),
         "repetition": _rate([r["repetition"] for r in records]),
+        "near_copy": _rate([r["near_copy"] for r in records]),
         "loop_rate": _rate([float(r["loops"]) for r in records]),
         "seconds": round(time.time() - t0, 1),
     }

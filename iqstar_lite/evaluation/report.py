@@ -35,6 +35,7 @@ def print_eval_table(rows: dict[str, dict], title: str = "held-out evaluation") 
         "target_prefix",
         "kl_per_token",
         "repetition",
+        "near_copy",
         "loop_rate",
         "mean_tokens",
         "seconds",
