@@ -19,12 +19,12 @@ MEASURES = ("repetition", "near_copy", "loop_rate", "mean_tokens")
 
 
 def row_measures(row: dict) -> dict:
-    from iqstar_lite.evaluation.evaluate import near_copy, repetition
+    from iqstar_lite.evaluation.evaluate import near_copy
 
     texts = [r["response"] for r in row["records"]]
     n = max(len(texts), 1)
     return {
-        "repetition": round(sum(repetition(t) for t in texts) / n, 4),
+        "repetition": row["summary"].get("repetition"),
         "near_copy": round(sum(near_copy(t) for t in texts) / n, 4),
         "loop_rate": row["summary"].get("loop_rate"),
         "mean_tokens": row["summary"].get("mean_tokens"),

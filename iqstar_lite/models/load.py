@@ -370,10 +370,7 @@ def allow_dense_decoding(model, max_bytes: int) -> int:
     layers = [m for m in linear4bit_layers(model) if m.weight.device.type == "cpu"]
     if not layers or max_bytes <= 0:
         return 0
-    need = sum(
-        m.out_features * m.in_features * torch.empty(0, dtype=m.compute_dtype or torch.float32).element_size()
-        for m in layers
-    )
+    need = sum(m.out_features * m.in_features * (m.compute_dtype or torch.float32).itemsize for m in layers)
     if need > max_bytes:
         return 0
     for m in layers:
