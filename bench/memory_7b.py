@@ -156,7 +156,7 @@ def tensor_bytes(t) -> int:
 
 def static_split(model, optimizer) -> dict:
     """Exact bytes of what stays resident: 4-bit weights (+ quant state), other frozen weights, LoRA + grad + optimizer state."""
-    from iqstar_lite.models.load import linear4bit_layers
+    from iqstar_lite.models.bnb import linear4bit_layers
     from iqstar_lite.models.mapped import is_mapped, mapping_residency
 
     q4 = 0

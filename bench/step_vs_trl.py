@@ -121,7 +121,7 @@ def in_phase(rss: PhaseRss, phase: str, fn):
 
 def layer_facts(model) -> dict:
     """How many 4-bit layers the peer really ran, and how many bitsandbytes repacked (a different CPU kernel)."""
-    from iqstar_lite.models.load import linear4bit_layers
+    from iqstar_lite.models.bnb import linear4bit_layers
 
     layers = linear4bit_layers(model)
     return {

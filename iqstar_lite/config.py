@@ -48,12 +48,13 @@ class ModelConfig:
     (a 7B's untied 152k-vocab table: 1.0 GiB less RSS). Applies only where exact: untied embeddings stored as
     safetensors in the dtype they are used in; otherwise they are loaded as usual (``iqstar_lite/models/mapped.py``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dense_decoding_gib: float = 1.0
-    """CPU, NF4: while a decoding loop runs (rollouts, evaluation, chat), keep each 4-bit layer's dequantized weight
-    instead of dequantizing every layer again at every token, when those weights need at most this many GiB in the
-    compute dtype; freed when the loop ends. The same outputs, bit for bit (bitsandbytes dequantizes the same way per
-    call). SmolLM2-135M: 0.40 GiB in fp32; its evaluation rows took 0.77-0.83x the time on a 2-core AVX2 CPU
-    (docs/memory.md). A 7B (~13 GiB in bf16): off. 0: never."""
+    dense_weights_gib: float = 1.0
+    """CPU, NF4: while a training run, an evaluation row or a decoding loop (chat) runs, keep each 4-bit layer's
+    dequantized weight instead of dequantizing it again at every call (bitsandbytes does, at every token and in every
+    forward and backward), when those weights need at most this many GiB in the compute dtype; freed when the block
+    ends. The same outputs and gradients, bit for bit. SmolLM2-135M: 0.40 GiB in fp32; evaluation rows 0.77-0.83x the
+    time, updates ~0.9x, on a 2-core AVX2 CPU (docs/memory.md). A 7B (~13 GiB in bf16): off. 0: never.
+    (``model.dense_decoding_gib`` before 2026-12-08.)"""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant). Saves memory on long sequences / big models."""
     adapter: str = ""
@@ -365,6 +366,10 @@ RETIRED: dict[tuple[str, Any], tuple[Any, str]] = {
 }
 
 
+# Keys that were renamed: old dotted key -> new name in the same section. Read as the new key, with a warning.
+RENAMED: dict[str, str] = {"model.dense_decoding_gib": "dense_weights_gib"}
+
+
 def _retired(dotted: str, value: Any) -> tuple[Any, str] | None:
     """(replacement, why) when ``value`` of key ``dotted`` is retired; lists and mappings never are."""
     return RETIRED.get((dotted, value)) if isinstance(value, (str, int, float, bool)) else None
@@ -425,6 +430,15 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            new_key = RENAMED[dotted]
+            if new_key in data:
+                problems.append(
+                    f"{dotted!r} is the old name of '{prefix}{new_key}' and both are given; keep only the new one"
+                )
+                continue
+            log.warning("%s was renamed %s%s; reading it as that", dotted, prefix, new_key)
+            key, dotted = new_key, f"{prefix}{new_key}"
         if key not in fields:
             valid = ", ".join(fields)
             close = difflib.get_close_matches(key, list(fields), n=1)

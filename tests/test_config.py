@@ -83,6 +83,24 @@ def test_retired_value_is_refused_with_its_reason_and_read_as_its_replacement_in
         load_recipe("tiny_cpu", ["export.onnx_graph=onnx"])
 
 
+def test_a_renamed_key_reads_as_its_new_name_with_a_warning(tmp_path, caplog):
+    """model.dense_decoding_gib became model.dense_weights_gib: an override or a saved run naming the old key still
+    works (a warning says the new name); both names at once is one problem line."""
+    import yaml
+
+    from iqstar_lite.config import load_run_config, save_config
+
+    assert load_recipe("tiny_cpu", ["model.dense_decoding_gib=0"]).model.dense_weights_gib == 0
+    assert "model.dense_decoding_gib was renamed model.dense_weights_gib" in caplog.text
+    save_config(load_recipe("tiny_cpu"), tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    data["model"]["dense_decoding_gib"] = data["model"].pop("dense_weights_gib") + 1.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_run_config(tmp_path).model.dense_weights_gib == RecipeConfig().model.dense_weights_gib + 1.5
+    with pytest.raises(UserError, match="'model.dense_decoding_gib' is the old name of 'model.dense_weights_gib'"):
+        load_recipe("tiny_cpu", ["model.dense_decoding_gib=0", "model.dense_weights_gib=0"])
+
+
 def test_a_list_or_mapping_where_a_value_belongs_is_one_problem_line():
     with pytest.raises(UserError, match=r"'export.onnx_graph' must be one of 'genai', got \['a'\]"):
         load_recipe("tiny_cpu", ["export.onnx_graph=[a]"])

@@ -27,7 +27,7 @@ def _grads(model, ids):
 
 
 def test_cuda_policy_is_4bit_on_gpu(tiny_path):
-    from iqstar_lite.models.load import linear4bit_layers
+    from iqstar_lite.models.bnb import linear4bit_layers
 
     model = make_policy(tiny_path, device="cuda")
     layers = linear4bit_layers(model)

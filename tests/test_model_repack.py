@@ -5,7 +5,7 @@ import torch
 from conftest import make_policy
 
 from iqstar_lite.algorithm.rollout import sample
-from iqstar_lite.models.load import assert_trainable_layout, linear4bit_layers
+from iqstar_lite.models.bnb import assert_trainable_layout, linear4bit_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

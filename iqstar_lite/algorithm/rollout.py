@@ -11,7 +11,7 @@ import torch
 from iqstar_lite.algorithm.estimator import contrastive_logits
 from iqstar_lite.algorithm.logprobs import nucleus_mask
 from iqstar_lite.data.formatting import eos_token_ids
-from iqstar_lite.models.load import dense_decoding
+from iqstar_lite.models.bnb import dense_weights
 
 
 @dataclass
@@ -183,7 +183,7 @@ def sample(
     stars: list[torch.Tensor] = []
     refs: list[torch.Tensor] = []
     seen: dict[str, list[torch.Tensor]] = {}
-    with eval_mode(model), ref_ctx, dense_decoding(model):  # dropout off; 4-bit layers dequantized once
+    with eval_mode(model), ref_ctx, dense_weights(model):  # dropout off; 4-bit layers dequantized once
         first = model(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **prefill_extra
         )

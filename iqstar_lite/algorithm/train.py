@@ -38,6 +38,7 @@ from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
 from iqstar_lite.errors import Stopped, UserError
 from iqstar_lite.heap import freed_blocks_returned, release_free_heap
+from iqstar_lite.models.bnb import dense_weights
 from iqstar_lite.rundir import RunDir
 from iqstar_lite.stopping import stop_requests
 from iqstar_lite.tracking import log_step
@@ -241,7 +242,7 @@ def train(
         total=cfg.train.steps,
         disable=not main,
     )
-    with stop_requests() as stop:
+    with stop_requests() as stop, dense_weights(model):  # 4-bit layers dequantized once for the run (CPU)
         for step in bar:
             t0 = time.time()
             batch = prompt_batch(examples, step, rc.prompts_per_step, cfg.train.seed)[

@@ -23,7 +23,7 @@ from iqstar_lite.algorithm.loss import (
 )
 from iqstar_lite.algorithm.rollout import pack, response_logits
 from iqstar_lite.config import RecipeConfig
-from iqstar_lite.models.load import assert_trainable_layout
+from iqstar_lite.models.bnb import assert_trainable_layout
 
 log = logging.getLogger("iqstar_lite")
 

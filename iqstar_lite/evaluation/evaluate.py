@@ -32,6 +32,7 @@ from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
+from iqstar_lite.models.bnb import dense_weights
 
 
 def contrastive_generate(
@@ -226,69 +227,72 @@ def evaluate(
     identity = adapters_are_identity(model)
     scoring = PassSettings.from_recipe(cfg, source="ref", top_p=1.0)  # the principle score is the reference's own
     records: list[dict | None] = [None] * len(examples)
-    for idx in length_batches([len(fmt.ids(fmt.plain(e))) for e in examples], bs):
-        chunk = [examples[i] for i in idx]
-        plain = [fmt.plain(e) for e in chunk]
-        resp, mask, texts, seen = greedy_answers(
-            model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None
-        )
-        plain_ids = [fmt.ids(p) for p in plain]
-        cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
-        if contrastive:  # the reference with and without the principle on pi-hat*'s path: the decoding loop had both
-            gap = seen["principle_gap"]
-        else:
-            est = estimator_pass(model, plain_ids, cond_ids, resp, pad, scoring, policy_kl=not identity)
-            gap = est["principle_gap"]
-        # KL(pi_theta || pi_ref): exactly 0 while the adapters are at identity (before training; contrastive row)
-        kl_ref = torch.zeros_like(gap) if identity or contrastive else est["kl_policy_ref"]
-        kl_target = None  # KL(pi-hat* || pi_theta) per answer of the chunk, on pi-hat*'s answer to the same prompt
-        if target is not None and not contrastive:
-            if identity and target_kl_ref is not None:
-                kl_target = [target_kl_ref[j] for j in idx]
+    with dense_weights(model):  # 4-bit layers dequantized once per row (CPU): decoding and scoring passes
+        for idx in length_batches([len(fmt.ids(fmt.plain(e))) for e in examples], bs):
+            chunk = [examples[i] for i in idx]
+            plain = [fmt.plain(e) for e in chunk]
+            resp, mask, texts, seen = greedy_answers(
+                model, tokenizer, fmt, chunk, ec.max_new_tokens, eos, cfg.estimator.alpha if contrastive else None
+            )
+            plain_ids = [fmt.ids(p) for p in plain]
+            cond_ids = [fmt.ids(fmt.conditioned(e)) for e in chunk]
+            if (
+                contrastive
+            ):  # the reference with and without the principle on pi-hat*'s path: the decoding loop had both
+                gap = seen["principle_gap"]
             else:
-                rows = [target[j] for j in idx]
-                width = max(1, max(len(r) for r in rows))
-                tgt = torch.tensor([_ids(r, width, pad) for r in rows], dtype=torch.long, device=resp.device)
-                tmask = (
-                    torch.arange(width, device=resp.device)[None]
-                    < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]
-                ).float()
-                kl = kl_to_target(
-                    model,
-                    plain_ids,
-                    cond_ids,
-                    tgt,
-                    pad,
-                    cfg.estimator.alpha,
-                    cfg.train.micro_batch,
-                    cfg.train.logprob_chunk,
-                )
-                kl_target = ((kl * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)).tolist()
-        for i, ex in enumerate(chunk):
-            m = mask[i]
-            n_tok = max(float(m.sum()), 1.0)
-            kept, text = resp[i][m.bool()], texts[i]
-            rec = {
-                "prompt": ex.text,
-                "kind": ex.kind,
-                "response": text,
-                "tokens": int(m.sum()),
-                "principle_score": float((gap[i] * m).sum() / n_tok),
-                "kl_per_token": float((kl_ref[i] * m).sum() / n_tok),
-                "judge": judge(text) if judge else None,
-                "repetition": round(repetition(text), 4),
-                "near_copy": round(near_copy(text), 4),
-                "loops": loops(text),
-            }
-            if kl_target is not None:
-                rec["kl_to_target"] = float(kl_target[i])
-                rec["target_prefix"] = common_prefix(kept.tolist(), target[idx[i]])
-            elif contrastive:
-                rec["kl_to_target"], rec["target_prefix"] = 0.0, int(m.sum())
-            if contrastive:
-                rec["kl_star_ref"] = float((seen["kl_star_ref"][i] * m).sum() / n_tok)
-                rec["response_ids"] = kept.tolist()
-            records[idx[i]] = rec
+                est = estimator_pass(model, plain_ids, cond_ids, resp, pad, scoring, policy_kl=not identity)
+                gap = est["principle_gap"]
+            # KL(pi_theta || pi_ref): exactly 0 while the adapters are at identity (before training; contrastive row)
+            kl_ref = torch.zeros_like(gap) if identity or contrastive else est["kl_policy_ref"]
+            kl_target = None  # KL(pi-hat* || pi_theta) per answer of the chunk, on pi-hat*'s answer to the same prompt
+            if target is not None and not contrastive:
+                if identity and target_kl_ref is not None:
+                    kl_target = [target_kl_ref[j] for j in idx]
+                else:
+                    rows = [target[j] for j in idx]
+                    width = max(1, max(len(r) for r in rows))
+                    tgt = torch.tensor([_ids(r, width, pad) for r in rows], dtype=torch.long, device=resp.device)
+                    tmask = (
+                        torch.arange(width, device=resp.device)[None]
+                        < torch.tensor([len(r) for r in rows], device=resp.device)[:, None]
+                    ).float()
+                    kl = kl_to_target(
+                        model,
+                        plain_ids,
+                        cond_ids,
+                        tgt,
+                        pad,
+                        cfg.estimator.alpha,
+                        cfg.train.micro_batch,
+                        cfg.train.logprob_chunk,
+                    )
+                    kl_target = ((kl * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)).tolist()
+            for i, ex in enumerate(chunk):
+                m = mask[i]
+                n_tok = max(float(m.sum()), 1.0)
+                kept, text = resp[i][m.bool()], texts[i]
+                rec = {
+                    "prompt": ex.text,
+                    "kind": ex.kind,
+                    "response": text,
+                    "tokens": int(m.sum()),
+                    "principle_score": float((gap[i] * m).sum() / n_tok),
+                    "kl_per_token": float((kl_ref[i] * m).sum() / n_tok),
+                    "judge": judge(text) if judge else None,
+                    "repetition": round(repetition(text), 4),
+                    "near_copy": round(near_copy(text), 4),
+                    "loops": loops(text),
+                }
+                if kl_target is not None:
+                    rec["kl_to_target"] = float(kl_target[i])
+                    rec["target_prefix"] = common_prefix(kept.tolist(), target[idx[i]])
+                elif contrastive:
+                    rec["kl_to_target"], rec["target_prefix"] = 0.0, int(m.sum())
+                if contrastive:
+                    rec["kl_star_ref"] = float((seen["kl_star_ref"][i] * m).sum() / n_tok)
+                    rec["response_ids"] = kept.tolist()
+                records[idx[i]] = rec
     summary = {
         "n": len(records),
         "principle_score": _rate([r["principle_score"] for r in records]),

@@ -3,7 +3,7 @@
 The merge never happens inside the 4-bit model. ``export.merge_base``:
 
 * ``dequantized`` (default): load the NF4 base exactly as training did, replace every 4-bit layer
-  by an fp32 ``nn.Linear`` holding its dequantized weight (``model.dequantize_4bit_``), then
+  by an fp32 ``nn.Linear`` holding its dequantized weight (``models.bnb.dequantize_4bit_``), then
   ``merge_and_unload`` the adapter. The merged model computes the function that was trained.
 * ``original``: merge into the original (unquantized) weights. The adapter was trained against the
   NF4 weights, so the result differs from the trained model by the NF4 quantization error.
@@ -30,16 +30,9 @@ import torch
 from iqstar_lite.atomic import atomic_dir
 from iqstar_lite.config import ModelConfig, RecipeConfig
 from iqstar_lite.data.formatting import render_chat
+from iqstar_lite.models.bnb import dequantize_4bit_, linear4bit_layers
 from iqstar_lite.models.embedded import resolve_model_path
-from iqstar_lite.models.load import (
-    adapter_dir,
-    compute_dtype,
-    dequantize_4bit_,
-    hub_kwargs,
-    linear4bit_layers,
-    load_base,
-    pick_device,
-)
+from iqstar_lite.models.load import adapter_dir, compute_dtype, hub_kwargs, load_base, pick_device
 from iqstar_lite.rundir import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,27 +1,16 @@
-"""Load the base model (NF4 4-bit where asked) + LoRA adapters. The only bitsandbytes importer.
+"""Load the base model (NF4 4-bit where asked) + LoRA adapters; check adapters before they are loaded.
 
 One copy of the base weights serves policy, reference and estimator: the reference is the same
-model with adapters disabled (see ``reference.py``).
-
-bitsandbytes CPU hazard: in eval mode a no-grad forward through ``Linear4bit`` repacks the 4-bit
-weights into an AVX512-bf16 layout; later backward passes through repacked layers return silently
-wrong gradients. ``load_policy`` switches that fast path off on every ``Linear4bit`` before the first
-forward (``disable_cpu_repack``) and the training step calls ``assert_trainable_layout``. Measured
-on SmolLM2-135M (8 prompts x 32 sampled tokens): train-mode generation 2.6 s, eval-mode with
-repack 2.3 s, eval-mode with the fast path off 2.9-3.2 s; the repack path is the only one that breaks
-gradients, and an exact restore after repacking was not possible (bnb's inverse conversion gave
-gradients off by ~9), so the fast path stays off: mode-independent and robust.
+model with adapters disabled (see ``reference.py``). What is done to the 4-bit layers after loading (the CPU repack
+guard, dense weights, dequantizing for the merge) is in ``bnb.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +20,7 @@ from iqstar_lite.atomic import recover_dirs
 from iqstar_lite.config import LoraSettings, ModelConfig
 from iqstar_lite.errors import UserError
 from iqstar_lite.heap import release_free_heap
+from iqstar_lite.models.bnb import allow_dense_weights, disable_cpu_repack
 from iqstar_lite.models.embedded import resolve_model_path
 from iqstar_lite.models.mapped import is_mapped, map_input_embeddings
 from iqstar_lite.rundir import RunDir
@@ -203,7 +193,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     head.register_forward_pre_hook(_head_input_2d)
     head.register_forward_hook(_head_output_3d)
     disable_cpu_repack(model)
-    allow_dense_decoding(model, int(cfg.dense_decoding_gib * 2**30))
+    allow_dense_weights(model, int(cfg.dense_weights_gib * 2**30))
     return model
 
 
@@ -343,132 +333,6 @@ def load_start_adapter(base, cfg: ModelConfig):
         lc.lora_alpha,
         trainable,
     )
-    return model
-
-
-# ----------------------------------------------------------------------------- 4-bit layers
-
-
-def linear4bit_layers(model) -> list:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def disable_cpu_repack(model) -> None:
-    """Turn off bitsandbytes' CPU eval-mode repack (it silently breaks later gradients)."""
-    for layer in linear4bit_layers(model):
-        layer.support_avx512bf16_for_cpu = False
-
-
-def allow_dense_decoding(model, max_bytes: int) -> int:
-    """Let ``dense_decoding`` keep the 4-bit layers dequantized while a decoding loop runs, where they are on CPU and
-    their dequantized weights need at most ``max_bytes`` together (``model.dense_decoding_gib``). Returns those bytes
-    (0: not allowed)."""
-    layers = [m for m in linear4bit_layers(model) if m.weight.device.type == "cpu"]
-    if not layers or max_bytes <= 0:
-        return 0
-    need = sum(m.out_features * m.in_features * (m.compute_dtype or torch.float32).itemsize for m in layers)
-    if need > max_bytes:
-        return 0
-    for m in layers:
-        m._iq_dense_ok = True
-    return need
-
-
-def _dense_forward(layer):
-    """``Linear4bit.forward`` with the weight dequantized once: bitsandbytes' CPU ``gemm_4bit`` is dequantize + linear
-    per call, so keeping the dequantized weight gives the same result. Where autograd needs the 4-bit path, it runs."""
-    plain = layer.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return plain(x)
-        dtype = layer.compute_dtype or x.dtype
-        w = layer.__dict__.get("_iq_dense_w")
-        if w is None:
-            from bitsandbytes.functional import dequantize_4bit
-
-            w = layer.__dict__["_iq_dense_w"] = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
-
-    return forward
-
-
-@contextmanager
-def dense_decoding(model) -> Iterator[None]:
-    """While the block runs, the 4-bit layers ``allow_dense_decoding`` marked compute from their dequantized weights
-    (made at first use, dropped at exit): a decoding loop's forwards, one per token, stop re-dequantizing every layer.
-    A no-op for other models."""
-    layers = [m for m in linear4bit_layers(model) if getattr(m, "_iq_dense_ok", False)]
-    for m in layers:
-        m.forward = _dense_forward(m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_iq_dense_w", None)
-
-
-def assert_trainable_layout(model) -> None:
-    """Raise if any 4-bit weight is in the CPU inference layout (backward would be wrong)."""
-    packed = [
-        layer
-        for layer in linear4bit_layers(model)
-        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
-    ]
-    if packed:
-        raise RuntimeError(
-            f"{len(packed)} 4-bit layers were repacked for CPU inference; gradients through them are wrong. "
-            "Call iqstar_lite.models.load.disable_cpu_repack(model) right after loading."
-        )
-
-
-def dequantize_4bit_(model, dtype: torch.dtype = torch.float32):
-    """Replace every ``Linear4bit`` by an ``nn.Linear`` holding its dequantized weight (in place).
-
-    The result computes the same function the 4-bit model computed (up to matmul rounding), so a
-    LoRA delta merged into it reproduces the trained 4-bit+LoRA model.
-    """
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-
-    assert_trainable_layout(model)
-
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                # At fp32 (the exact NF4 code x absmax values, what bitsandbytes' fp32 forward uses), not at the
-                # load dtype: a bf16 load would round them to bf16 first.
-                state = copy.copy(child.weight.quant_state)
-                state.dtype = torch.float32
-                weight = bnbf.dequantize_4bit(child.weight.data, state).to(dtype)
-                linear = torch.nn.Linear(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    device=weight.device,
-                    dtype=dtype,
-                )
-                linear.weight.data.copy_(weight)
-                if child.bias is not None:
-                    linear.bias.data.copy_(child.bias.data.to(dtype))
-                linear.requires_grad_(False)
-                setattr(parent, child_name, linear)
-    if hasattr(model, "config"):
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(model.config, attr):
-                delattr(model.config, attr)
-        if hasattr(model, "quantization_method"):  # left by from_pretrained; makes .to(dtype) refuse
-            del model.quantization_method
-        model.is_loaded_in_4bit = False
-        model.is_quantized = False
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
     return model
 
 

@@ -125,9 +125,9 @@ def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
     # bitsandbytes materialises each 4-bit layer dequantized (compute dtype) while it runs, forward and backward
     largest = max(inter * h, h * h, V * h if cfg.model.quantize != "nf4" else 0)
     dequant = DEQUANT_COPIES * largest * compute_bytes if cfg.model.quantize == "nf4" else 0
-    # model.dense_decoding_gib: the 4-bit layers dequantized while a decoding loop runs, where that fits the budget
+    # model.dense_weights_gib: the 4-bit layers kept dequantized through training and evaluation, where that fits the budget
     dense = quant * compute_bytes if cfg.model.quantize == "nf4" and not on_gpu else 0
-    dense = dense if dense <= cfg.model.dense_decoding_gib * GIB else 0
+    dense = dense if dense <= cfg.model.dense_weights_gib * GIB else 0
     parts = {
         "weights": weights,
         "lora+grad+optimizer": lora_bytes,
@@ -135,7 +135,7 @@ def estimate_memory(cfg: RecipeConfig, model_config) -> Estimate:
         "activations": acts,
         "logits": logits,
         "dequantized_layers": dequant,
-        "dense_decoding": dense,
+        "dense_weights": dense,
         "runtime": RUNTIME_OVERHEAD,
     }
     return Estimate(total, quant, lora, parts)
