@@ -22,7 +22,8 @@ def main(run: Path, contrastive: Path) -> dict:
     from iqstar_lite.config import load_run_config
     from iqstar_lite.data.formatting import Formatter
     from iqstar_lite.data.sources import load_prompts
-    from iqstar_lite.evaluation.evaluate import common_prefix, contrastive_generate, loops, repetition
+    from iqstar_lite.evaluation.evaluate import contrastive_generate
+    from iqstar_lite.evaluation.measures import common_prefix, loops, repetition
     from iqstar_lite.evaluation.report import heldout_for_eval
     from iqstar_lite.models.load import load_policy, load_tokenizer, pick_device
 

@@ -4,7 +4,7 @@ for runs evaluated before ``near_copy`` was a measure, and to compare rows and r
     python bench/near_copies.py RUN_DIR [RUN_DIR ...]          # held-out and out-of-distribution rows of each run
 
 Per run and row (untrained, contrastive decoding = pi-hat*, trained), held-out and ``_ood``: repetition, near copies
-(``iqstar_lite.evaluation.evaluate.near_copy``), loop rate, mean tokens; with several runs, the medians per row. Reads
+(``iqstar_lite.evaluation.measures.near_copy``), loop rate, mean tokens; with several runs, the medians per row. Reads
 with ``evaluation.report.eval_rows`` (the one reader of a run's rows); measures nothing new about the model.
 """
 
@@ -19,7 +19,7 @@ MEASURES = ("repetition", "near_copy", "loop_rate", "mean_tokens")
 
 
 def row_measures(row: dict) -> dict:
-    from iqstar_lite.evaluation.evaluate import near_copy
+    from iqstar_lite.evaluation.measures import near_copy
 
     texts = [r["response"] for r in row["records"]]
     n = max(len(texts), 1)

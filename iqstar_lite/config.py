@@ -370,6 +370,25 @@ RETIRED: dict[tuple[str, Any], tuple[Any, str]] = {
 RENAMED: dict[str, str] = {"model.dense_decoding_gib": "dense_weights_gib"}
 
 
+def _renamed(data: dict, name: str) -> dict:
+    """``data`` (one source: a recipe, a run's saved config, the overrides) with renamed keys under their new names, each
+    source on its own, so an override with the new name wins over a saved config with the old one. Both names in one
+    source: refused."""
+    out = dict(data)
+    for dotted, new in RENAMED.items():
+        section, old = dotted.rsplit(".", 1)
+        sub = out.get(section)
+        if not isinstance(sub, dict) or old not in sub:
+            continue
+        if new in sub:
+            raise UserError(
+                f"bad recipe {name!r}: {dotted!r} is the old name of '{section}.{new}' and both are given; keep only the new one"
+            )
+        log.warning("%s was renamed %s.%s; reading it as that", dotted, section, new)
+        out[section] = {(new if k == old else k): v for k, v in sub.items()}
+    return out
+
+
 def _retired(dotted: str, value: Any) -> tuple[Any, str] | None:
     """(replacement, why) when ``value`` of key ``dotted`` is retired; lists and mappings never are."""
     return RETIRED.get((dotted, value)) if isinstance(value, (str, int, float, bool)) else None
@@ -430,15 +449,6 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in RENAMED:
-            new_key = RENAMED[dotted]
-            if new_key in data:
-                problems.append(
-                    f"{dotted!r} is the old name of '{prefix}{new_key}' and both are given; keep only the new one"
-                )
-                continue
-            log.warning("%s was renamed %s%s; reading it as that", dotted, prefix, new_key)
-            key, dotted = new_key, f"{prefix}{new_key}"
         if key not in fields:
             valid = ", ".join(fields)
             close = difflib.get_close_matches(key, list(fields), n=1)
@@ -572,7 +582,7 @@ def _check_values(cfg: RecipeConfig, problems: list[str]) -> None:
 
 def config_from_dict(data: dict, name: str = "custom") -> RecipeConfig:
     problems: list[str] = []
-    data = dict(data)
+    data = _renamed(data, name)
     data.setdefault("name", name)
     cfg = _build(RecipeConfig, data, "", problems)  # bad keys/types are reported and left at their defaults
     _check_values(cfg, problems)
@@ -597,7 +607,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, settings:
 def apply_overrides(data: dict, overrides: list[str], name: str, settings: dict | None = None) -> RecipeConfig:
     """A config from a recipe's (or a run's saved) sections with dotted ``key=value`` overrides on top, then ``settings``
     (nested sections, e.g. from command-line flags: values taken as they are, not parsed as YAML), validated."""
-    return config_from_dict(_deep_merge(_deep_merge(data, parse_overrides(overrides)), settings or {}), name=name)
+    sources = [_renamed(d, name) for d in (data, parse_overrides(overrides), settings or {})]
+    return config_from_dict(_deep_merge(_deep_merge(sources[0], sources[1]), sources[2]), name=name)
 
 
 def save_config(cfg: RecipeConfig, path: Path) -> None:

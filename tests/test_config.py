@@ -88,7 +88,7 @@ def test_a_renamed_key_reads_as_its_new_name_with_a_warning(tmp_path, caplog):
     works (a warning says the new name); both names at once is one problem line."""
     import yaml
 
-    from iqstar_lite.config import load_run_config, save_config
+    from iqstar_lite.config import apply_overrides, load_run_config, save_config
 
     assert load_recipe("tiny_cpu", ["model.dense_decoding_gib=0"]).model.dense_weights_gib == 0
     assert "model.dense_decoding_gib was renamed model.dense_weights_gib" in caplog.text
@@ -99,6 +99,9 @@ def test_a_renamed_key_reads_as_its_new_name_with_a_warning(tmp_path, caplog):
     assert load_run_config(tmp_path).model.dense_weights_gib == RecipeConfig().model.dense_weights_gib + 1.5
     with pytest.raises(UserError, match="'model.dense_decoding_gib' is the old name of 'model.dense_weights_gib'"):
         load_recipe("tiny_cpu", ["model.dense_decoding_gib=0", "model.dense_weights_gib=0"])
+    # the saved run's old key and an override with the new one: the override wins (``iqstar-lite eval RUN key=value``)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert apply_overrides(saved, ["model.dense_weights_gib=0.25"], "run").model.dense_weights_gib == 0.25
 
 
 def test_a_list_or_mapping_where_a_value_belongs_is_one_problem_line():

@@ -125,3 +125,28 @@ def test_over_the_budget_or_zero_it_stays_off(tiny_path, tokenizer, monkeypatch)
     _roll(model, tokenizer)
     assert calls[0] == 0, "off: bitsandbytes' own per-call path (its op, not this helper)"
     assert allow_dense_weights(model, 2 * need) in (need, 2 * need) and all(m._iq_dense_ok for m in layers)
+    assert allow_dense_weights(model, need // 4) == 0 and not any(getattr(m, "_iq_dense_ok", False) for m in layers)
+
+
+def test_a_repacked_layer_takes_the_bitsandbytes_path(tiny_path, monkeypatch):
+    """A layer in the CPU inference layout (``disable_cpu_repack`` not called, an AVX512-bf16 CPU) is never dequantized
+    from that layout: its forward is bitsandbytes' own, every call."""
+    from iqstar_lite.models.bnb import dense_weights
+
+    model = make_policy(tiny_path, quantize="nf4")
+    layers = linear4bit_layers(model)
+    packed = layers[0]
+    monkeypatch.setattr(packed.weight.quant_state, "packing_format_for_cpu", True, raising=False)
+    own = []
+
+    def bitsandbytes_forward(self, x):  # stands in for the repacked kernel (this CPU may not have it)
+        own.append(self)
+        return torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype)
+
+    monkeypatch.setattr(type(packed), "forward", bitsandbytes_forward)
+    with dense_weights(model), torch.no_grad():
+        model(input_ids=torch.tensor([[1, 17, 300]]))
+        model(input_ids=torch.tensor([[1, 17, 300]]))
+        assert "_iq_dense_w" not in packed.__dict__
+        assert all("_iq_dense_w" in m.__dict__ for m in layers[1:])
+    assert own == [packed, packed]

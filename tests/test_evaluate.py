@@ -4,8 +4,9 @@ from conftest import make_policy
 
 from iqstar_lite.algorithm.reference import reference_mode
 from iqstar_lite.algorithm.rollout import sample
-from iqstar_lite.evaluation.evaluate import contrastive_generate, near_copy, repetition
+from iqstar_lite.evaluation.evaluate import contrastive_generate
 from iqstar_lite.evaluation.judges import pick_judge, refusal_judge
+from iqstar_lite.evaluation.measures import near_copy, repetition
 
 
 def test_repetition():
@@ -57,7 +58,7 @@ def test_near_copy_counts_repeats_with_one_word_changed():
 def test_loops():
     """>= 12 words and repetition > 0.6: 'a b c' x 4 has 3 distinct of 12 words (0.75) -> a loop; 12 distinct words -> not;
     'a a a' (too short to call) -> not."""
-    from iqstar_lite.evaluation.evaluate import loops
+    from iqstar_lite.evaluation.measures import loops
 
     assert loops("a b c " * 4)
     assert not loops(" ".join(str(i) for i in range(12)))
@@ -66,7 +67,7 @@ def test_loops():
 
 def test_common_prefix():
     """[5, 6, 7] vs [5, 6, 9, 1] -> 2 leading tokens shared; vs itself -> 3; first token differs -> 0; empty -> 0."""
-    from iqstar_lite.evaluation.evaluate import common_prefix
+    from iqstar_lite.evaluation.measures import common_prefix
 
     assert common_prefix([5, 6, 7], [5, 6, 9, 1]) == 2
     assert common_prefix([5, 6, 7], [5, 6, 7]) == 3

@@ -12,6 +12,7 @@ from iqstar_lite.algorithm.estimator import contrastive_logits
 from iqstar_lite.algorithm.logprobs import nucleus_mask
 from iqstar_lite.data.formatting import eos_token_ids
 from iqstar_lite.models.bnb import dense_weights
+from iqstar_lite.models.cache import cache_kwargs, output_cache
 
 
 @dataclass
@@ -187,7 +188,7 @@ def sample(
         first = model(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **prefill_extra
         )
-        past, z = first.past_key_values, first.logits[:, -1]
+        past, z = output_cache(first), first.logits[:, -1]
         reps = torch.tensor([r for _, r in groups for _ in range(n)], device=device)
         if bool((reps != 1).any()):  # each context's cache repeated for its rows
             index = torch.arange(len(reps), device=device).repeat_interleave(reps)
@@ -221,11 +222,11 @@ def sample(
                 input_ids=step_ids[:, None],
                 attention_mask=attn,
                 position_ids=pos,
-                past_key_values=past,
                 use_cache=True,
+                **cache_kwargs(model, past),
                 **extra,
             )
-            past, z = res.past_key_values, res.logits[:, -1]
+            past, z = output_cache(res), res.logits[:, -1]
     resp = torch.stack(out, dim=1) if out else torch.empty(p_rows + g_rows, 0, dtype=torch.long, device=device)
     logp = torch.stack(logps, dim=1) if logps else resp.new_zeros(resp.shape, dtype=torch.float32)
     prompts = torch.arange(n, device=device)
@@ -293,19 +294,21 @@ def shared_context_logits(model, context_ids: list[list[int]], response_ids: tor
     index = torch.tensor([row[k] for k in keys], device=device)
     ctx = pack([list(k[:-1]) for k in distinct], response_ids.new_empty(len(distinct), 0), pad_id)
     no_logits = torch.empty(0, dtype=torch.long, device=device)
-    past = model(**ctx, use_cache=True, logits_to_keep=no_logits).past_key_values
+    past = output_cache(model(**ctx, use_cache=True, logits_to_keep=no_logits))
     past.batch_select_indices(index)
     last = torch.tensor([k[-1] for k in distinct], device=device)[index]
     attn = torch.cat([ctx["attention_mask"][index], ctx["attention_mask"].new_ones(n, T)], dim=1)
     pos = torch.tensor([len(k) - 1 for k in distinct], device=device)[index, None] + torch.arange(T, device=device)
     ids = torch.cat([last[:, None], response_ids[:, :-1]], dim=1)
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True).logits
+    return model(
+        input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **cache_kwargs(model, past)
+    ).logits
 
 
 @contextmanager
 def eval_mode(model) -> Iterator[None]:
     """Dropout off (and transformers' cache kept under gradient checkpointing) inside; the mode restored after.
-    Safe for NF4 on CPU: ``model.disable_cpu_repack`` ran at load."""
+    Safe for NF4 on CPU: ``models.bnb.disable_cpu_repack`` ran at load."""
     was_training = model.training
     model.eval()
     try:

@@ -6,7 +6,7 @@
 - decode-time reference row: principle-contrastive greedy decoding of the untrained model (pi-hat*'s greedy answers),
 - convergence: KL(pi-hat* || pi_theta) per token, teacher-forced on pi-hat*'s greedy answers,
 - degeneration: word repetition, near copies (repeats with one word changed), loop rate (answers that repeat
-  themselves), mean length.
+  themselves), mean length (the text measures: ``measures.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from iqstar_lite.algorithm.scoring import PassSettings, estimator_pass
 from iqstar_lite.config import RecipeConfig
 from iqstar_lite.data.formatting import Formatter
 from iqstar_lite.data.sources import Example
+from iqstar_lite.evaluation.measures import common_prefix, loops, near_copy, repetition
 from iqstar_lite.models.bnb import dense_weights
 
 
@@ -108,43 +109,6 @@ def length_batches(lengths: list[int], batch_size: int, spread: float = 2.0) -> 
     return batches
 
 
-def repetition(text: str) -> float:
-    """1 - distinct words / words: 0 for no repeated word, -> 1 for a loop. A degeneration check beside the judge."""
-    words = text.split()
-    return 1.0 - len(set(words)) / len(words) if words else 0.0
-
-
-NEAR_COPY_WINDOW = 5
-_PUNCT = ".,;:!?\"'«»()[]…"
-
-
-def near_copy(text: str, window: int = NEAR_COPY_WINDOW) -> float:
-    """Share of words inside a ``window``-word span that repeats an earlier span with at most one word changed (words
-    lower-cased, punctuation stripped; the spans may overlap). Exact copies count, and so do loops that swap one word
-    per repeat ("je ne sais le, je ne sais la, je ne sais le": 11 of 12 words here, repetition 0.5), which ``repetition``
-    partly counts as new words. Parallel phrasing counts too ("il y a un chat ... il y a un chien"), so ordinary text is
-    not always 0: compare rows, as with ``repetition``. 0 for an answer of ``window`` words or fewer."""
-    words = [w.strip(_PUNCT).lower() for w in text.split()]
-    words = [w for w in words if w]
-    covered = [False] * len(words)
-    for i in range(1, len(words) - window + 1):
-        span = words[i : i + window]
-        for j in range(i):
-            if sum(a != b for a, b in zip(span, words[j : j + window])) <= 1:
-                covered[i : i + window] = [True] * window
-                covered[j : j + window] = [True] * window
-                break
-    return sum(covered) / len(words) if words else 0.0
-
-
-LOOP_MIN_WORDS, LOOP_REPETITION = 12, 0.6
-
-
-def loops(text: str) -> bool:
-    """An answer of >= 12 words whose word repetition exceeds 0.6 (e.g. one 4-word phrase said 3 times and more)."""
-    return len(text.split()) >= LOOP_MIN_WORDS and repetition(text) > LOOP_REPETITION
-
-
 def _rate(scores: list[float]) -> float | None:
     return round(sum(scores) / len(scores), 4) if scores else None
 
@@ -182,17 +146,6 @@ def kl_to_target(
                 )
             )
     return torch.cat(parts)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two answers share: for a greedy answer and pi-hat*'s, how long greedy decoding follows
-    the target's path before it leaves it (``target_prefix``)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _ids(tokens: list[int], width: int, pad_id: int) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iqstar_lite.evaluation.evaluate import common_prefix
+from iqstar_lite.evaluation.measures import common_prefix
 from iqstar_lite.runtimes.base import Generation, Runtime
 
 

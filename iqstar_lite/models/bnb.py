@@ -41,6 +41,8 @@ def allow_dense_weights(model, max_bytes: int) -> int:
     """Let ``dense_weights`` keep the 4-bit layers dequantized inside its block, where they are on CPU and their
     dequantized weights need at most ``max_bytes`` together (``model.dense_weights_gib``). Returns those bytes (0: not
     allowed)."""
+    for m in linear4bit_layers(model):  # a smaller budget than at an earlier call takes back what that allowed
+        m.__dict__.pop("_iq_dense_ok", None)
     layers = [m for m in linear4bit_layers(model) if m.weight.device.type == "cpu"]
     if not layers or max_bytes <= 0:
         return 0
@@ -55,7 +57,8 @@ def allow_dense_weights(model, max_bytes: int) -> int:
 def _dense_forward(layer):
     """``Linear4bit.forward`` with the weight dequantized once: bitsandbytes' CPU ``gemm_4bit`` is dequantize + linear per
     call, and its backward dequantizes again for the input's gradient (the frozen weight gets none), so ``linear`` on the
-    kept weight gives the same outputs and the same gradients."""
+    kept weight gives the same outputs and the same gradients. A layer without its quantization state or in the CPU
+    inference layout (repacked: ``disable_cpu_repack`` not called) takes bitsandbytes' own path."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         dtype = layer.compute_dtype or x.dtype
@@ -63,7 +66,10 @@ def _dense_forward(layer):
         if w is None:
             from bitsandbytes.functional import dequantize_4bit
 
-            w = layer.__dict__["_iq_dense_w"] = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+            state = getattr(layer.weight, "quant_state", None)
+            if state is None or getattr(state, "packing_format_for_cpu", False):
+                return type(layer).forward(layer, x)
+            w = layer.__dict__["_iq_dense_w"] = dequantize_4bit(layer.weight.data, state).to(dtype)
         bias = None if layer.bias is None else layer.bias.to(dtype)
         return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from iqstar_lite.data.formatting import render_chat
 from iqstar_lite.errors import UserError
+from iqstar_lite.models.cache import cache_kwargs, output_cache
 from iqstar_lite.runtimes.base import Runtime
 
 
@@ -87,8 +88,8 @@ class GgufTransformers(Runtime):
         import torch
 
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._past, use_cache=True)
-        self._past = out.past_key_values
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, **cache_kwargs(self.model, self._past))
+        self._past = output_cache(out)
         return out.logits[0, -1].float().numpy()
 
     def _prefill(self, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
