@@ -41,9 +41,10 @@ def allow_dense_weights(model, max_bytes: int) -> int:
     """Let ``dense_weights`` keep the 4-bit layers dequantized inside its block, where they are on CPU and their
     dequantized weights need at most ``max_bytes`` together (``model.dense_weights_gib``). Returns those bytes (0: not
     allowed)."""
-    for m in linear4bit_layers(model):  # a smaller budget than at an earlier call takes back what that allowed
+    every = linear4bit_layers(model)
+    for m in every:  # a smaller budget than at an earlier call takes back what that allowed
         m.__dict__.pop("_iq_dense_ok", None)
-    layers = [m for m in linear4bit_layers(model) if m.weight.device.type == "cpu"]
+    layers = [m for m in every if m.weight.device.type == "cpu"]
     if not layers or max_bytes <= 0:
         return 0
     need = sum(m.out_features * m.in_features * (m.compute_dtype or torch.float32).itemsize for m in layers)
